@@ -1,0 +1,16 @@
+"""Transport: broker URLs and MQTT v5 connections."""
+
+from __future__ import annotations
+
+from streampipe.transport.mqtt import ConnectError, Connection, Message, MQTTError, Will
+from streampipe.transport.url import BrokerURL, InvalidBrokerURL
+
+__all__ = [
+    "BrokerURL",
+    "ConnectError",
+    "Connection",
+    "InvalidBrokerURL",
+    "MQTTError",
+    "Message",
+    "Will",
+]

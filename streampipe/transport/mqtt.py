@@ -1,0 +1,304 @@
+"""One MQTT v5 connection, and the only module that speaks paho.
+
+paho's return codes become typed exceptions here; the rest of streampipe sees
+:class:`Connection` and :class:`MQTTError`. Subscriptions are remembered and renewed in
+``on_connect``, so a reconnect never leaves a stage deaf. Sockets get ``TCP_NODELAY``:
+paho does not set it, and small MQTT packets otherwise wait ~40 ms for Nagle's algorithm.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from streampipe.transport.url import BrokerURL
+
+__all__ = ["ConnectError", "Connection", "MQTTError", "Message", "Will"]
+
+log = logging.getLogger(__name__)
+
+Message = paho.MQTTMessage
+
+
+class MQTTError(Exception):
+    """An MQTT operation failed; ``str()`` says which and why."""
+
+
+class ConnectError(MQTTError):
+    """The broker could not be reached, or refused the connection."""
+
+
+@dataclass(frozen=True, slots=True)
+class Will:
+    """The message the broker publishes for us if we vanish without a clean disconnect."""
+
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = True
+
+
+def _check(rc: MQTTErrorCode | int, what: str) -> None:
+    if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+        raise MQTTError(f"{what} failed: {paho.error_string(rc)}")
+
+
+def _nodelay(client: paho.Client, userdata: Any, sock: Any) -> None:
+    # A unix or websocket transport has no such option: nothing to do there.
+    with contextlib.suppress(OSError, AttributeError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class Connection:
+    """An MQTT v5 client connection with remembered subscriptions.
+
+    ``on_message`` runs on paho's network thread: it must only hand the message on
+    (to a bounded queue), never do real work there. With ``manual_ack=True`` a QoS 1
+    message is acknowledged only when :meth:`ack` is called, and ``receive_maximum``
+    bounds how many unacknowledged messages the broker sends us at once.
+    """
+
+    def __init__(
+        self,
+        url: BrokerURL,
+        client_id: str,
+        *,
+        clean_start: bool = True,
+        session_expiry: int = 0,
+        keepalive: int = 30,
+        will: Will | None = None,
+        receive_maximum: int | None = None,
+        manual_ack: bool = False,
+        max_inflight: int = 100,
+        on_message: Callable[[Message], None] | None = None,
+    ) -> None:
+        self.url = url
+        self.client_id = client_id
+        self._clean_start = clean_start
+        self._session_expiry = session_expiry
+        self._keepalive = keepalive
+        self._receive_maximum = receive_maximum
+        self._subscriptions: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._connected = threading.Event()
+        self._first_connack = threading.Event()
+        self._refused: str | None = None
+        self._pending_subacks: dict[int, threading.Event] = {}
+        self._suback_failures: dict[int, str] = {}
+        self.session_present = False
+        self.connects = 0
+
+        c = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=MQTTProtocolVersion.MQTTv5,
+            manual_ack=manual_ack,
+        )
+        c.suppress_exceptions = True  # a failing user callback is logged, never kills the loop
+        if url.username:
+            c.username_pw_set(url.username, url.password)
+        if url.tls:
+            c.tls_set()
+        if will is not None:
+            c.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
+        c.max_inflight_messages_set(max_inflight)
+        c.max_queued_messages_set(0)
+        c.reconnect_delay_set(min_delay=1, max_delay=30)
+        c.on_socket_open = _nodelay
+        c.on_connect = self._on_connect
+        c.on_disconnect = self._on_disconnect
+        c.on_subscribe = self._on_subscribe
+        if on_message is not None:
+            c.on_message = lambda _c, _u, msg: on_message(msg)
+        self._client = c
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    def connect(self, timeout: float = 10.0) -> Connection:
+        """Connect and wait for the broker's answer; raise :class:`ConnectError` if refused."""
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = self._session_expiry
+        if self._receive_maximum is not None:
+            props.ReceiveMaximum = self._receive_maximum
+        try:
+            self._client.connect(
+                self.url.host,
+                self.url.port,
+                keepalive=self._keepalive,
+                clean_start=self._clean_start,
+                properties=props,
+            )
+        except (OSError, ValueError) as exc:
+            raise ConnectError(f"cannot reach broker {self.url}: {exc}") from None
+        self._client.loop_start()
+        if not self._first_connack.wait(timeout):
+            self.close()
+            raise ConnectError(f"broker {self.url} did not answer within {timeout:g} s")
+        if self._refused is not None:
+            self.close()
+            raise ConnectError(f"broker {self.url} refused the connection: {self._refused}")
+        return self
+
+    def close(self) -> None:
+        """Disconnect cleanly (the will is not published) and stop the network thread."""
+        try:
+            self._client.disconnect()
+        finally:
+            self._client.loop_stop()
+            self._connected.clear()
+
+    def __enter__(self) -> Connection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self._connected.wait(timeout)
+
+    # -- messages ------------------------------------------------------------------
+
+    def subscribe(self, topics: list[str] | str, qos: int = 1, timeout: float = 10.0) -> None:
+        """Subscribe (and remember, to renew on every reconnect); wait for the SUBACK."""
+        if isinstance(topics, str):
+            topics = [topics]
+        with self._lock:
+            for t in topics:
+                self._subscriptions[t] = qos
+        if self.connected:
+            self._send_subscribe([(t, qos) for t in topics], timeout)
+
+    def publish(
+        self,
+        topic: str,
+        payload: bytes | str,
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        content_type: str | None = None,
+    ) -> paho.MQTTMessageInfo:
+        props = None
+        if content_type is not None:
+            props = Properties(PacketTypes.PUBLISH)
+            props.ContentType = content_type
+        info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
+        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+            # NO_CONN is fine for QoS > 0: paho keeps the message and sends it on reconnect.
+            _check(info.rc, f"publish to {topic}")
+        return info
+
+    def ack(self, mid: int, qos: int) -> None:
+        """Acknowledge a message received with ``manual_ack=True``."""
+        if qos > 0:
+            self._client.ack(mid, qos)
+
+    # -- paho callbacks (network thread) --------------------------------------------
+
+    def _send_subscribe(self, subs: list[tuple[str, int]], timeout: float | None) -> None:
+        if not subs:
+            return
+        done = threading.Event()
+        with self._lock:
+            rc, mid = self._client.subscribe(subs)
+            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                raise MQTTError(f"subscribe failed: {paho.error_string(rc)}")
+            self._pending_subacks[mid] = done
+        if timeout is None:
+            return
+        if not done.wait(timeout):
+            raise MQTTError(f"broker did not acknowledge subscription within {timeout:g} s")
+        failure = self._suback_failures.pop(mid, None)
+        if failure:
+            raise MQTTError(f"broker refused subscription: {failure}")
+
+    def _on_connect(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        flags: paho.ConnectFlags,
+        reason: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        if reason.is_failure:
+            self._refused = str(reason)
+            log.warning("broker %s refused connection: %s", self.url, reason)
+            if not self._first_connack.is_set():
+                # Do not keep retrying a refusal at start-up: connect() reports it.
+                client.disconnect()
+            self._first_connack.set()
+            return
+        self._refused = None
+        self.session_present = bool(flags.session_present)
+        self.connects += 1
+        with self._lock:
+            subs = list(self._subscriptions.items())
+        if subs:
+            # Renewed here so a reconnect is never deaf; not awaited on the network thread.
+            try:
+                self._send_subscribe(subs, timeout=None)
+            except MQTTError as exc:
+                log.error("resubscribing failed: %s", exc)
+        self._connected.set()
+        self._first_connack.set()
+
+    def _on_disconnect(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        flags: paho.DisconnectFlags,
+        reason: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        self._connected.clear()
+        if reason.is_failure:
+            log.warning("disconnected from %s: %s; reconnecting", self.url, reason)
+
+    def _on_subscribe(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        mid: int,
+        reasons: list[ReasonCode],
+        properties: Properties | None,
+    ) -> None:
+        failures = [str(r) for r in reasons if r.is_failure]
+        with self._lock:
+            done = self._pending_subacks.pop(mid, None)
+            if failures:
+                self._suback_failures[mid] = ", ".join(failures)
+        if done is not None:
+            done.set()
+
+
+def wait_all_published(
+    infos: list[paho.MQTTMessageInfo], timeout: float, poll: float = 0.5
+) -> bool:
+    """Wait until the broker acknowledged every message; False on timeout."""
+    deadline = time.monotonic() + timeout
+    for info in infos:
+        while not info.is_published():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            try:
+                info.wait_for_publish(min(poll, left))
+            except RuntimeError:
+                # Not connected right now: paho resends on reconnect; keep waiting.
+                time.sleep(min(poll, max(left, 0)))
+    return True
