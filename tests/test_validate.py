@@ -1,0 +1,74 @@
+"""Validation: every kind of bad value is stopped or cleaned before a model sees it."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from streampipe.readings import Batch, Reading
+from streampipe.validate import validate
+
+NAN, INF = float("nan"), float("inf")
+
+
+def one(x: dict, y: float | None = 1.0, seq: int = 0, ts: float = 1.0):
+    return validate(Batch.from_readings([Reading("d", seq, ts, x, y)]))
+
+
+@pytest.mark.parametrize(
+    ("x", "y", "ts", "reason"),
+    [
+        ({"a": 1e308}, 1.0, 1.0, "value_out_of_range"),
+        ({"a": -1e16}, 1.0, 1.0, "value_out_of_range"),
+        ({"a": 1.0}, 1e308, 1.0, "value_out_of_range"),
+        ({"a": 1.0}, NAN, 1.0, "non_finite_target"),
+        ({"a": 1.0}, INF, 1.0, "non_finite_target"),
+        ({"a": 1.0}, -INF, 1.0, "non_finite_target"),
+        ({"a": 1.0}, 1.0, NAN, "invalid_timestamp"),
+        ({"a": 1.0}, 1.0, -5.0, "invalid_timestamp"),
+        ({"a": NAN}, 1.0, 1.0, "no_features"),
+        ({}, 1.0, 1.0, "no_features"),
+    ],
+)
+def test_bad_reading_is_rejected_with_reason(x, y, ts, reason):
+    out = one(x, y, ts=ts)
+    assert out.readings == []
+    assert [r.reason for r in out.rejected] == [reason]
+
+
+@pytest.mark.parametrize("bad", [NAN, INF, -INF])
+def test_non_finite_feature_is_dropped_not_learned(bad):
+    out = one({"a": 2.0, "b": bad})
+    assert [r.x for r in out.readings] == [{"a": 2.0}]
+    assert out.cleaned == 1
+
+
+def test_one_bad_reading_does_not_cost_its_neighbours():
+    readings = [Reading("d", i, 1.0 + i, {"a": float(i)}, float(i)) for i in range(5)]
+    readings[2] = Reading("d", 2, 3.0, {"a": 1e308}, 2.0)
+    out = validate(Batch.from_readings(readings))
+    assert [r.seq for r in out.readings] == [0, 1, 3, 4]
+    assert [(r.seq, r.reason) for r in out.rejected] == [(2, "value_out_of_range")]
+
+
+def test_sequence_must_increase_within_a_batch():
+    b = Batch(
+        "d",
+        0,
+        np.array([0, 2, 2, 1, -1]),
+        np.ones(5),
+        ("a",),
+        np.ones((5, 1)),
+    )
+    out = validate(b)
+    assert [r.seq for r in out.readings] == [0, 2]
+    assert {r.reason for r in out.rejected} == {"invalid_sequence"}
+
+
+def test_clean_readings_pass_unchanged():
+    r = Reading("d", 7, 12.5, {"a": -0.0, "b": 5e-324, "c": 1e15}, None, epoch=3)
+    out = validate(Batch.from_readings([r]))
+    assert out.readings == [r] and not out.rejected and out.cleaned == 0
+    assert math.copysign(1.0, out.readings[0].x["a"]) == -1.0
