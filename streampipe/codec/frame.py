@@ -1,0 +1,359 @@
+"""``encode`` and ``decode``: a :class:`~streampipe.readings.Batch` to one frame and back.
+
+See the package docstring for the layout. Decoding treats its input as hostile: every
+length is checked against :class:`~streampipe.codec.errors.Limits` before anything of
+that size is allocated, and only :class:`CodecError` escapes.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import msgpack
+import numpy as np
+import zstandard as zstd
+
+from streampipe.codec import header as h
+from streampipe.codec.columns import (
+    Reader,
+    decimal_exponent,
+    decode_float_column,
+    decode_int_column,
+    encode_float_column,
+    encode_int_column,
+    ints_to_floats,
+    uvarint,
+    zigzag,
+)
+from streampipe.codec.errors import DEFAULT_LIMITS, CodecError, Limits
+from streampipe.codec.schema import Schema, SchemaRegistry, unpack_names
+from streampipe.readings import Batch
+
+__all__ = ["decode", "encode"]
+
+_ZSTD_LEVEL = 19  # frames are small, so even the strongest levels encode in well under 1 ms
+_SINGLE_RAW = 7  # 3-bit code in single-reading frames: float64 bits, not a decimal
+_WINDOW = 1 << 23  # largest zstd window we accept: caps the decompressor's own memory
+_CHUNK = 1 << 20  # inflate in pieces this big, so a bomb costs at most one piece extra
+_local = threading.local()
+
+
+def _compressor() -> zstd.ZstdCompressor:
+    c = getattr(_local, "cctx", None)
+    if c is None:
+        params = zstd.ZstdCompressionParameters.from_level(
+            _ZSTD_LEVEL,
+            format=zstd.FORMAT_ZSTD1_MAGICLESS,  # our header already says what follows
+            write_content_size=False,  # our header carries it, and we never trust zstd's
+            write_checksum=False,
+            write_dict_id=False,
+        )
+        c = _local.cctx = zstd.ZstdCompressor(compression_params=params)
+    return c
+
+
+def _decompressor() -> zstd.ZstdDecompressor:
+    d = getattr(_local, "dctx", None)
+    if d is None:
+        d = _local.dctx = zstd.ZstdDecompressor(
+            max_window_size=_WINDOW, format=zstd.FORMAT_ZSTD1_MAGICLESS
+        )
+    return d
+
+
+# ---------------------------------------------------------------------------- encode
+
+
+def encode(batch: Batch, *, schema_id: bool = False) -> bytes:
+    """One frame holding ``batch``, losslessly.
+
+    With ``schema_id=True`` the frame names its fields by a 4-byte schema id instead
+    of inline; the receiver needs the matching schema frame (see
+    :func:`~streampipe.codec.schema_frame`). Raises :class:`CodecError` for a batch
+    that :data:`DEFAULT_LIMITS` would not let a receiver decode.
+
+    >>> from streampipe.readings import Reading
+    >>> b = Batch.from_readings([Reading("boiler-1", 7, 1795732390.1, {"temp": 21.53})])
+    >>> frame = encode(b)
+    >>> len(frame), decode(frame).same_as(b)
+    (28, True)
+    """
+    limits = DEFAULT_LIMITS
+    n, f = len(batch), len(batch.features)
+    device = batch.device.encode("utf-8")
+    names = [name.encode("utf-8") for name in batch.features]
+    if len(device) > limits.max_string_bytes or any(
+        len(x) > limits.max_string_bytes for x in names
+    ):
+        raise CodecError("string_too_long", "device id or a field name is over 128 bytes")
+    if n > limits.max_readings:
+        raise CodecError("too_many_readings", f"{n} readings exceed {limits.max_readings}")
+    if f > limits.max_fields:
+        raise CodecError("too_many_fields", f"{f} fields exceed {limits.max_fields}")
+    if n * f > limits.max_values:
+        raise CodecError("too_many_values", f"{n}x{f} values exceed {limits.max_values}")
+    epoch = int(batch.epoch)
+    if not 0 <= epoch < 1 << 64:
+        raise CodecError("malformed", f"epoch {epoch} is not in 0..2**64-1")
+
+    seq = np.asarray(batch.seq, dtype=np.int64)
+    ts = np.asarray(batch.ts, dtype=np.float64)
+    values = np.asarray(batch.values, dtype=np.float64)
+    present = _mask(batch.present, (n, f))
+    target = None if batch.target is None else np.asarray(batch.target, dtype=np.float64)
+    tpresent = None if target is None else _mask(batch.target_present, (n,))
+
+    flags = 0
+    parts = [uvarint(len(device)), device, uvarint(epoch)]
+    if n == 1:
+        flags |= h.SINGLE
+    else:
+        parts.append(uvarint(n))
+    if schema_id:
+        flags |= h.SCHEMA_ID
+        parts.append(Schema.of(batch).raw_id)
+    else:
+        packed = msgpack.packb(list(batch.features), use_bin_type=True)
+        parts += [uvarint(len(packed)), packed]
+
+    body = []
+    if present is not None:
+        flags |= h.MASK
+        body.append(np.packbits(present, axis=None).tobytes())
+    if target is not None:
+        flags |= h.TARGET
+        if tpresent is not None:
+            flags |= h.TARGET_MASK
+            body.append(np.packbits(tpresent).tobytes())
+
+    columns = [ts] + [
+        values[:, j] if present is None else values[present[:, j], j] for j in range(f)
+    ]
+    if target is not None:
+        columns.append(target if tpresent is None else target[tpresent])
+
+    if n == 1:
+        single, negative = _encode_single(int(seq[0]), columns, 1 + f + (target is not None))
+        if negative:
+            flags |= h.SIGNS
+        payload = b"".join(body) + single
+    else:
+        body.append(encode_int_column(seq))
+        body += [encode_float_column(c) for c in columns]
+        payload = b"".join(body)
+        packed_payload = _compressor().compress(payload)
+        size = uvarint(len(payload))
+        if len(size) + len(packed_payload) < len(payload):
+            flags |= h.ZSTD
+            payload = size + packed_payload
+    return h.make_header(flags) + b"".join(parts) + payload
+
+
+def _mask(m: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray | None:
+    if m is None:
+        return None
+    m = np.asarray(m, dtype=bool)
+    return None if m.all() else m
+
+
+def _encode_single(seq: int, columns: list[np.ndarray], k: int) -> tuple[bytes, bool]:
+    """Compact layout of one reading: 3-bit codes, optional sign bits, varints."""
+    codes = 0
+    signs = 0
+    data = [uvarint(zigzag(seq))]
+    for i, col in enumerate(columns):
+        if len(col) == 0:
+            continue  # absent: its code stays 0 and nothing is written
+        found = decimal_exponent(col)
+        if found is None or found[0] >= _SINGLE_RAW:
+            codes |= _SINGLE_RAW << (3 * i)
+            data.append(col.astype("<f8").tobytes())
+            continue
+        e, m = found
+        v = int(m[0])
+        codes |= e << (3 * i)
+        if v < 0:
+            signs |= 1 << i
+        data.append(uvarint(abs(v)))
+    out = codes.to_bytes((3 * k + 7) // 8, "little")
+    if signs:
+        out += signs.to_bytes((k + 7) // 8, "little")
+    return out + b"".join(data), bool(signs)
+
+
+# ---------------------------------------------------------------------------- decode
+
+
+def decode(
+    frame: bytes | bytearray | memoryview,
+    schemas: SchemaRegistry | None = None,
+    limits: Limits = DEFAULT_LIMITS,
+) -> Batch:
+    """The :class:`Batch` in ``frame``; raises only :class:`CodecError`, whatever the bytes.
+
+    >>> decode(b"{}")
+    Traceback (most recent call last):
+    ...
+    streampipe.codec.errors.CodecError: not a streampipe frame (bad magic byte)
+    """
+    try:
+        return _decode(memoryview(frame).cast("B"), schemas, limits)
+    except CodecError:
+        raise
+    except (ValueError, TypeError, IndexError, KeyError, OverflowError) as exc:
+        # A safety net: every case we know of is checked explicitly above it.
+        raise CodecError("malformed", f"undecodable frame: {exc}") from None
+
+
+def _decode(frame: memoryview, schemas: SchemaRegistry | None, limits: Limits) -> Batch:
+    flags = h.read_header(frame, limits)
+    if flags & h.SCHEMA_FRAME:
+        raise CodecError("malformed", "a schema frame, not a batch: use SchemaRegistry.add_frame")
+    single = bool(flags & h.SINGLE)
+    if (flags & h.SIGNS and not single) or (single and flags & h.ZSTD):
+        raise CodecError("malformed", "inconsistent flags")
+    if flags & h.TARGET_MASK and not flags & h.TARGET:
+        raise CodecError("malformed", "a target mask without a target")
+
+    r = Reader(frame, 2)
+    length = r.uvarint()
+    if length > limits.max_string_bytes:
+        raise CodecError("string_too_long", f"device id of {length} bytes")
+    try:
+        device = bytes(r.take(length)).decode("utf-8")
+    except UnicodeDecodeError:
+        raise CodecError("malformed", "device id is not UTF-8") from None
+    epoch = r.uvarint()
+    n = 1 if single else r.uvarint()
+    if n > limits.max_readings:
+        raise CodecError("too_many_readings", f"{n} readings exceed {limits.max_readings}")
+
+    has_target = bool(flags & h.TARGET)
+    if flags & h.SCHEMA_ID:
+        sid = bytes(r.take(4)).hex()
+        schema = schemas.get(sid) if schemas is not None else None
+        if schema is None:
+            raise CodecError("unknown_schema", f"schema {sid} is unknown: no schema frame seen")
+        if schema.has_target != has_target:
+            raise CodecError("malformed", f"frame and schema {sid} disagree about the target")
+        features = schema.features
+        if len(features) > limits.max_fields:
+            raise CodecError("too_many_fields", f"{len(features)} fields")
+    else:
+        size = r.uvarint()
+        if size > limits.max_fields * (limits.max_string_bytes + 5) + 5:
+            raise CodecError("too_many_fields", "the field-name list is too long")
+        features = unpack_names(bytes(r.take(size)), limits)
+    f = len(features)
+    if n * f > limits.max_values:
+        raise CodecError("too_many_values", f"{n}x{f} values exceed {limits.max_values}")
+
+    if flags & h.ZSTD:
+        size = r.uvarint()
+        if size > min(limits.max_decompressed_bytes, _largest_payload(n, f)):
+            raise CodecError(
+                "decompressed_too_large",
+                f"payload would inflate to {size} bytes, over {limits.max_decompressed_bytes}",
+            )
+        r = Reader(_inflate(r.buf[r.pos :], size))
+
+    present = None
+    if flags & h.MASK:
+        present = np.unpackbits(_bytes(r, (n * f + 7) // 8), count=n * f).reshape(n, f)
+        present = present.view(bool)
+    tpresent = None
+    if flags & h.TARGET_MASK:
+        tpresent = np.unpackbits(_bytes(r, (n + 7) // 8), count=n).view(bool)
+
+    counts = [n] * (1 + f) if present is None else [n, *present.sum(axis=0).tolist()]
+    if has_target:
+        counts.append(n if tpresent is None else int(tpresent.sum()))
+
+    if single:
+        seq, cols = _decode_single(r, flags, counts)
+    else:
+        code, seq = decode_int_column(r, n)
+        if code:
+            raise CodecError("malformed", "sequence numbers must be integers")
+        cols = [decode_float_column(r, c) for c in counts]
+    if r.rest():
+        raise CodecError("malformed", f"{r.rest()} bytes after the last column")
+
+    ts = cols[0]
+    if present is None:
+        values = np.column_stack(cols[1 : 1 + f]) if f else np.zeros((n, 0))
+    else:
+        values = np.zeros((n, f))
+        for j in range(f):
+            values[present[:, j], j] = cols[1 + j]
+    target = None
+    if has_target:
+        if tpresent is None:
+            target = cols[-1]
+        else:
+            target = np.zeros(n)
+            target[tpresent] = cols[-1]
+    return Batch(
+        device=device,
+        epoch=epoch,
+        seq=seq,
+        ts=ts,
+        features=features,
+        values=values,
+        present=present,
+        target=target,
+        target_present=tpresent,
+    )
+
+
+def _largest_payload(n: int, f: int) -> int:
+    """An upper bound on the payload of n readings of f features: masks, then per
+    column a header of at most 22 bytes and 8 bytes a value."""
+    return (n * f + 7) // 8 + (n + 7) // 8 + (f + 3) * (22 + 8 * n)
+
+
+def _bytes(r: Reader, k: int) -> np.ndarray:
+    return np.frombuffer(r.take(k), dtype=np.uint8)
+
+
+def _inflate(data: memoryview, size: int) -> bytes:
+    """Inflate a zstd frame that must hold exactly ``size`` bytes, never more."""
+    out = bytearray()
+    try:
+        reader = _decompressor().stream_reader(data, read_across_frames=False)
+        while True:
+            chunk = reader.read(min(_CHUNK, size + 1 - len(out)))
+            if not chunk:
+                break
+            out += chunk
+            if len(out) > size:
+                raise CodecError(
+                    "decompressed_too_large", f"payload inflates past its declared {size} bytes"
+                )
+    except zstd.ZstdError as exc:
+        raise CodecError("decompression_failed", f"zstd: {exc}") from None
+    if len(out) != size:
+        raise CodecError("malformed", f"payload inflates to {len(out)} bytes, not {size}")
+    return bytes(out)
+
+
+def _decode_single(r: Reader, flags: int, counts: list[int]) -> tuple[np.ndarray, list]:
+    k = len(counts)
+    codes = int.from_bytes(r.take((3 * k + 7) // 8), "little")
+    signs = int.from_bytes(r.take((k + 7) // 8), "little") if flags & h.SIGNS else 0
+    seq = np.array([r.svarint()], dtype=np.int64)
+    cols = []
+    for i, count in enumerate(counts):
+        code = (codes >> (3 * i)) & 7
+        if count == 0:
+            cols.append(np.zeros(0))
+        elif code == _SINGLE_RAW:
+            cols.append(np.frombuffer(r.take(8), dtype="<f8").astype(np.float64))
+        else:
+            m = r.uvarint()
+            if m >= 1 << 63:
+                raise CodecError("malformed", "a decimal is out of range")
+            if signs >> i & 1:
+                m = -m
+            cols.append(ints_to_floats(code, np.array([m], dtype=np.int64)))
+    return seq, cols

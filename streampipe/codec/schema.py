@@ -1,0 +1,187 @@
+"""Schemas: a batch's field names, published once so frames can carry a 4-byte id.
+
+A publisher sends ``schema_frame(batch)`` on a retained topic such as
+``ROOT/schemas/<id>`` and then ``encode(batch, schema_id=True)``; an edge feeds every
+schema frame it receives to :meth:`SchemaRegistry.add_frame` and passes the registry
+to ``decode``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import msgpack
+
+from streampipe.codec import header
+from streampipe.codec.errors import DEFAULT_LIMITS, CodecError, Limits
+from streampipe.readings import Batch
+
+__all__ = ["Schema", "SchemaRegistry", "schema_frame", "unpack_names"]
+
+
+@dataclass(frozen=True, slots=True)
+class Schema:
+    """The field names of a batch: its features and whether it has a target.
+
+    >>> s = Schema(("temp", "rh"), has_target=True)
+    >>> s.id
+    '2eb6a87b'
+    >>> Schema.from_frame(s.frame()) == s
+    True
+    """
+
+    features: tuple[str, ...]
+    has_target: bool
+
+    def __post_init__(self) -> None:
+        if not all(isinstance(f, str) for f in self.features):
+            raise ValueError("feature names must be str")
+
+    @classmethod
+    def of(cls, batch: Batch) -> Schema:
+        return cls(tuple(batch.features), batch.target is not None)
+
+    @property
+    def id(self) -> str:
+        """Eight hex digits: the first 4 bytes of BLAKE2b over the packed names."""
+        return self.raw_id.hex()
+
+    @property
+    def raw_id(self) -> bytes:
+        return hashlib.blake2b(self._packed(), digest_size=4).digest()
+
+    def _packed(self) -> bytes:
+        return msgpack.packb([list(self.features), self.has_target], use_bin_type=True)
+
+    def frame(self) -> bytes:
+        """Bytes to publish (retained) on ``ROOT/schemas/<id>``."""
+        return header.make_header(header.SCHEMA_FRAME) + self._packed()
+
+    @classmethod
+    def from_frame(cls, frame: bytes, limits: Limits = DEFAULT_LIMITS) -> Schema:
+        """Parse untrusted schema-frame bytes; raises only :class:`CodecError`."""
+        flags = header.read_header(frame, limits)
+        if flags != header.SCHEMA_FRAME:
+            raise CodecError("malformed", "not a schema frame")
+        data = bytes(frame[2:])
+        if data[:1] == b"\x92":  # [names, has_target]: count the names before unpacking
+            _check_count(data, 1, limits)
+        obj = _unpack(data, limits)
+        if not (isinstance(obj, list) and len(obj) == 2 and isinstance(obj[1], bool)):
+            raise CodecError("malformed", "a schema frame holds [names, has_target]")
+        return cls(check_names(obj[0], limits), obj[1])
+
+
+def _check_count(data: bytes, at: int, limits: Limits) -> None:
+    """Reject a msgpack array header at ``data[at]`` announcing too many names."""
+    kind = data[at : at + 1]
+    if kind == b"\xdc":
+        count = int.from_bytes(data[at + 1 : at + 3], "big")
+    elif kind == b"\xdd":
+        count = int.from_bytes(data[at + 1 : at + 5], "big")
+    elif kind and 0x90 <= kind[0] <= 0x9F:
+        count = kind[0] & 0x0F
+    else:
+        return  # not an array: msgpack or check_names will say so
+    if count > limits.max_fields:
+        raise CodecError("too_many_fields", f"{count} fields exceed {limits.max_fields}")
+
+
+def _unpack(data: bytes, limits: Limits) -> object:
+    try:
+        return msgpack.unpackb(
+            data,
+            raw=False,
+            use_list=True,
+            strict_map_key=True,
+            max_str_len=limits.max_string_bytes,
+            max_bin_len=0,
+            max_array_len=max(limits.max_fields, 2),
+            max_map_len=0,
+            max_ext_len=0,
+        )
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        # ExtraData, FormatError, StackError and over-limit lengths all land here.
+        raise CodecError("malformed", f"bad msgpack in field names: {exc}") from None
+
+
+def unpack_names(data: bytes, limits: Limits) -> tuple[str, ...]:
+    """Field names sent inline: a msgpack array of str."""
+    _check_count(data, 0, limits)
+    return check_names(_unpack(data, limits), limits)
+
+
+def check_names(obj: object, limits: Limits) -> tuple[str, ...]:
+    if not isinstance(obj, list) or not all(isinstance(x, str) for x in obj):
+        raise CodecError("malformed", "field names must be an array of strings")
+    if len(obj) > limits.max_fields:
+        raise CodecError("too_many_fields", f"{len(obj)} fields exceed {limits.max_fields}")
+    for name in obj:
+        if len(name.encode("utf-8", "surrogatepass")) > limits.max_string_bytes:
+            raise CodecError("string_too_long", "a field name is too long")
+    return tuple(obj)
+
+
+def schema_frame(batch: Batch) -> tuple[str, bytes]:
+    """The schema id of ``batch`` and the frame that teaches it to a registry.
+
+    >>> import numpy as np
+    >>> b = Batch("d", 0, np.zeros(1, np.int64), np.zeros(1), ("t",), np.zeros((1, 1)))
+    >>> sid, frame = schema_frame(b)
+    >>> reg = SchemaRegistry()
+    >>> reg.add_frame(frame) == sid, sid in reg
+    (True, True)
+    """
+    s = Schema.of(batch)
+    return s.id, s.frame()
+
+
+class SchemaRegistry:
+    """Schema id -> :class:`Schema`, learnt from schema frames; bounded in size.
+
+    Thread-safe for one writer and many readers (dict operations are atomic).
+    """
+
+    def __init__(self, max_schemas: int = 4096) -> None:
+        self._by_id: dict[str, Schema] = {}
+        self.max_schemas = max_schemas
+
+    def add(self, schema: Schema) -> str:
+        """Register ``schema``; returns its id."""
+        sid = schema.id
+        if sid not in self._by_id:
+            if len(self._by_id) >= self.max_schemas:
+                raise CodecError(
+                    "too_many_schemas", f"the registry already holds {self.max_schemas} schemas"
+                )
+            self._by_id[sid] = schema
+        return sid
+
+    def add_frame(
+        self, frame: bytes, schema_id: str | None = None, limits: Limits = DEFAULT_LIMITS
+    ) -> str:
+        """Register the schema in untrusted ``frame``; returns its id.
+
+        Pass ``schema_id`` (e.g. the last level of the topic it came on) to reject a
+        frame published under an id that is not its own.
+        """
+        schema = Schema.from_frame(frame, limits)
+        if schema_id is not None and schema.id != schema_id:
+            raise CodecError(
+                "malformed", f"schema frame has id {schema.id}, published as {schema_id!r}"
+            )
+        return self.add(schema)
+
+    def get(self, schema_id: str) -> Schema | None:
+        return self._by_id.get(schema_id)
+
+    def __contains__(self, schema_id: object) -> bool:
+        return schema_id in self._by_id
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._by_id))

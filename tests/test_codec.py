@@ -1,0 +1,367 @@
+"""The wire codec: lossless round-trips, a decoder that only ever raises CodecError,
+bombs that cost no memory, and the schema registry."""
+
+from __future__ import annotations
+
+import math
+import struct
+import tracemalloc
+
+import numpy as np
+import pytest
+import zstandard as zstd
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from streampipe.codec import (
+    CONTENT_TYPE,
+    DEFAULT_LIMITS,
+    REASONS,
+    CodecError,
+    Limits,
+    Schema,
+    SchemaRegistry,
+    decode,
+    encode,
+    schema_frame,
+)
+from streampipe.codec.columns import uvarint
+from streampipe.readings import Batch, Reading
+
+FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+# ------------------------------------------------------------------ strategies
+
+bit_floats = st.integers(0, 2**64 - 1).map(lambda b: struct.unpack("<d", struct.pack("<Q", b))[0])
+decimals = st.builds(lambda m, e: m / 10**e, st.integers(-(10**9), 10**9), st.integers(0, 6))
+special = st.sampled_from(
+    [0.0, -0.0, math.nan, math.inf, -math.inf, 5e-324, -5e-324, 2.2250738585072014e-308,
+     1.7976931348623157e308, 1e-300, 1e300, 2.0**53, 2.0**53 + 2, -(2.0**63)]
+)  # fmt: skip
+any_float = st.one_of(st.floats(), decimals, special, bit_floats)
+
+
+def column(n: int, elements: st.SearchStrategy[float]) -> st.SearchStrategy[np.ndarray]:
+    """A column that is all one kind (decimal, special...), or a mix."""
+    kind = st.sampled_from([any_float, decimals, elements])
+    return kind.flatmap(lambda k: st.lists(k, min_size=n, max_size=n)).map(
+        lambda xs: np.array(xs, dtype=np.float64)
+    )
+
+
+@st.composite
+def batches(draw: st.DrawFn, max_n: int = 30, max_f: int = 6) -> Batch:
+    n = draw(st.integers(0, max_n))
+    f = draw(st.integers(0, max_f))
+    names = draw(st.lists(st.text(max_size=12), min_size=f, max_size=f, unique=True))
+    device = draw(st.text(max_size=30))
+    epoch = draw(st.integers(0, 2**64 - 1))
+    if draw(st.booleans()):
+        first = draw(st.integers(-(2**63), 2**63 - 1 - n))
+        seq = np.arange(first, first + n, dtype=np.int64)
+    else:
+        seq = np.array(draw(st.lists(st.integers(-(2**63), 2**63 - 1), min_size=n, max_size=n)))
+    seq = seq.astype(np.int64)
+    ts = draw(column(n, st.floats(1.7e9, 1.9e9).map(lambda t: round(t, 3))))
+    values = np.column_stack([draw(column(n, any_float)) for _ in range(f)]) if f else None
+    values = values if values is not None else np.zeros((n, 0))
+    present = None
+    if draw(st.booleans()):
+        present = np.array(draw(st.lists(st.booleans(), min_size=n * f, max_size=n * f)))
+        present = present.reshape(n, f).astype(bool)
+    target = target_present = None
+    if draw(st.booleans()):
+        target = draw(column(n, any_float))
+        if draw(st.booleans()):
+            target_present = np.array(draw(st.lists(st.booleans(), min_size=n, max_size=n)))
+            target_present = target_present.astype(bool)
+    return Batch(device, epoch, seq, ts, tuple(names), values, present, target, target_present)
+
+
+# ------------------------------------------------------------------ round trips
+
+
+def check_same(a: Batch, b: Batch) -> None:
+    assert b.same_as(a)
+    assert b.seq.dtype == np.int64 and b.ts.dtype == np.float64
+    assert b.values.dtype == np.float64 and b.values.shape == (len(a), len(a.features))
+    for m in (b.present, b.target_present):
+        assert m is None or m.dtype == bool
+    assert b.target is None or b.target.dtype == np.float64
+
+
+@FAST
+@given(batches(), st.booleans())
+def test_round_trip_is_bit_identical(batch: Batch, by_id: bool) -> None:
+    registry = SchemaRegistry()
+    registry.add_frame(schema_frame(batch)[1])
+    check_same(batch, decode(encode(batch, schema_id=by_id), registry))
+
+
+@FAST
+@given(batches(max_n=1), st.booleans())
+def test_single_readings_round_trip(batch: Batch, by_id: bool) -> None:
+    registry = SchemaRegistry()
+    registry.add(Schema.of(batch))
+    check_same(batch, decode(encode(batch, schema_id=by_id), registry))
+
+
+def test_from_readings_round_trip() -> None:
+    rs = [
+        Reading("boiler-1", 0, 10.0, {"temp": 21.5, "rh": 40.0}, 3.0, epoch=2),
+        Reading("boiler-1", 1, 11.0, {"temp": -0.0}, None, epoch=2),
+        Reading("boiler-1", 2, 12.5, {"rh": math.nan, "temp": 1e-310}, math.inf, epoch=2),
+    ]
+    b = Batch.from_readings(rs)
+    assert list(decode(encode(b)).readings())[:2] == rs[:2]
+    assert decode(encode(b)).same_as(b)
+
+
+def test_large_batch_round_trips() -> None:
+    rng = np.random.default_rng(1)
+    n = 5000
+    b = Batch(
+        "d",
+        0,
+        np.arange(n),
+        1.7e9 + np.arange(n) * 0.1,
+        ("a", "b"),
+        np.column_stack([np.round(rng.normal(20, 1, n), 2), rng.normal(size=n)]),
+        target=rng.normal(size=n),
+    )
+    assert decode(encode(b)).same_as(b)
+
+
+# ------------------------------------------------------------------ hostile input
+
+
+def decodes_or_rejects(data: bytes, registry: SchemaRegistry | None = None) -> None:
+    try:
+        batch = decode(data, registry)
+    except CodecError as err:
+        assert err.reason in REASONS
+        assert str(err)
+    else:
+        assert isinstance(batch, Batch)
+
+
+@FAST
+@given(st.binary(max_size=300))
+def test_arbitrary_bytes_raise_only_codec_error(data: bytes) -> None:
+    decodes_or_rejects(data)
+
+
+@FAST
+@given(st.binary(max_size=200))
+def test_arbitrary_bodies_behind_a_valid_header(data: bytes) -> None:
+    for flags in (0x00, 0x01, 0x04, 0x0B, 0x3D):
+        decodes_or_rejects(bytes((0xB1, flags)) + data)
+
+
+@FAST
+@given(batches(max_n=20, max_f=4), st.booleans(), st.data())
+def test_mutated_frames_raise_only_codec_error(batch: Batch, by_id: bool, data) -> None:
+    registry = SchemaRegistry()
+    registry.add(Schema.of(batch))
+    frame = bytearray(encode(batch, schema_id=by_id))
+    for _ in range(data.draw(st.integers(1, 4))):
+        op = data.draw(st.sampled_from(["flip", "set", "cut", "insert", "delete"]))
+        i = data.draw(st.integers(0, max(len(frame) - 1, 0)))
+        if op == "flip" and frame:
+            frame[i] ^= 1 << data.draw(st.integers(0, 7))
+        elif op == "set" and frame:
+            frame[i] = data.draw(st.integers(0, 255))
+        elif op == "cut":
+            del frame[i:]
+        elif op == "insert":
+            frame[i:i] = data.draw(st.binary(min_size=1, max_size=8))
+        elif frame:
+            del frame[i]
+    decodes_or_rejects(bytes(frame), registry)
+
+
+def test_every_truncation_is_rejected() -> None:
+    b = Batch.from_readings([Reading("d", i, i / 10, {"x": i / 100}, 1.0) for i in range(50)])
+    frame = encode(b)
+    for end in range(len(frame)):
+        with pytest.raises(CodecError):
+            decode(frame[:end])
+
+
+def _header(n: int, f: int, flags: int = 0x01) -> bytes:
+    names = bytes((0x90 | f,)) + b"".join(bytes((0xA1, 97 + j)) for j in range(f))
+    head = bytes((0xB1, flags)) + uvarint(1) + b"d" + uvarint(0) + uvarint(n)
+    return head + uvarint(len(names)) + names
+
+
+def _zstd_bomb(size: int) -> bytes:
+    """A magicless zstd frame of ``size`` zero bytes, built without holding them."""
+    params = zstd.ZstdCompressionParameters.from_level(
+        19, format=zstd.FORMAT_ZSTD1_MAGICLESS, write_content_size=False
+    )
+    cobj = zstd.ZstdCompressor(compression_params=params).compressobj()
+    chunk = bytes(1 << 20)
+    out = [cobj.compress(chunk) for _ in range(size >> 20)]
+    return b"".join(out) + cobj.flush()
+
+
+@pytest.fixture(scope="module")
+def bomb() -> bytes:
+    return _zstd_bomb(512 << 20)
+
+
+def peak_while(fn) -> tuple[int, CodecError]:
+    tracemalloc.start()
+    try:
+        with pytest.raises(CodecError) as info:
+            fn()
+        return tracemalloc.get_traced_memory()[1], info.value
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("declared", [512 << 20, 60_000])
+def test_zstd_bomb_is_rejected_without_inflating(bomb: bytes, declared: int) -> None:
+    assert len(bomb) < 20_000
+    frame = _header(1000, 6) + uvarint(declared) + bomb
+    peak, err = peak_while(lambda: decode(frame))
+    assert err.reason == "decompressed_too_large"
+    assert peak < 4 << 20
+
+
+@pytest.mark.parametrize(
+    ("n", "reason"), [(1 << 32, "too_many_readings"), (100_000, "decompressed_too_large")]
+)
+def test_header_claiming_4_gib_is_rejected_without_allocating(n: int, reason: str) -> None:
+    frame = _header(n, 6) + uvarint(4 << 30) + b"\x00" * 16
+    peak, err = peak_while(lambda: decode(frame))
+    assert err.reason == reason
+    assert peak < 1 << 20
+
+
+def test_huge_counts_are_rejected_before_allocating() -> None:
+    # 100k readings of 10 fields, whose columns could take almost no bytes at all.
+    frame = _header(100_000, 10, flags=0x00)
+    peak, err = peak_while(lambda: decode(frame, limits=Limits(max_values=999_999)))
+    assert err.reason == "too_many_values"
+    assert peak < 1 << 20
+
+
+def test_oversized_frame_is_rejected_first() -> None:
+    with pytest.raises(CodecError) as info:
+        decode(b"\xb1\x00" + bytes(DEFAULT_LIMITS.max_frame_bytes))
+    assert info.value.reason == "too_large"
+
+
+def test_limits_apply() -> None:
+    b = Batch.from_readings([Reading("a-long-device", i, i, {"x": 1.0}) for i in range(10)])
+    frame = encode(b)
+    for limits, reason in [
+        (Limits(max_readings=9), "too_many_readings"),
+        (Limits(max_string_bytes=5), "string_too_long"),
+        (Limits(max_fields=0), "too_many_fields"),
+        (Limits(max_values=9), "too_many_values"),
+        (Limits(max_frame_bytes=len(frame) - 1), "too_large"),
+    ]:
+        with pytest.raises(CodecError) as info:
+            decode(frame, limits=limits)
+        assert info.value.reason == reason
+
+
+def test_encode_refuses_what_decode_would_reject() -> None:
+    long = "x" * 129
+    for b in (
+        Batch.from_readings([Reading(long, 0, 0.0, {})]),
+        Batch.from_readings([Reading("d", 0, 0.0, {long: 1.0})]),
+    ):
+        with pytest.raises(CodecError) as info:
+            encode(b)
+        assert info.value.reason == "string_too_long"
+
+
+@pytest.mark.parametrize(
+    ("frame", "reason"),
+    [
+        (b"", "bad_magic"),
+        (b"\x00\x00", "bad_magic"),
+        (b'{"device": "d"}', "bad_magic"),
+        (b"\xb2\x00", "unsupported_version"),
+        (b"\xbf\x00anything", "unsupported_version"),
+        (b"\xb1", "bad_magic"),
+    ],
+)
+def test_magic_and_version(frame: bytes, reason: str) -> None:
+    with pytest.raises(CodecError) as info:
+        decode(frame)
+    assert info.value.reason == reason
+
+
+def test_corrupt_zstd_payload() -> None:
+    frame = _header(3, 1) + uvarint(100) + b"\xff" * 40
+    with pytest.raises(CodecError) as info:
+        decode(frame)
+    assert info.value.reason == "decompression_failed"
+
+
+# ------------------------------------------------------------------ schemas
+
+
+def one_reading(**x: float) -> Batch:
+    return Batch.from_readings([Reading("boiler-1", 864_000, 1795732390.123, x, 1202.9)])
+
+
+def test_unknown_schema_is_a_clear_rejection() -> None:
+    b = one_reading(temp=21.53)
+    frame = encode(b, schema_id=True)
+    for registry in (None, SchemaRegistry()):
+        with pytest.raises(CodecError) as info:
+            decode(frame, registry)
+        assert info.value.reason == "unknown_schema"
+        assert Schema.of(b).id in str(info.value)
+
+
+def test_schema_frames_teach_the_registry() -> None:
+    b = one_reading(temp=21.53, rh=45.3)
+    sid, sframe = schema_frame(b)
+    registry = SchemaRegistry()
+    assert registry.add_frame(sframe, schema_id=sid) == sid
+    assert sid in registry and len(registry) == 1 and registry.get(sid) == Schema.of(b)
+    assert decode(encode(b, schema_id=True), registry).same_as(b)
+    with pytest.raises(CodecError):
+        registry.add_frame(sframe, schema_id="00000000")
+    with pytest.raises(CodecError):
+        decode(sframe)  # a schema frame is not a batch
+
+
+def test_schema_ids_depend_on_names_and_target() -> None:
+    ids = {
+        Schema(("a", "b"), True).id,
+        Schema(("a", "b"), False).id,
+        Schema(("b", "a"), True).id,
+        Schema(("ab",), True).id,
+    }
+    assert len(ids) == 4 and all(len(i) == 8 for i in ids)
+
+
+def test_registry_is_bounded() -> None:
+    registry = SchemaRegistry(max_schemas=2)
+    registry.add(Schema(("a",), False))
+    registry.add(Schema(("b",), False))
+    registry.add(Schema(("a",), False))  # already known: fine
+    with pytest.raises(CodecError) as info:
+        registry.add(Schema(("c",), False))
+    assert info.value.reason == "too_many_schemas"
+
+
+@FAST
+@given(st.binary(max_size=200))
+def test_schema_frames_from_the_wire_raise_only_codec_error(data: bytes) -> None:
+    for frame in (data, b"\xb1\x80" + data):
+        try:
+            SchemaRegistry().add_frame(frame)
+        except CodecError as err:
+            assert err.reason in REASONS
+
+
+def test_content_type() -> None:
+    assert CONTENT_TYPE.startswith("application/")
