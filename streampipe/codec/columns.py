@@ -14,8 +14,11 @@ round-trips, overflow included.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
+from streampipe.codec.blocks import compress, inflate
 from streampipe.codec.errors import CodecError
 
 __all__ = [
@@ -27,6 +30,7 @@ __all__ = [
     "decode_int_column",
     "encode_float_column",
     "encode_int_column",
+    "scalar_exponent",
     "uvarint",
     "zigzag",
 ]
@@ -36,6 +40,8 @@ MAX_EXPONENT = 22
 #: Exponent code for "float64 bit patterns, not decimals".
 RAW = 31
 _DELTA = 0x20
+_ZSTD = 0x40
+_EXPONENT = 0x1F
 _POW10 = [10.0**e for e in range(MAX_EXPONENT + 1)]
 _EXACT = float(2**53)  # integers beyond this are not all exact in float64
 _U64 = np.dtype("<u8")
@@ -71,11 +77,23 @@ def uvarint(v: int) -> bytes:
 class Reader:
     """A cursor over untrusted bytes; every overrun is a ``malformed`` CodecError."""
 
-    __slots__ = ("buf", "pos")
+    __slots__ = ("budget", "buf", "pos")
 
-    def __init__(self, buf: bytes | memoryview, pos: int = 0) -> None:
+    def __init__(self, buf: bytes | memoryview, pos: int = 0, budget: int = 0) -> None:
         self.buf = buf
         self.pos = pos
+        self.budget = budget  # bytes that zstd blocks may still inflate to
+
+    def block(self, size: int, packed_len: int | None = None) -> bytes | memoryview:
+        """``size`` bytes, stored or (when ``packed_len`` is given) zstd-compressed."""
+        if packed_len is None:
+            return self.take(size)
+        if size > self.budget:
+            raise CodecError(
+                "decompressed_too_large", "the frame's zstd blocks inflate past the limit"
+            )
+        self.budget -= size
+        return inflate(self.take(packed_len), size)
 
     def take(self, k: int) -> bytes | memoryview:
         end = self.pos + k
@@ -122,18 +140,42 @@ def decimal_exponent(v: np.ndarray) -> tuple[int, np.ndarray] | None:
     """
     if v.size == 0:
         return 0, np.zeros(0, np.int64)
+    # No column needs fewer digits than its first value: start there, saving passes.
+    start = scalar_exponent(float(v[0]))
+    if start is None:
+        return None
+    if v.size == 1:
+        return start, np.array([round(float(v[0]) * _POW10[start])], dtype=np.int64)
     with np.errstate(invalid="ignore", over="ignore"):
         amax = float(np.max(np.abs(v)))
     if not amax < _EXACT:  # also false for NaN and inf
         return None
     bits = v.view(np.int64)
-    for e, scale in enumerate(_POW10):
+    for e in range(start, MAX_EXPONENT + 1):
+        scale = _POW10[e]
         if amax * scale >= _EXACT:
             return None
         m = np.rint(v * scale).astype(np.int64)
         # The decoder computes exactly this division, so equal bits here mean equal bits there.
-        if np.array_equal((m.astype(np.float64) / scale).view(np.int64), bits):
+        if ((m.astype(np.float64) / scale).view(np.int64) == bits).all():
             return e, m
+    return None
+
+
+def scalar_exponent(x: float, max_exponent: int = MAX_EXPONENT) -> int | None:
+    """:func:`decimal_exponent` of one value, in plain Python (fast for one value).
+
+    >>> scalar_exponent(1013.2), scalar_exponent(-0.0), scalar_exponent(0.1 + 0.2)
+    (1, None, None)
+    """
+    if not abs(x) < _EXACT or (x == 0.0 and math.copysign(1.0, x) < 0):
+        return None  # NaN, inf, huge, or -0.0 (an integer zero cannot carry its sign)
+    for e in range(max_exponent + 1):
+        scale = _POW10[e]
+        if abs(x) * scale >= _EXACT:
+            return None
+        if round(x * scale) / scale == x:
+            return e
     return None
 
 
@@ -143,32 +185,33 @@ def encode_int_column(x: np.ndarray, code: int = 0) -> bytes:
     ``code``'s low five bits say how the decoder turns the integers back into
     values (a decimal exponent or :data:`RAW`); this function adds the delta bit.
     """
-    u = np.ascontiguousarray(x, dtype=np.int64).view(np.uint64)
-    n = len(u)
+    s = np.ascontiguousarray(x, dtype=np.int64)
+    n = len(s)
     if n == 0:
         return b""
-    y = u
+    base, top = int(s.min()), int(s.max())
+    y = s
     if n > 1:
-        d = u[1:] - u[:-1]  # modulo 2**64
-        if _span(d) < _span(u):
+        d = (s.view(np.uint64)[1:] - s.view(np.uint64)[:-1]).view(np.int64)  # modulo 2**64
+        dlo, dhi = int(d.min()), int(d.max())
+        if dhi - dlo < top - base:
             code |= _DELTA
-            y = d
-    base = int(y.view(np.int64).min()) if len(y) else 0
-    off = y - np.uint64(base & 0xFFFF_FFFF_FFFF_FFFF)
-    top = int(off.max()) if len(off) else 0
-    width = (top.bit_length() + 7) // 8
+            y, base, top = d, dlo, dhi
+    width = ((top - base).bit_length() + 7) // 8
+    planes = packed = b""
+    if width:
+        off = y.view(np.uint64) - np.uint64(base & 0xFFFF_FFFF_FFFF_FFFF)
+        wide = off.astype(_U64, copy=False).view(np.uint8).reshape(len(off), 8)
+        planes = wide[:, :width].T.tobytes()
+        packed = compress(planes)
+        if packed is not None:
+            code |= _ZSTD
     head = bytes((code, width)) + uvarint(zigzag(base))
     if code & _DELTA:
-        head += uvarint(zigzag(int(u.view(np.int64)[0])))
-    if width == 0:
-        return head
-    planes = off.astype(_U64, copy=False).view(np.uint8).reshape(len(off), 8)[:, :width]
-    return head + planes.T.tobytes()
-
-
-def _span(u: np.ndarray) -> int:
-    s = u.view(np.int64)
-    return int(s.max()) - int(s.min())
+        head += uvarint(zigzag(int(s[0])))
+    if code & _ZSTD:
+        return head + uvarint(len(packed)) + packed
+    return head + planes
 
 
 def decode_int_column(r: Reader, n: int) -> tuple[int, np.ndarray]:
@@ -177,7 +220,7 @@ def decode_int_column(r: Reader, n: int) -> tuple[int, np.ndarray]:
         return 0, np.zeros(0, np.int64)
     code = r.byte()
     width = r.byte()
-    if code & ~(_DELTA | 0x1F) or width > 8:
+    if code & 0x80 or width > 8 or (width == 0 and code & _ZSTD):
         raise CodecError("malformed", f"bad column header (code {code}, width {width})")
     base = _u64(r.svarint())[0]
     delta = bool(code & _DELTA)
@@ -186,14 +229,15 @@ def decode_int_column(r: Reader, n: int) -> tuple[int, np.ndarray]:
     if width == 0:
         y = np.full(k, base, dtype=np.uint64)
     else:
-        raw = np.frombuffer(r.take(width * k), dtype=np.uint8).reshape(width, k)
+        packed_len = r.uvarint() if code & _ZSTD else None
+        raw = np.frombuffer(r.block(width * k, packed_len), dtype=np.uint8).reshape(width, k)
         wide = np.zeros((k, 8), dtype=np.uint8)
         wide[:, :width] = raw.T
         y = wide.view(_U64).reshape(k).astype(np.uint64, copy=False) + base
     if delta:
         y = np.concatenate((_u64(first), y))
         np.cumsum(y, out=y)
-    return code & 0x1F, y.view(np.int64)
+    return code & _EXPONENT, y.view(np.int64)
 
 
 def _u64(v: int) -> np.ndarray:

@@ -7,21 +7,21 @@ that size is allocated, and only :class:`CodecError` escapes.
 
 from __future__ import annotations
 
-import threading
+import struct
 
 import msgpack
 import numpy as np
-import zstandard as zstd
 
 from streampipe.codec import header as h
+from streampipe.codec.blocks import compress
 from streampipe.codec.columns import (
     Reader,
-    decimal_exponent,
     decode_float_column,
     decode_int_column,
     encode_float_column,
     encode_int_column,
     ints_to_floats,
+    scalar_exponent,
     uvarint,
     zigzag,
 )
@@ -31,34 +31,8 @@ from streampipe.readings import Batch
 
 __all__ = ["decode", "encode"]
 
-_ZSTD_LEVEL = 19  # frames are small, so even the strongest levels encode in well under 1 ms
+_POW10 = [10.0**e for e in range(8)]
 _SINGLE_RAW = 7  # 3-bit code in single-reading frames: float64 bits, not a decimal
-_WINDOW = 1 << 23  # largest zstd window we accept: caps the decompressor's own memory
-_CHUNK = 1 << 20  # inflate in pieces this big, so a bomb costs at most one piece extra
-_local = threading.local()
-
-
-def _compressor() -> zstd.ZstdCompressor:
-    c = getattr(_local, "cctx", None)
-    if c is None:
-        params = zstd.ZstdCompressionParameters.from_level(
-            _ZSTD_LEVEL,
-            format=zstd.FORMAT_ZSTD1_MAGICLESS,  # our header already says what follows
-            write_content_size=False,  # our header carries it, and we never trust zstd's
-            write_checksum=False,
-            write_dict_id=False,
-        )
-        c = _local.cctx = zstd.ZstdCompressor(compression_params=params)
-    return c
-
-
-def _decompressor() -> zstd.ZstdDecompressor:
-    d = getattr(_local, "dctx", None)
-    if d is None:
-        d = _local.dctx = zstd.ZstdDecompressor(
-            max_window_size=_WINDOW, format=zstd.FORMAT_ZSTD1_MAGICLESS
-        )
-    return d
 
 
 # ---------------------------------------------------------------------------- encode
@@ -119,12 +93,12 @@ def encode(batch: Batch, *, schema_id: bool = False) -> bytes:
     body = []
     if present is not None:
         flags |= h.MASK
-        body.append(np.packbits(present, axis=None).tobytes())
+        body.append(_bitmap(present, n > 1))
     if target is not None:
         flags |= h.TARGET
         if tpresent is not None:
             flags |= h.TARGET_MASK
-            body.append(np.packbits(tpresent).tobytes())
+            body.append(_bitmap(tpresent, n > 1))
 
     columns = [ts] + [
         values[:, j] if present is None else values[present[:, j], j] for j in range(f)
@@ -141,12 +115,16 @@ def encode(batch: Batch, *, schema_id: bool = False) -> bytes:
         body.append(encode_int_column(seq))
         body += [encode_float_column(c) for c in columns]
         payload = b"".join(body)
-        packed_payload = _compressor().compress(payload)
-        size = uvarint(len(payload))
-        if len(size) + len(packed_payload) < len(payload):
-            flags |= h.ZSTD
-            payload = size + packed_payload
     return h.make_header(flags) + b"".join(parts) + payload
+
+
+def _bitmap(mask: np.ndarray, as_block: bool) -> bytes:
+    """A presence mask: bare bits in single-reading frames, else a block."""
+    bits = np.packbits(mask, axis=None).tobytes()
+    if not as_block:
+        return bits
+    packed = compress(bits)
+    return b"\x00" + bits if packed is None else uvarint(len(packed)) + packed
 
 
 def _mask(m: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray | None:
@@ -164,13 +142,13 @@ def _encode_single(seq: int, columns: list[np.ndarray], k: int) -> tuple[bytes, 
     for i, col in enumerate(columns):
         if len(col) == 0:
             continue  # absent: its code stays 0 and nothing is written
-        found = decimal_exponent(col)
-        if found is None or found[0] >= _SINGLE_RAW:
+        x = float(col[0])
+        e = scalar_exponent(x, _SINGLE_RAW - 1)
+        if e is None:
             codes |= _SINGLE_RAW << (3 * i)
-            data.append(col.astype("<f8").tobytes())
+            data.append(struct.pack("<d", x))
             continue
-        e, m = found
-        v = int(m[0])
+        v = round(x * _POW10[e])
         codes |= e << (3 * i)
         if v < 0:
             signs |= 1 << i
@@ -210,8 +188,8 @@ def _decode(frame: memoryview, schemas: SchemaRegistry | None, limits: Limits) -
     if flags & h.SCHEMA_FRAME:
         raise CodecError("malformed", "a schema frame, not a batch: use SchemaRegistry.add_frame")
     single = bool(flags & h.SINGLE)
-    if (flags & h.SIGNS and not single) or (single and flags & h.ZSTD):
-        raise CodecError("malformed", "inconsistent flags")
+    if (flags & h.SIGNS and not single) or flags & h.RESERVED:
+        raise CodecError("malformed", f"inconsistent flags {flags:#04x}")
     if flags & h.TARGET_MASK and not flags & h.TARGET:
         raise CodecError("malformed", "a target mask without a target")
 
@@ -248,22 +226,13 @@ def _decode(frame: memoryview, schemas: SchemaRegistry | None, limits: Limits) -
     if n * f > limits.max_values:
         raise CodecError("too_many_values", f"{n}x{f} values exceed {limits.max_values}")
 
-    if flags & h.ZSTD:
-        size = r.uvarint()
-        if size > min(limits.max_decompressed_bytes, _largest_payload(n, f)):
-            raise CodecError(
-                "decompressed_too_large",
-                f"payload would inflate to {size} bytes, over {limits.max_decompressed_bytes}",
-            )
-        r = Reader(_inflate(r.buf[r.pos :], size))
-
+    r.budget = limits.max_decompressed_bytes
     present = None
     if flags & h.MASK:
-        present = np.unpackbits(_bytes(r, (n * f + 7) // 8), count=n * f).reshape(n, f)
-        present = present.view(bool)
+        present = _read_bitmap(r, n * f, single).reshape(n, f)
     tpresent = None
     if flags & h.TARGET_MASK:
-        tpresent = np.unpackbits(_bytes(r, (n + 7) // 8), count=n).view(bool)
+        tpresent = _read_bitmap(r, n, single)
 
     counts = [n] * (1 + f) if present is None else [n, *present.sum(axis=0).tolist()]
     if has_target:
@@ -306,35 +275,11 @@ def _decode(frame: memoryview, schemas: SchemaRegistry | None, limits: Limits) -
     )
 
 
-def _largest_payload(n: int, f: int) -> int:
-    """An upper bound on the payload of n readings of f features: masks, then per
-    column a header of at most 22 bytes and 8 bytes a value."""
-    return (n * f + 7) // 8 + (n + 7) // 8 + (f + 3) * (22 + 8 * n)
-
-
-def _bytes(r: Reader, k: int) -> np.ndarray:
-    return np.frombuffer(r.take(k), dtype=np.uint8)
-
-
-def _inflate(data: memoryview, size: int) -> bytes:
-    """Inflate a zstd frame that must hold exactly ``size`` bytes, never more."""
-    out = bytearray()
-    try:
-        reader = _decompressor().stream_reader(data, read_across_frames=False)
-        while True:
-            chunk = reader.read(min(_CHUNK, size + 1 - len(out)))
-            if not chunk:
-                break
-            out += chunk
-            if len(out) > size:
-                raise CodecError(
-                    "decompressed_too_large", f"payload inflates past its declared {size} bytes"
-                )
-    except zstd.ZstdError as exc:
-        raise CodecError("decompression_failed", f"zstd: {exc}") from None
-    if len(out) != size:
-        raise CodecError("malformed", f"payload inflates to {len(out)} bytes, not {size}")
-    return bytes(out)
+def _read_bitmap(r: Reader, count: int, single: bool) -> np.ndarray:
+    size = (count + 7) // 8
+    packed_len = None if single else r.uvarint() or None
+    bits = np.frombuffer(r.block(size, packed_len), dtype=np.uint8)
+    return np.unpackbits(bits, count=count).view(bool)
 
 
 def _decode_single(r: Reader, flags: int, counts: list[int]) -> tuple[np.ndarray, list]:

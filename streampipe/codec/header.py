@@ -11,7 +11,7 @@ VERSION = 1  # this module writes version 1 and reads versions {1}
 _READABLE = frozenset({1})
 
 # Byte 1: flags.
-ZSTD = 0x01  # the payload is a zstd frame, preceded by its inflated size
+RESERVED = 0x01  # must be 0 in version 1 (columns say themselves if they are compressed)
 SCHEMA_ID = 0x02  # field names come from a 4-byte schema id, not inline
 SINGLE = 0x04  # one reading, in the compact varint layout
 MASK = 0x08  # a feature-presence bitmap follows
@@ -21,7 +21,7 @@ SIGNS = 0x40  # (single only) a sign bitmap follows; without it every decimal is
 SCHEMA_FRAME = 0x80  # not a batch: a schema for SchemaRegistry.add_frame
 
 FLAG_NAMES = {
-    ZSTD: "zstd",
+    RESERVED: "reserved",
     SCHEMA_ID: "schema_id",
     SINGLE: "single",
     MASK: "mask",
