@@ -79,8 +79,7 @@ def split(batch: Batch, size: int) -> list[Batch]:
 
 def as_dicts(batch: Batch) -> list[dict]:
     return [
-        {"device": r.device, "seq": r.seq, "ts": r.ts, "x": r.x, "y": r.y}
-        for r in batch.readings()
+        {"device": r.device, "seq": r.seq, "ts": r.ts, "x": r.x, "y": r.y} for r in batch.readings()
     ]
 
 

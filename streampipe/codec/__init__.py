@@ -37,34 +37,38 @@ unknown_schema
 
 Frame layout (version 1)
 ------------------------
-All integers are LEB128 varints unless a size is given; "svarint" is zigzag + varint.
+Integers are LEB128 varints unless a size is given; "svarint" is zigzag + varint.
 
 ==============  ==============================================================
 byte 0          ``0xB0 | version``: the high nibble is the magic, the low nibble
                 the format version (1); readers reject versions they do not know
-byte 1          flags: 0x01 zstd, 0x02 schema id, 0x04 single reading, 0x08
-                feature mask, 0x10 target, 0x20 target mask, 0x40 sign bits,
+byte 1          flags: 0x01 reserved (0), 0x02 schema id, 0x04 single reading,
+                0x08 feature mask, 0x10 target, 0x20 target mask, 0x40 sign bits,
                 0x80 schema frame
 device          varint length + UTF-8 (at most 128 bytes)
 epoch           varint
 n               varint readings (absent in single-reading frames: n = 1)
 names           schema id: 4 bytes (BLAKE2b-32 of the packed names); else varint
                 length + msgpack array of str
-[zstd]          varint inflated size + magicless zstd frame of everything below
-masks           feature mask: n*f bits, row-major (``np.packbits``); target mask: n bits
+masks           feature mask (n*f bits, row-major, ``np.packbits``), then target
+                mask (n bits), each a block: varint L, then L bytes of zstd, or
+                (L = 0) the bits as they are
 columns         seq, ts, each feature, target; only present values are stored
 ==============  ==============================================================
 
-A column (batches of 2 or more readings) is: code byte (low 5 bits: decimal exponent
-``e``, or 31 for raw float64 bits; 0x20: delta-coded), width byte ``w`` (0..8),
-svarint base, [svarint first value if delta-coded], then ``w`` byte planes of the
-integers minus base (plane 0 = all low bytes). Decimal columns decode as
-``int / 10**e``, which is bit-identical to what was sent (see
-:mod:`streampipe.codec.columns`).
+A column (frames of 2 or more readings) is: a code byte (low 5 bits: decimal
+exponent ``e``, or 31 for raw float64 bits; 0x20 delta-coded; 0x40 zstd), a width
+byte ``w`` (0..8), svarint base, [svarint first value if delta-coded], then ``w``
+byte planes of the integers minus base (plane 0 holds every low byte), stored or
+as varint length + magicless zstd. A decimal column decodes as ``int / 10**e``,
+bit-identical to what was sent (see :mod:`streampipe.codec.columns`). Each zstd
+block inflates only to the size its header implies, within
+``Limits.max_decompressed_bytes`` for the whole frame.
 
-A single-reading frame stores 3-bit codes (``e`` in 0..6, or 7 for raw float64) for
-ts, features and target, optional sign bits, then seq as svarint and each present
-value as a varint magnitude (or 8 raw bytes), and is never compressed.
+A single-reading frame holds no zstd: its masks are bare bits, then 3-bit codes
+(``e`` in 0..6, or 7 for raw float64) for ts, features and target, sign bits if
+any decimal is negative, seq as svarint and each present value as a varint
+magnitude (or 8 raw little-endian bytes).
 
 Schema frames are ``0xB1 0x80`` + msgpack ``[names, has_target]``.
 """
