@@ -111,15 +111,21 @@ class Reader:
         return b
 
     def uvarint(self) -> int:
+        buf, start = self.buf, self.pos
+        pos, end = start, min(start + 10, len(buf))
         v = shift = 0
-        for _ in range(10):
-            b = self.byte()
+        while pos < end:
+            b = buf[pos]
+            pos += 1
             v |= (b & 0x7F) << shift
             if b < 0x80:
-                if v >= 1 << 64:
+                if v >> 64:
                     break
+                self.pos = pos
                 return v
             shift += 7
+        if pos == len(buf) and pos - start < 10:
+            raise CodecError("malformed", "the frame ends early")
         raise CodecError("malformed", "a varint is longer than 64 bits")
 
     def svarint(self) -> int:

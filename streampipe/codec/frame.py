@@ -20,7 +20,6 @@ from streampipe.codec.columns import (
     decode_int_column,
     encode_float_column,
     encode_int_column,
-    ints_to_floats,
     scalar_exponent,
     uvarint,
     zigzag,
@@ -239,15 +238,25 @@ def _decode(frame: memoryview, schemas: SchemaRegistry | None, limits: Limits) -
         counts.append(n if tpresent is None else int(tpresent.sum()))
 
     if single:
-        seq, cols = _decode_single(r, flags, counts)
-    else:
-        code, seq = decode_int_column(r, n)
-        if code:
-            raise CodecError("malformed", "sequence numbers must be integers")
-        cols = [decode_float_column(r, c) for c in counts]
-    if r.rest():
-        raise CodecError("malformed", f"{r.rest()} bytes after the last column")
+        seq_value, row = _decode_single(r, flags, counts)
+        _check_end(r)
+        return Batch(
+            device=device,
+            epoch=epoch,
+            seq=np.array([seq_value], dtype=np.int64),
+            ts=np.array(row[:1], dtype=np.float64),
+            features=features,
+            values=np.array(row[1 : 1 + f], dtype=np.float64).reshape(1, f),
+            present=present,
+            target=np.array(row[1 + f :], dtype=np.float64) if has_target else None,
+            target_present=tpresent,
+        )
 
+    code, seq = decode_int_column(r, n)
+    if code:
+        raise CodecError("malformed", "sequence numbers must be integers")
+    cols = [decode_float_column(r, c) for c in counts]
+    _check_end(r)
     ts = cols[0]
     if present is None:
         values = np.column_stack(cols[1 : 1 + f]) if f else np.zeros((n, 0))
@@ -282,23 +291,31 @@ def _read_bitmap(r: Reader, count: int, single: bool) -> np.ndarray:
     return np.unpackbits(bits, count=count).view(bool)
 
 
-def _decode_single(r: Reader, flags: int, counts: list[int]) -> tuple[np.ndarray, list]:
+def _check_end(r: Reader) -> None:
+    if r.rest():
+        raise CodecError("malformed", f"{r.rest()} bytes after the last column")
+
+
+def _decode_single(r: Reader, flags: int, counts: list[int]) -> tuple[int, list[float]]:
+    """seq and [ts, *features, target] of a single-reading frame; 0.0 where absent.
+
+    Plain Python: for one value each, numpy's per-call cost would dominate. The
+    division is the same IEEE operation the encoder checked, so bits match.
+    """
     k = len(counts)
     codes = int.from_bytes(r.take((3 * k + 7) // 8), "little")
     signs = int.from_bytes(r.take((k + 7) // 8), "little") if flags & h.SIGNS else 0
-    seq = np.array([r.svarint()], dtype=np.int64)
-    cols = []
+    seq = r.svarint()
+    row = []
     for i, count in enumerate(counts):
         code = (codes >> (3 * i)) & 7
         if count == 0:
-            cols.append(np.zeros(0))
+            row.append(0.0)
         elif code == _SINGLE_RAW:
-            cols.append(np.frombuffer(r.take(8), dtype="<f8").astype(np.float64))
+            row.append(struct.unpack("<d", r.take(8))[0])
         else:
             m = r.uvarint()
             if m >= 1 << 63:
                 raise CodecError("malformed", "a decimal is out of range")
-            if signs >> i & 1:
-                m = -m
-            cols.append(ints_to_floats(code, np.array([m], dtype=np.int64)))
-    return seq, cols
+            row.append((-m if signs >> i & 1 else m) / _POW10[code])
+    return seq, row
