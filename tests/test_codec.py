@@ -4,6 +4,7 @@ bombs that cost no memory, and the schema registry."""
 from __future__ import annotations
 
 import math
+import pickle
 import struct
 import tracemalloc
 
@@ -419,6 +420,11 @@ def test_schema_frames_from_the_wire_raise_only_codec_error(data: bytes) -> None
             SchemaRegistry().add_frame(frame)
         except CodecError as err:
             assert err.reason in REASONS
+
+
+def test_codec_error_pickles() -> None:
+    err = pickle.loads(pickle.dumps(CodecError("malformed", "bad")))
+    assert (err.reason, str(err)) == ("malformed", "bad")
 
 
 def test_content_type() -> None:

@@ -42,6 +42,9 @@ class CodecError(ValueError):
         super().__init__(message)
         self.reason = reason
 
+    def __reduce__(self) -> tuple[type[CodecError], tuple[str, str]]:
+        return CodecError, (self.reason, str(self))  # picklable across processes
+
 
 @dataclass(frozen=True, slots=True)
 class Limits:
