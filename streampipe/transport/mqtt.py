@@ -184,6 +184,15 @@ class Connection:
         if self.connected:
             self._send_subscribe([(t, qos) for t in topics], timeout)
 
+    def unsubscribe(self, topics: list[str] | str) -> None:
+        """Stop receiving from (and forget) these subscriptions."""
+        if isinstance(topics, str):
+            topics = [topics]
+        with self._lock:
+            for t in topics:
+                self._subscriptions.pop(t, None)
+        self._client.unsubscribe(topics)
+
     def publish(
         self,
         topic: str,

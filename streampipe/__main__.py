@@ -1,0 +1,7 @@
+"""``python -m streampipe``: the same as the ``streampipe`` command."""
+
+import sys
+
+from streampipe.cli import main
+
+sys.exit(main())

@@ -1,0 +1,417 @@
+"""The ``streampipe`` command line: edge, replay, sensors, demo."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import signal
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from streampipe import __version__
+from streampipe.broker import MosquittoNotFound
+from streampipe.learn.spec import DEFAULT_MODEL_SPEC, ModelSpecError
+from streampipe.sources.csv import CsvError
+from streampipe.topics import DEFAULT_ROOT, InvalidName, Topics
+from streampipe.transport import BrokerURL, InvalidBrokerURL, MQTTError
+
+__all__ = ["main"]
+
+log = logging.getLogger("streampipe")
+
+DEFAULT_BROKER = "mqtt://localhost:1883"
+#: Errors that are the user's to fix: printed as one line, never as a traceback.
+USER_ERRORS = (
+    ModelSpecError,
+    InvalidBrokerURL,
+    MQTTError,
+    CsvError,
+    InvalidName,
+    MosquittoNotFound,
+    ValueError,
+    OSError,
+)
+
+
+def _broker(value: str) -> BrokerURL:
+    try:
+        return BrokerURL.parse(value)
+    except InvalidBrokerURL as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _rate(value: str) -> float:
+    if value == "max":
+        return math.inf
+    try:
+        rate = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError("rate must be a number or 'max'") from None
+    if not rate > 0:
+        raise argparse.ArgumentTypeError("rate must be positive")
+    return rate
+
+
+def _positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return n
+
+
+def _add_broker(p: argparse.ArgumentParser, default: str | None = None) -> None:
+    env = os.environ.get("STREAMPIPE_BROKER")
+    p.add_argument(
+        "--broker",
+        type=_broker,
+        default=env or default,  # argparse applies ``type`` to a string default
+        help="mqtt://[user:pass@]host[:port] (default: $STREAMPIPE_BROKER or "
+        f"{default or 'a private Mosquitto'})",
+    )
+    p.add_argument("--topic-root", default=DEFAULT_ROOT, help="topic root (default: %(default)s)")
+
+
+def _add_batching(p: argparse.ArgumentParser, batch: int, linger_ms: float) -> None:
+    p.add_argument(
+        "--batch", type=_positive_int, default=batch, help="readings per message (%(default)s)"
+    )
+    p.add_argument(
+        "--linger",
+        type=float,
+        default=linger_ms,
+        metavar="MS",
+        help="longest a reading waits for its batch to fill, in ms (%(default)s)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="streampipe",
+        description="MQTT IoT pipeline that learns online at the edge with River.",
+    )
+    parser.add_argument("--version", action="version", version=f"streampipe {__version__}")
+    parser.add_argument(
+        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    edge = sub.add_parser("edge", help="run an edge stage that learns from readings")
+    _add_broker(edge, DEFAULT_BROKER)
+    edge.add_argument("--stage-id", required=True, help="this stage's id (a topic level)")
+    edge.add_argument(
+        "--model",
+        default=DEFAULT_MODEL_SPEC,
+        metavar="SPEC",
+        help="River model in River's syntax (default: %(default)r)",
+    )
+    edge.add_argument("--model-name", help="name published with predictions (default: derived)")
+    edge.add_argument("--state-dir", help="directory for checkpoints")
+    edge.add_argument(
+        "--metrics-port",
+        type=int,
+        default=9108,
+        help="Prometheus /metrics port; 0 picks a free one, -1 disables (%(default)s)",
+    )
+    edge.add_argument(
+        "--metrics-host", default="127.0.0.1", help="address to serve metrics on (%(default)s)"
+    )
+    edge.add_argument(
+        "--metrics-interval",
+        type=float,
+        default=5.0,
+        metavar="S",
+        help="seconds between metrics messages (%(default)s)",
+    )
+    edge.add_argument(
+        "--queue-size", type=_positive_int, default=1000, help="messages held for processing"
+    )
+
+    replay = sub.add_parser("replay", help="replay a CSV file as readings")
+    replay.add_argument("file", help="CSV file with a header row")
+    _add_broker(replay, DEFAULT_BROKER)
+    replay.add_argument("--target", required=True, metavar="COLUMN", help="target column")
+    replay.add_argument("--device-id", help="device id (default: the file's stem)")
+    replay.add_argument("--device-column", metavar="COL", help="column holding device ids")
+    replay.add_argument("--time-column", metavar="COL", help="column holding timestamps")
+    replay.add_argument(
+        "--rate", type=_rate, default=math.inf, help="readings per second, or 'max' (default)"
+    )
+    replay.add_argument(
+        "--epoch", type=int, help="boot epoch of the replayed devices (default: now, in ms)"
+    )
+    replay.add_argument(
+        "--ack-timeout", type=float, default=120.0, help="seconds to wait for acknowledgements"
+    )
+    _add_batching(replay, batch=100, linger_ms=100)
+
+    sensors = sub.add_parser("sensors", help="simulate a fleet of sensors")
+    _add_broker(sensors, DEFAULT_BROKER)
+    sensors.add_argument("--devices", type=_positive_int, default=10, help="number of sensors")
+    sensors.add_argument(
+        "--rate", type=_rate, default=1.0, help="readings per second per device (%(default)s)"
+    )
+    sensors.add_argument("--duration", type=float, help="seconds to run (default: until Ctrl-C)")
+    sensors.add_argument("--seed", type=int, default=0, help="random seed (%(default)s)")
+    sensors.add_argument("--prefix", default="sensor", help="device id prefix (%(default)s)")
+    sensors.add_argument(
+        "--no-faults",
+        dest="faults",
+        action="store_false",
+        help="no dropouts and spikes (by default 0.5%% of readings miss a value, 0.2%% spike)",
+    )
+    _add_batching(sensors, batch=10, linger_ms=1000)
+
+    demo = sub.add_parser("demo", help="run broker, sensors and an edge stage; watch it learn")
+    _add_broker(demo)
+    demo.add_argument("--devices", type=_positive_int, default=5)
+    demo.add_argument("--rate", type=_rate, default=20.0, help="readings/s per device")
+    demo.add_argument("--duration", type=float, help="seconds to run (default: until Ctrl-C)")
+    demo.add_argument("--model", default=DEFAULT_MODEL_SPEC, metavar="SPEC")
+    demo.add_argument("--metrics-port", type=int, default=0)
+    return parser
+
+
+def _on_signals(stop: Callable[[], None]) -> None:
+    def handler(signum: int, frame: Any) -> None:
+        log.info("received %s, stopping", signal.Signals(signum).name)
+        stop()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
+def _client_id(kind: str) -> str:
+    return f"streampipe-{kind}-{uuid.uuid4().hex[:12]}"
+
+
+def cmd_edge(args: argparse.Namespace) -> int:
+    from streampipe.edge import EdgeConfig, EdgeService
+
+    service = EdgeService(
+        EdgeConfig(
+            broker=args.broker,
+            stage_id=args.stage_id,
+            model=args.model,
+            model_name=args.model_name,
+            topic_root=args.topic_root,
+            state_dir=args.state_dir,
+            metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+            metrics_host=args.metrics_host,
+            metrics_interval=args.metrics_interval,
+            queue_size=args.queue_size,
+        )
+    )
+    _on_signals(service.stop)
+    service.start()
+    if service.metrics_port is not None:
+        log.info(
+            "Prometheus metrics on http://%s:%d/metrics", args.metrics_host, service.metrics_port
+        )
+    service.run()
+    return 0
+
+
+class _Progress:
+    """A one-line progress display on a terminal; silent otherwise."""
+
+    def __init__(self, total: int | None, stream: Any = sys.stderr) -> None:
+        self.total = total
+        self.stream = stream
+        self.enabled = stream.isatty()
+        self.start = time.monotonic()
+        self._last = 0.0
+
+    def update(self, done: int, force: bool = False) -> None:
+        now = time.monotonic()
+        if not self.enabled or (not force and now - self._last < 0.2):
+            return
+        self._last = now
+        rate = done / max(now - self.start, 1e-9)
+        if self.total:
+            frac = min(done / self.total, 1.0)
+            bar = "#" * int(frac * 30)
+            text = f"[{bar:<30}] {done:,}/{self.total:,} readings  {rate:,.0f}/s"
+        else:
+            text = f"{done:,} readings  {rate:,.0f}/s"
+        self.stream.write("\r" + text)
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.stream.write("\n")
+
+
+def _pace(start: float, count: int, rate: float) -> None:
+    """Sleep until reading number ``count`` is due at ``rate`` readings per second."""
+    if math.isfinite(rate):
+        delay = start + count / rate - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from streampipe.publish import ReadingPublisher
+    from streampipe.sources.csv import CsvSource
+    from streampipe.transport import Connection
+
+    epoch = args.epoch if args.epoch is not None else int(time.time() * 1000)
+    kwargs: dict[str, Any] = {
+        "target": args.target,
+        "device_column": args.device_column,
+        "time_column": args.time_column,
+        "epoch": epoch,
+    }
+    if args.device_id:
+        kwargs["device_id"] = args.device_id
+    source = CsvSource.from_path(args.file, **kwargs)
+    with open(args.file, "rb") as f:
+        total = max(sum(1 for _ in f) - 1, 0)
+    conn = Connection(args.broker, _client_id("replay"), max_inflight=1000).connect()
+    stopped = threading.Event()
+    _on_signals(stopped.set)
+    pub = ReadingPublisher(
+        conn, Topics(args.topic_root), batch_size=args.batch, linger=args.linger / 1000
+    )
+    progress = _Progress(total)
+    start = time.monotonic()
+    try:
+        for i, reading in enumerate(source):
+            if stopped.is_set():
+                break
+            _pace(start, i, args.rate)
+            pub.add(reading)
+            pub.flush_due()
+            progress.update(i + 1)
+        pub.flush()
+        progress.update(pub.stats.readings, force=True)
+        acked = pub.wait_acked(args.ack_timeout)
+    finally:
+        progress.close()
+        conn.close()
+    elapsed = time.monotonic() - start
+    s = pub.stats
+    print(
+        f"replayed {s.readings:,} readings in {elapsed:.2f} s "
+        f"({s.readings / max(elapsed, 1e-9):,.0f} readings/s), {s.bytes:,} bytes in "
+        f"{s.messages:,} messages ({s.bytes / max(s.readings, 1):.1f} bytes/reading); "
+        + (
+            "all acknowledged"
+            if acked
+            else f"only {s.acked_readings:,} acknowledged within {args.ack_timeout:g} s"
+        )
+    )
+    if source.unparsable:
+        log.warning("%d cells were not numbers and were sent as NaN", source.unparsable)
+    if not acked:
+        return 1
+    return 130 if stopped.is_set() else 0
+
+
+def run_sensors(
+    broker: BrokerURL,
+    topics: Topics,
+    *,
+    devices: int,
+    rate: float,
+    duration: float | None,
+    seed: int,
+    batch: int,
+    linger: float,
+    prefix: str = "sensor",
+    faults: bool = True,
+    stop: threading.Event | None = None,
+) -> int:
+    """Publish simulated readings until ``duration`` passes or ``stop`` is set."""
+    from streampipe.publish import ReadingPublisher
+    from streampipe.sources.simulate import SensorFleet
+    from streampipe.transport import Connection
+
+    stop = stop or threading.Event()
+    fleet = SensorFleet(
+        devices, seed=seed, epoch=int(time.time() * 1000), prefix=prefix, faults=faults
+    )
+    conn = Connection(broker, _client_id("sensors"), max_inflight=1000).connect()
+    pub = ReadingPublisher(conn, topics, batch_size=batch, linger=linger)
+    period = 1.0 / rate if math.isfinite(rate) else 0.0
+    start = time.monotonic()
+    tick = 0
+    try:
+        while not stop.is_set():
+            now = time.monotonic()
+            if duration is not None and now - start >= duration:
+                break
+            due = start + tick * period
+            if now >= due:
+                ts = time.time()
+                for i in range(devices):
+                    pub.add(fleet.read(i, ts))
+                tick += 1
+            pub.flush_due()
+            wake = start + tick * period
+            nxt = pub.next_due()
+            if nxt is not None:
+                wake = min(wake, nxt)
+            stop.wait(max(0.0, wake - time.monotonic()))
+        pub.wait_acked(30)
+    finally:
+        conn.close()
+    return pub.stats.readings
+
+
+def cmd_sensors(args: argparse.Namespace) -> int:
+    stop = threading.Event()
+    _on_signals(stop.set)
+    n = run_sensors(
+        args.broker,
+        Topics(args.topic_root),
+        devices=args.devices,
+        rate=args.rate,
+        duration=args.duration,
+        seed=args.seed,
+        batch=args.batch,
+        linger=args.linger / 1000,
+        prefix=args.prefix,
+        faults=args.faults,
+        stop=stop,
+    )
+    print(f"published {n:,} readings from {args.devices} simulated sensors")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from streampipe.demo import run_demo
+
+    return run_demo(args)
+
+
+COMMANDS = {"edge": cmd_edge, "replay": cmd_replay, "sensors": cmd_sensors, "demo": cmd_demo}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return COMMANDS[args.command](args)
+    except USER_ERRORS as exc:
+        print(f"streampipe {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

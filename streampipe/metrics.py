@@ -1,0 +1,172 @@
+"""A stage's numbers, for Prometheus and for the JSON metrics topic alike.
+
+:class:`StageStats` holds the counts; :class:`StageCollector` exports them, and the
+River metric objects of the learner, at scrape time — so Prometheus and the MQTT
+metrics topic read the same numbers from the same place. Label sets are bounded:
+reasons come from a fixed vocabulary and no series is ever per device.
+
+>>> from prometheus_client import CollectorRegistry
+>>> stats = StageStats("edge-1")
+>>> stats.reject("malformed", 2)
+>>> registry = CollectorRegistry()
+>>> registry.register(StageCollector(stats))
+>>> registry.get_sample_value("streampipe_rejected_total", {"reason": "malformed"})
+2.0
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    InfoMetricFamily,
+)
+from prometheus_client.registry import Collector
+
+from streampipe import __version__
+
+__all__ = ["StageCollector", "StageStats", "latency_histogram"]
+
+NAMESPACE = "streampipe"
+
+#: Seconds from a reading's timestamp to its prediction's publication.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+
+
+class StageStats:
+    """Counts kept by a stage. Updated by the stage's worker, read by anyone."""
+
+    def __init__(self, stage_id: str) -> None:
+        self.stage_id = stage_id
+        self.started = time.time()
+        self.messages = 0
+        self.readings = 0
+        self.predictions = 0
+        self.cleaned = 0
+        self.gaps = 0
+        self.gap_events = 0
+        self.non_finite_predictions = 0
+        self.devices = 0
+        self.queue_depth: Callable[[], int] = lambda: 0
+        self.queue_capacity = 0
+        self._rejected: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self.model: Any = None  # the OnlineLearner, for its River metrics
+        self.model_name = ""
+        self.model_version = 0
+
+    def reject(self, reason: str, count: int = 1) -> None:
+        with self._lock:
+            self._rejected[reason] = self._rejected.get(reason, 0) + count
+
+    @property
+    def rejected(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._rejected)
+
+    def model_metrics(self) -> dict[str, Any]:
+        return self.model.metrics.as_dict() if self.model is not None else {}
+
+    def snapshot(self) -> dict[str, Any]:
+        """Everything, as the JSON published on ``ROOT/metrics/<stage_id>``."""
+        rejected = self.rejected
+        return {
+            "stage": self.stage_id,
+            "ts": time.time(),
+            "uptime_s": round(time.time() - self.started, 3),
+            "model": self.model_name,
+            "version": self.model_version,
+            "messages": self.messages,
+            "readings": self.readings,
+            "predictions": self.predictions,
+            "rejected": sum(rejected.values()),
+            "rejected_by_reason": rejected,
+            "cleaned_values": self.cleaned,
+            "sequence_gaps": self.gaps,
+            "non_finite_predictions": self.non_finite_predictions,
+            "devices": self.devices,
+            "queue_depth": self.queue_depth(),
+            "metrics": self.model_metrics(),
+        }
+
+
+def latency_histogram(registry: CollectorRegistry) -> Histogram:
+    return Histogram(
+        "prediction_latency_seconds",
+        "Time from a reading's timestamp to the publication of its prediction.",
+        namespace=NAMESPACE,
+        buckets=LATENCY_BUCKETS,
+        registry=registry,
+    )
+
+
+class StageCollector(Collector):
+    """Exports :class:`StageStats` and River's metric values at scrape time."""
+
+    def __init__(self, stats: StageStats) -> None:
+        self.stats = stats
+
+    def collect(self) -> Iterator[Any]:
+        s = self.stats
+
+        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+            return CounterMetricFamily(f"{NAMESPACE}_{name}", doc, value=value)
+
+        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+            return GaugeMetricFamily(f"{NAMESPACE}_{name}", doc, value=value)
+
+        yield InfoMetricFamily(
+            f"{NAMESPACE}_build", "streampipe version.", value={"version": __version__}
+        )
+        yield counter("messages_received", "MQTT messages received on readings topics.", s.messages)
+        yield counter("readings_received", "Readings decoded from received messages.", s.readings)
+        yield counter("predictions", "Predictions made and published.", s.predictions)
+        yield counter(
+            "cleaned_values", "Non-finite feature values dropped before learning.", s.cleaned
+        )
+        yield counter(
+            "sequence_gaps", "Readings missing from sequences (skipped sequence numbers).", s.gaps
+        )
+        yield counter(
+            "non_finite_predictions",
+            "Predictions that were not finite numbers (published as null).",
+            s.non_finite_predictions,
+        )
+        rejected = CounterMetricFamily(
+            f"{NAMESPACE}_rejected",
+            "Readings or messages refused before reaching a model, by reason.",
+            labels=["reason"],
+        )
+        for reason, n in sorted(s.rejected.items()):
+            rejected.add_metric([reason], float(n))
+        yield rejected
+        yield gauge("devices", "Devices with a model on this stage.", s.devices)
+        yield gauge("queue_depth", "Messages waiting to be processed.", s.queue_depth())
+        yield gauge("queue_capacity", "Capacity of the message queue.", s.queue_capacity)
+        info = GaugeMetricFamily(
+            f"{NAMESPACE}_model_info",
+            "The model this stage serves (value is always 1).",
+            labels=["model", "version"],
+        )
+        info.add_metric([s.model_name, str(s.model_version)], 1)
+        yield info
+        m = s.model_metrics()
+        for name in m.get("progressive") or {}:
+            g = GaugeMetricFamily(
+                f"{NAMESPACE}_model_{name}",
+                f"River {name.upper()} of the served model's predictions (since start, or "
+                f"over the last {m.get('window')} scored predictions).",
+                labels=["model", "window"],
+            )
+            for window in ("progressive", "rolling"):
+                value = m[window].get(name)
+                if value is not None:
+                    g.add_metric([s.model_name, window], value)
+            yield g
+        yield gauge("model_scored", "Predictions scored against a target.", m.get("count", 0))

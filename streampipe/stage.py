@@ -1,0 +1,215 @@
+"""The edge stage's logic: one input message in, the messages it causes out.
+
+:class:`EdgeStage` knows nothing of MQTT connections, threads or sockets — the
+service in :mod:`streampipe.edge` feeds it — so it can be tested with plain bytes.
+Everything a message can do wrong ends here as a dead letter with a reason and a
+count in ``streampipe_rejected_total{reason=...}``; nothing raises out of
+:meth:`EdgeStage.handle`.
+
+>>> from streampipe import codec
+>>> from streampipe.readings import Batch, Reading
+>>> stage = EdgeStage("edge-1")
+>>> frame = codec.encode(Batch.from_readings([Reading("d1", 0, 1.0, {"a": 1.0}, 3.0)]))
+>>> out = stage.handle(stage.topics.readings("d1"), frame)
+>>> [m.topic for m in out]
+['streampipe/predictions/d1']
+>>> [m.topic for m in stage.handle(stage.topics.readings("d1"), b"garbage")]
+['streampipe/deadletter/edge-1']
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from streampipe import codec
+from streampipe.learn.learner import LearnResult, OnlineLearner
+from streampipe.learn.spec import DEFAULT_MODEL_SPEC, ModelSpec
+from streampipe.metrics import StageStats
+from streampipe.readings import Batch
+from streampipe.topics import InvalidName, Topics, check_name
+from streampipe.validate import DEFAULT_MAX_ABS, Rejection, validate
+
+__all__ = ["EdgeStage", "Outgoing"]
+
+log = logging.getLogger(__name__)
+
+#: How much of a rejected payload a dead letter carries (base64), and how many readings.
+DEADLETTER_PREFIX_BYTES = 256
+DEADLETTER_MAX_READINGS = 100
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """A message to publish."""
+
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = False
+
+
+def _json(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
+
+
+class EdgeStage:
+    """Decode, validate, predict-then-learn and report, one message at a time."""
+
+    def __init__(
+        self,
+        stage_id: str,
+        spec: ModelSpec | None = None,
+        *,
+        topics: Topics | None = None,
+        max_abs: float = DEFAULT_MAX_ABS,
+        window: int | None = None,
+        stats: StageStats | None = None,
+        model_name: str | None = None,
+        clock: Callable[[], float] = time.time,
+        on_latency: Callable[[float], None] | None = None,
+    ) -> None:
+        self.stage_id = check_name(stage_id, "stage id")
+        self.spec = spec or ModelSpec.parse(DEFAULT_MODEL_SPEC)
+        self.topics = topics or Topics()
+        self.max_abs = max_abs
+        kwargs = {} if window is None else {"window": window}
+        self.learner = OnlineLearner(self.spec, **kwargs)
+        self.stats = stats or StageStats(stage_id)
+        self.stats.model = self.learner
+        self.stats.model_name = model_name or self.spec.name
+        self.stats.model_version = 1
+        self.schemas = codec.SchemaRegistry()
+        self.clock = clock
+        self.on_latency = on_latency
+
+    # -- input ---------------------------------------------------------------------
+
+    def handle(self, topic: str, payload: bytes) -> list[Outgoing]:
+        """Process one message from a readings or schemas topic."""
+        if topic.startswith(self.topics.schemas("")):
+            return self._handle_schema(topic, payload)
+        self.stats.messages += 1
+        device = self.topics.device_of_reading_topic(topic)
+        if device is None:
+            return [self.dead_letter(topic, payload, "wrong_topic", "not a readings topic")]
+        try:
+            batch = codec.decode(payload, self.schemas)
+        except codec.CodecError as exc:
+            return [self.dead_letter(topic, payload, exc.reason, str(exc))]
+        try:
+            check_name(batch.device)
+        except InvalidName as exc:
+            return [self.dead_letter(topic, payload, "invalid_device", str(exc), len(batch))]
+        if batch.device != device:
+            detail = f"frame is from device {batch.device!r} but topic names {device!r}"
+            return [self.dead_letter(topic, payload, "device_mismatch", detail, len(batch))]
+        return self._learn(topic, payload, batch)
+
+    def _handle_schema(self, topic: str, payload: bytes) -> list[Outgoing]:
+        if not payload:  # a cleared retained schema
+            return []
+        try:
+            self.schemas.add_frame(payload, schema_id=topic.rsplit("/", 1)[-1])
+        except codec.CodecError as exc:
+            return [self.dead_letter(topic, payload, exc.reason, str(exc))]
+        return []
+
+    def _learn(self, topic: str, payload: bytes, batch: Batch) -> list[Outgoing]:
+        stats = self.stats
+        stats.readings += len(batch)
+        checked = validate(batch, self.max_abs)
+        stats.cleaned += checked.cleaned
+        result = self.learner.process(batch.device, batch.epoch, checked.readings)
+        stats.devices = len(self.learner.devices)
+        rejected = list(checked.rejected)
+        rejected += [Rejection("duplicate", "already learned", s) for s in result.duplicates]
+        rejected += [Rejection("stale_epoch", "older boot epoch", s) for s in result.stale]
+        if result.gap:
+            stats.gaps += result.gap
+            log.warning(
+                "device %s: %d readings missing before seq %s",
+                batch.device,
+                result.gap,
+                result.predictions[0].seq if result.predictions else "?",
+            )
+        stats.non_finite_predictions += result.non_finite
+        out: list[Outgoing] = []
+        if result.predictions:
+            out.append(self._predictions(batch.device, result))
+        if rejected:
+            for r in rejected:
+                stats.reject(r.reason)
+            out.append(
+                self.dead_letter(
+                    topic,
+                    payload,
+                    rejected[0].reason,
+                    rejected[0].detail,
+                    readings=rejected,
+                    count=False,
+                )
+            )
+        return out
+
+    # -- output --------------------------------------------------------------------
+
+    def _predictions(self, device: str, result: LearnResult) -> Outgoing:
+        preds = result.predictions
+        self.stats.predictions += len(preds)
+        now = self.clock()
+        if self.on_latency is not None:
+            for p in preds:
+                self.on_latency(now - p.ts)
+        body = {
+            "device": device,
+            "model": self.stats.model_name,
+            "version": self.stats.model_version,
+            "predictions": [
+                {"seq": p.seq, "ts": p.ts, "y_pred": p.y_pred, "y_true": p.y_true} for p in preds
+            ],
+        }
+        return Outgoing(self.topics.predictions(device), _json(body))
+
+    def dead_letter(
+        self,
+        topic: str,
+        payload: bytes,
+        reason: str,
+        detail: str,
+        n_readings: int | None = None,
+        *,
+        readings: list[Rejection] | None = None,
+        count: bool = True,
+    ) -> Outgoing:
+        """A dead letter for one input message; counts it unless the caller did."""
+        if count:
+            self.stats.reject(reason)
+        body: dict[str, Any] = {
+            "stage": self.stage_id,
+            "ts": self.clock(),
+            "reason": reason,
+            "detail": detail,
+            "topic": topic,
+            "size": len(payload),
+            "payload_prefix": base64.b64encode(payload[:DEADLETTER_PREFIX_BYTES]).decode(),
+            "payload_truncated": len(payload) > DEADLETTER_PREFIX_BYTES,
+        }
+        if n_readings is not None:
+            body["readings_in_message"] = n_readings
+        if readings:
+            body["rejected_readings"] = len(readings)
+            body["readings"] = [
+                {"seq": r.seq, "reason": r.reason} for r in readings[:DEADLETTER_MAX_READINGS]
+            ]
+        log.info("dead letter from %s: %s (%s)", topic, reason, detail)
+        return Outgoing(self.topics.deadletter(self.stage_id), _json(body))
+
+    def metrics_message(self) -> Outgoing:
+        """The rolling metrics message for ``ROOT/metrics/<stage_id>``."""
+        return Outgoing(self.topics.metrics(self.stage_id), _json(self.stats.snapshot()))

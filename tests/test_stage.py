@@ -1,0 +1,126 @@
+"""EdgeStage without a broker: bytes in, messages out."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from river import linear_model, preprocessing
+
+from streampipe import codec
+from streampipe.learn.spec import ModelSpec
+from streampipe.readings import Batch, Reading
+from streampipe.stage import EdgeStage
+
+
+@pytest.fixture
+def stage() -> EdgeStage:
+    return EdgeStage("edge-1", clock=lambda: 1000.0)
+
+
+def frame(readings: list[Reading]) -> bytes:
+    return codec.encode(Batch.from_readings(readings))
+
+
+def readings(device: str, n: int, start: int = 0, epoch: int = 0) -> list[Reading]:
+    return [
+        Reading(
+            device, s, float(s), {"a": float(s % 7), "b": float(s % 3)}, 2.0 * (s % 7) + 1.0, epoch
+        )
+        for s in range(start, start + n)
+    ]
+
+
+def bodies(out, kind: str) -> list[dict]:
+    return [json.loads(m.payload) for m in out if f"/{kind}/" in m.topic]
+
+
+def test_predictions_equal_river_predict_then_learn(stage):
+    data = readings("d1", 50)
+    out = stage.handle(stage.topics.readings("d1"), frame(data[:20]))
+    out += stage.handle(stage.topics.readings("d1"), frame(data[20:]))
+    got = [p for b in bodies(out, "predictions") for p in b["predictions"]]
+    model = preprocessing.StandardScaler() | linear_model.LinearRegression()
+    for r, p in zip(data, got, strict=True):
+        assert p["seq"] == r.seq and p["y_true"] == r.y
+        assert p["y_pred"] == model.predict_one(r.x)
+        model.learn_one(r.x, r.y)
+
+
+def test_each_device_has_its_own_model(stage):
+    stage.handle(stage.topics.readings("d1"), frame(readings("d1", 30)))
+    out = stage.handle(stage.topics.readings("d2"), frame(readings("d2", 1)))
+    (body,) = bodies(out, "predictions")
+    assert body["device"] == "d2" and body["predictions"][0]["y_pred"] == 0.0
+    assert stage.stats.devices == 2
+
+
+def test_redelivered_batch_is_not_learned_twice(stage):
+    data = frame(readings("d1", 10))
+    first = stage.handle(stage.topics.readings("d1"), data)
+    state_after_first = stage.learner.devices["d1"].model.predict_one({"a": 1.0, "b": 1.0})
+    again = stage.handle(stage.topics.readings("d1"), data)
+    assert bodies(again, "predictions") == []
+    (dead,) = bodies(again, "deadletter")
+    assert dead["reason"] == "duplicate" and dead["rejected_readings"] == 10
+    assert stage.learner.devices["d1"].model.predict_one({"a": 1.0, "b": 1.0}) == state_after_first
+    assert len(bodies(first, "predictions")[0]["predictions"]) == 10
+    assert stage.stats.rejected == {"duplicate": 10}
+
+
+def test_new_epoch_is_accepted_older_epoch_is_stale(stage):
+    topic = stage.topics.readings("d1")
+    stage.handle(topic, frame(readings("d1", 5, epoch=1)))
+    rebooted = stage.handle(topic, frame(readings("d1", 3, epoch=2)))
+    assert [p["seq"] for p in bodies(rebooted, "predictions")[0]["predictions"]] == [0, 1, 2]
+    stale = stage.handle(topic, frame(readings("d1", 3, start=10, epoch=1)))
+    assert bodies(stale, "deadletter")[0]["reason"] == "stale_epoch"
+
+
+def test_gap_is_counted(stage):
+    topic = stage.topics.readings("d1")
+    stage.handle(topic, frame(readings("d1", 5)))
+    stage.handle(topic, frame(readings("d1", 5, start=12)))
+    assert stage.stats.gaps == 7
+
+
+def test_bad_reading_in_batch_spares_its_neighbours_and_model_stays_finite(stage):
+    data = readings("d1", 6)
+    data[1] = Reading("d1", 1, 1.0, {"a": 1e308, "b": 1.0}, 3.0)
+    data[2] = Reading("d1", 2, 2.0, {"a": 1.0, "b": 1.0}, math.nan)
+    data[3] = Reading("d1", 3, 3.0, {"a": math.inf, "b": 1.0}, 3.0)
+    out = stage.handle(stage.topics.readings("d1"), frame(data))
+    preds = bodies(out, "predictions")[0]["predictions"]
+    assert [p["seq"] for p in preds] == [0, 3, 4, 5]
+    assert all(math.isfinite(p["y_pred"]) for p in preds)
+    (dead,) = bodies(out, "deadletter")
+    assert {(r["seq"], r["reason"]) for r in dead["readings"]} == {
+        (1, "value_out_of_range"),
+        (2, "non_finite_target"),
+    }
+    assert stage.stats.cleaned == 1
+
+
+def test_device_must_match_topic(stage):
+    out = stage.handle(stage.topics.readings("other"), frame(readings("d1", 2)))
+    assert bodies(out, "deadletter")[0]["reason"] == "device_mismatch"
+    assert bodies(out, "predictions") == []
+
+
+def test_metrics_message_carries_the_same_numbers(stage):
+    stage.handle(stage.topics.readings("d1"), frame(readings("d1", 40)))
+    stage.handle(stage.topics.readings("d1"), b"\x00garbage")
+    m = json.loads(stage.metrics_message().payload)
+    assert (m["readings"], m["predictions"], m["messages"]) == (40, 40, 2)
+    assert m["rejected"] == 1 and sum(m["rejected_by_reason"].values()) == 1
+    assert m["metrics"]["count"] == 40
+    assert m["metrics"]["progressive"]["mae"] == stage.learner.metrics.progressive["mae"].get()
+
+
+def test_classifier_spec_publishes_classes():
+    stage = EdgeStage("c", ModelSpec.parse("linear_model.LogisticRegression"))
+    data = [Reading("d", i, float(i), {"a": float(i % 2)}, float(i % 2)) for i in range(20)]
+    out = stage.handle(stage.topics.readings("d"), frame(data))
+    preds = bodies(out, "predictions")[0]["predictions"]
+    assert len(preds) == 20
