@@ -18,6 +18,7 @@ from streampipe import __version__
 from streampipe.broker import MosquittoNotFound
 from streampipe.learn.spec import DEFAULT_MODEL_SPEC, ModelSpecError
 from streampipe.sources.csv import CsvError
+from streampipe.state import CheckpointError
 from streampipe.topics import DEFAULT_ROOT, InvalidName, Topics
 from streampipe.transport import BrokerURL, InvalidBrokerURL, MQTTError
 
@@ -29,6 +30,7 @@ DEFAULT_BROKER = "mqtt://localhost:1883"
 #: Errors that are the user's to fix: printed as one line, never as a traceback.
 USER_ERRORS = (
     ModelSpecError,
+    CheckpointError,
     InvalidBrokerURL,
     MQTTError,
     CsvError,
@@ -114,7 +116,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="River model in River's syntax (default: %(default)r)",
     )
     edge.add_argument("--model-name", help="name published with predictions (default: derived)")
-    edge.add_argument("--state-dir", help="directory for checkpoints")
+    edge.add_argument(
+        "--state-dir",
+        help="directory for authenticated checkpoints of models and watermarks; a stage "
+        "restarted with the same --state-dir and --stage-id resumes from it",
+    )
+    edge.add_argument(
+        "--checkpoint-interval",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="seconds between checkpoints, besides one on stop (%(default)s)",
+    )
+    edge.add_argument(
+        "--window",
+        type=_positive_int,
+        default=1000,
+        help="rolling metrics cover the last this many scored predictions (%(default)s)",
+    )
     edge.add_argument(
         "--metrics-port",
         type=int,
@@ -207,6 +226,8 @@ def cmd_edge(args: argparse.Namespace) -> int:
             metrics_port=None if args.metrics_port < 0 else args.metrics_port,
             metrics_host=args.metrics_host,
             metrics_interval=args.metrics_interval,
+            checkpoint_interval=args.checkpoint_interval,
+            window=args.window,
             queue_size=args.queue_size,
         )
     )

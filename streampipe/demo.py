@@ -103,6 +103,7 @@ def run_demo(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
                 topic_root=args.topic_root,
                 metrics_port=None if args.metrics_port < 0 else args.metrics_port,
                 metrics_interval=2.0,
+                window=200,
             )
         ).start()
         edge_thread = threading.Thread(target=edge.run, name="edge", daemon=True)

@@ -28,6 +28,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from streampipe.learn.spec import DEFAULT_MODEL_SPEC, ModelSpec
 from streampipe.metrics import StageCollector, StageStats, latency_histogram
 from streampipe.stage import EdgeStage, Outgoing
+from streampipe.state import CheckpointStore
 from streampipe.topics import DEFAULT_ROOT, Topics
 from streampipe.transport import BrokerURL, Connection, Message, Will
 
@@ -49,6 +50,8 @@ class EdgeConfig:
     metrics_port: int | None = None  # None or 0: no HTTP server
     metrics_host: str = "127.0.0.1"
     metrics_interval: float = 5.0
+    checkpoint_interval: float = 30.0
+    window: int = 1000
     queue_size: int = 1000
     keepalive: int = 30
 
@@ -68,7 +71,11 @@ class EdgeService:
             topics=self.topics,
             stats=self.stats,
             model_name=config.model_name,
+            window=config.window,
             on_latency=latency.observe,
+        )
+        self.checkpoints = (
+            CheckpointStore(config.state_dir, config.stage_id) if config.state_dir else None
         )
         self.registry.register(StageCollector(self.stats))
         self.queue: queue.Queue[Message] = queue.Queue(maxsize=config.queue_size)
@@ -110,6 +117,14 @@ class EdgeService:
             )
             self._http = server
             self.metrics_port = server.server_port
+        if self.checkpoints is not None:
+            saved = self.checkpoints.load()
+            if saved is not None:
+                self.stage.learner.restore(saved)
+                self.stats.devices = len(self.stage.learner.devices)
+                log.info(
+                    "resumed %d device models from %s", self.stats.devices, self.checkpoints.path
+                )
         self.conn.connect()
         self.conn.subscribe([self.topics.schemas()], qos=1)
         self.conn.subscribe(self.topics.readings_filter(), qos=1)
@@ -127,6 +142,7 @@ class EdgeService:
     def run(self) -> None:
         """Process messages until stopped, then drain, report and disconnect cleanly."""
         next_metrics = time.monotonic() + self.config.metrics_interval
+        next_checkpoint = time.monotonic() + self.config.checkpoint_interval
         try:
             while not self._stop.is_set():
                 timeout = max(0.0, min(0.5, next_metrics - time.monotonic()))
@@ -139,6 +155,9 @@ class EdgeService:
                 if time.monotonic() >= next_metrics:
                     self._publish(self.stage.metrics_message())
                     next_metrics = time.monotonic() + self.config.metrics_interval
+                if self.checkpoints is not None and time.monotonic() >= next_checkpoint:
+                    self.checkpoints.save(self.stage.learner.snapshot())
+                    next_checkpoint = time.monotonic() + self.config.checkpoint_interval
         finally:
             self._shutdown()
 
@@ -167,6 +186,8 @@ class EdgeService:
                 except queue.Empty:
                     break
             self._publish(self.stage.metrics_message())
+            if self.checkpoints is not None:
+                self.checkpoints.save(self.stage.learner.snapshot())
             info = self.conn.publish(self.topics.status(self.config.stage_id), OFFLINE, retain=True)
             info.wait_for_publish(5)
         except Exception as exc:  # shutting down: report, do not mask the original error

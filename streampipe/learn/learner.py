@@ -112,6 +112,20 @@ class OnlineLearner:
         self.devices: dict[str, DeviceState] = {}
         self.metrics = ModelMetrics(self.kind, window)
 
+    def snapshot(self) -> dict[str, Any]:
+        """Models, watermarks and metrics, to be checkpointed as one piece."""
+        return {"spec": self.spec.text, "devices": self.devices, "metrics": self.metrics}
+
+    def restore(self, snapshot: dict[str, Any]) -> None:
+        """Resume from :meth:`snapshot`; refuse one learned with another model spec."""
+        if snapshot.get("spec") != self.spec.text:
+            raise ValueError(
+                f"the checkpoint holds models of {snapshot.get('spec')!r}, not "
+                f"{self.spec.text!r}: use the same --model or another --state-dir"
+            )
+        self.devices = snapshot["devices"]
+        self.metrics = snapshot["metrics"]
+
     def state(self, device: str) -> DeviceState:
         st = self.devices.get(device)
         if st is None:

@@ -1,0 +1,164 @@
+"""The command line as a user meets it: clear errors, the demo, Prometheus metrics."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
+import urllib.request
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from streampipe.cli import main
+from streampipe.edge import EdgeConfig, EdgeService
+
+
+def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "streampipe", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["edge", "--stage-id", "e", "--model", "os.system('x')"], "model spec"),
+        (["edge", "--stage-id", "e", "--model", "linear_model.LinearRegression(nope=1)"], "nope"),
+        (["edge", "--stage-id", "a/b", "--broker", "mqtt://127.0.0.1:1"], "stage id"),
+        (["edge", "--stage-id", "e", "--broker", "http://x"], "mqtt://"),
+        (["edge", "--stage-id", "e", "--broker", "mqtt://127.0.0.1:1"], "cannot reach broker"),
+        (["replay", "/nonexistent.csv", "--target", "y"], "no such file"),
+    ],
+)
+def test_user_errors_are_one_clear_line_not_a_traceback(args, message):
+    result = run(*args)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_broker_password_is_never_printed():
+    result = run("edge", "--stage-id", "e", "--broker", "mqtt://u:hunter2@127.0.0.1:1")
+    assert result.returncode == 2 and "hunter2" not in result.stderr
+    assert "u:***@127.0.0.1" in result.stderr
+
+
+def test_demo_runs_and_shows_predictions_and_metrics(broker):
+    result = run(
+        "demo",
+        "--broker",
+        f"mqtt://127.0.0.1:{broker.port}",
+        "--duration",
+        "4",
+        "--devices",
+        "3",
+        "--rate",
+        "20",
+        "--topic-root",
+        "demo-test",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "prediction  sensor-" in result.stdout
+    assert "metrics     demo-edge:" in result.stdout and "MAE" in result.stdout
+    received = int(result.stdout.rsplit("demo stopped: ", 1)[1].split()[0].replace(",", ""))
+    assert received > 0
+
+
+def test_sensors_publish_what_the_edge_learns(broker, topics, capture):
+    cap = capture([topics.predictions(), topics.status()])
+    edge = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "streampipe",
+            "edge",
+            "--broker",
+            f"mqtt://127.0.0.1:{broker.port}",
+            "--stage-id",
+            "cli",
+            "--topic-root",
+            topics.root,
+            "--metrics-port",
+            "-1",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert cap.wait(lambda: any(m.payload == b"online" for m in cap.on(topics.status())))
+        assert (
+            main(
+                [
+                    "sensors",
+                    "--broker",
+                    f"mqtt://127.0.0.1:{broker.port}",
+                    "--devices",
+                    "4",
+                    "--rate",
+                    "50",
+                    "--duration",
+                    "1",
+                    "--topic-root",
+                    topics.root,
+                    "--batch",
+                    "5",
+                    "--linger",
+                    "50",
+                    "--seed",
+                    "7",
+                ]
+            )
+            == 0
+        )
+
+        def seqs() -> dict[str, set[int]]:
+            out: dict[str, set[int]] = {}
+            for body in cap.json(topics.predictions()):
+                out.setdefault(body["device"], set()).update(p["seq"] for p in body["predictions"])
+            return out
+
+        assert cap.wait(lambda: len(seqs()) == 4 and all(len(s) >= 40 for s in seqs().values()))
+    finally:
+        edge.send_signal(signal.SIGINT)
+        _, err = edge.communicate(timeout=30)
+    assert edge.returncode == 0, err
+    for device, got in seqs().items():
+        assert got == set(range(len(got))), f"{device}: a reading was lost"
+    assert cap.on(topics.status())[-1].payload == b"offline"
+
+
+def test_prometheus_endpoint_follows_conventions(broker, topics):
+    service = EdgeService(
+        EdgeConfig(broker.url, "prom", topic_root=topics.root, metrics_port=0)
+    ).start()
+    thread = threading.Thread(target=service.run, daemon=True)
+    thread.start()
+    try:
+        body = (
+            urllib.request.urlopen(f"http://127.0.0.1:{service.metrics_port}/metrics", timeout=10)
+            .read()
+            .decode()
+        )
+    finally:
+        service.stop()
+        thread.join(30)
+    families = {f.name: f for f in text_string_to_metric_families(body)}
+    for name in (
+        "streampipe_readings_received",
+        "streampipe_predictions",
+        "streampipe_rejected",
+        "streampipe_sequence_gaps",
+    ):
+        assert families[name].type == "counter"
+        assert all(s.name == name + "_total" for s in families[name].samples)
+    assert families["streampipe_prediction_latency_seconds"].type == "histogram"
+    assert families["streampipe_model_info"].samples[0].labels["model"]
+    assert families["streampipe_build_info"].samples[0].labels["version"]
+    for f in families.values():
+        if f.name.startswith("streampipe_"):
+            assert not ({"device", "device_id"} & {k for s in f.samples for k in s.labels})
