@@ -73,6 +73,8 @@ class Batch:
                 f"column shapes disagree: seq {self.seq.shape}, ts {self.ts.shape}, "
                 f"values {self.values.shape} for {f} features"
             )
+        if not all(isinstance(name, str) for name in self.features):
+            raise ValueError("feature names must be strings")
         if self.present is not None and self.present.shape != (n, f):
             raise ValueError("present mask must have the shape of values")
         if self.target is not None and self.target.shape != (n,):
@@ -133,13 +135,7 @@ class Batch:
         tss = self.ts.tolist()
         rows = self.values.tolist()
         mask = self.present.tolist() if self.present is not None else None
-        ys: list[float | None]
-        if self.target is None:
-            ys = [None] * self._n
-        else:
-            ys = self.target.tolist()
-            if self.target_present is not None:
-                ys = [y if p else None for y, p in zip(ys, self.target_present.tolist())]
+        ys = self.targets()
         for i in range(self._n):
             row = rows[i]
             if mask is None:
@@ -148,6 +144,15 @@ class Batch:
                 m = mask[i]
                 x = {k: v for k, v, p in zip(names, row, m) if p}
             yield Reading(self.device, seqs[i], tss[i], x, ys[i], self.epoch)
+
+    def targets(self) -> list[float | None]:
+        """Each reading's target, ``None`` where it has none."""
+        if self.target is None:
+            return [None] * self._n
+        ys: list[float | None] = self.target.tolist()
+        if self.target_present is not None:
+            ys = [y if p else None for y, p in zip(ys, self.target_present.tolist())]
+        return ys
 
     def same_as(self, other: Batch) -> bool:
         """True when both batches hold bit-identical readings (NaN, -0.0 included)."""

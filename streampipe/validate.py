@@ -97,13 +97,7 @@ def validate(batch: Batch, max_abs: float = DEFAULT_MAX_ABS) -> Validated:
     rows = values.tolist()
     all_kept = bool(keep.all())
     kept = None if all_kept else keep.tolist()
-    ys: list[float | None]
-    if batch.target is None:
-        ys = [None] * n
-    else:
-        ys = batch.target.tolist()
-        if batch.target_present is not None:
-            ys = [v if p else None for v, p in zip(ys, batch.target_present.tolist())]
+    ys = batch.targets()
     device, epoch = batch.device, batch.epoch
     reasons = reason.tolist()
     for i in range(n):
