@@ -26,5 +26,8 @@ def test_dev_config_starts_mosquitto(tmp_path):
     # Same settings, but on a free port and with persistence in this test's directory.
     conf = re.sub(r"^(listener|persistence\w*|log_\w+) .*$", "", conf, flags=re.M)
     with PrivateMosquitto(extra_config=conf, workdir=tmp_path) as broker:
-        with Connection(broker.url, "config-check").connect() as conn:
+        conn = Connection(broker.url, "config-check").connect()
+        try:
             assert conn.connected
+        finally:
+            conn.close()
