@@ -12,7 +12,6 @@ import contextlib
 import logging
 import socket
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -294,20 +293,3 @@ class Connection:
         if done is not None:
             done.set()
 
-
-def wait_all_published(
-    infos: list[paho.MQTTMessageInfo], timeout: float, poll: float = 0.5
-) -> bool:
-    """Wait until the broker acknowledged every message; False on timeout."""
-    deadline = time.monotonic() + timeout
-    for info in infos:
-        while not info.is_published():
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return False
-            try:
-                info.wait_for_publish(min(poll, left))
-            except RuntimeError:
-                # Not connected right now: paho resends on reconnect; keep waiting.
-                time.sleep(min(poll, max(left, 0)))
-    return True
