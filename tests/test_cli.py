@@ -162,3 +162,13 @@ def test_prometheus_endpoint_follows_conventions(broker, topics):
     for f in families.values():
         if f.name.startswith("streampipe_"):
             assert not ({"device", "device_id"} & {k for s in f.samples for k in s.labels})
+
+
+def test_demo_without_mosquitto_says_how_to_install_it(monkeypatch, capsys):
+    import streampipe.broker as broker_module
+
+    monkeypatch.setattr(broker_module.shutil, "which", lambda name: None)
+    monkeypatch.setattr(broker_module.os.path, "exists", lambda path: False)
+    assert main(["demo", "--duration", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "apt-get install -y mosquitto" in err and "Traceback" not in err
