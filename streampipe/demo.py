@@ -27,9 +27,8 @@ __all__ = ["run_demo"]
 class _Watcher:
     """Subscribes to predictions and metrics and prints a readable summary."""
 
-    def __init__(self, out: TextIO, stage_id: str) -> None:
+    def __init__(self, out: TextIO) -> None:
         self.out = out
-        self.stage_id = stage_id
         self.lock = threading.Lock()
         self.predictions = 0
         self._last_print = 0.0
@@ -108,7 +107,7 @@ def run_demo(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
         ).start()
         edge_thread = threading.Thread(target=edge.run, name="edge", daemon=True)
         edge_thread.start()
-        watcher = _Watcher(out, stage_id)
+        watcher = _Watcher(out)
         watch = Connection(
             broker_url, f"streampipe-demo-watch-{id(watcher):x}", on_message=watcher.on_message
         ).connect()

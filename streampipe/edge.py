@@ -121,7 +121,6 @@ class EdgeService:
             saved = self.checkpoints.load()
             if saved is not None:
                 self.stage.learner.restore(saved)
-                self.stats.devices = len(self.stage.learner.devices)
                 log.info(
                     "resumed %d device models from %s", self.stats.devices, self.checkpoints.path
                 )
@@ -155,11 +154,15 @@ class EdgeService:
                 if time.monotonic() >= next_metrics:
                     self._publish(self.stage.metrics_message())
                     next_metrics = time.monotonic() + self.config.metrics_interval
-                if self.checkpoints is not None and time.monotonic() >= next_checkpoint:
-                    self.checkpoints.save(self.stage.learner.snapshot())
+                if time.monotonic() >= next_checkpoint:
+                    self._checkpoint()
                     next_checkpoint = time.monotonic() + self.config.checkpoint_interval
         finally:
             self._shutdown()
+
+    def _checkpoint(self) -> None:
+        if self.checkpoints is not None:
+            self.checkpoints.save(self.stage.learner.snapshot())
 
     def _process(self, msg: Message) -> None:
         try:
@@ -186,8 +189,7 @@ class EdgeService:
                 except queue.Empty:
                     break
             self._publish(self.stage.metrics_message())
-            if self.checkpoints is not None:
-                self.checkpoints.save(self.stage.learner.snapshot())
+            self._checkpoint()
             info = self.conn.publish(self.topics.status(self.config.stage_id), OFFLINE, retain=True)
             info.wait_for_publish(5)
         except Exception as exc:  # shutting down: report, do not mask the original error

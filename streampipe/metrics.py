@@ -52,7 +52,6 @@ class StageStats:
         self.gaps = 0
         self.gap_events = 0
         self.non_finite_predictions = 0
-        self.devices = 0
         self.queue_depth: Callable[[], int] = lambda: 0
         self.queue_capacity = 0
         self._rejected: dict[str, int] = {}
@@ -60,6 +59,11 @@ class StageStats:
         self.model: Any = None  # the OnlineLearner, for its River metrics
         self.model_name = ""
         self.model_version = 0
+
+    @property
+    def devices(self) -> int:
+        """Devices with a model on this stage, read from the learner itself."""
+        return len(self.model.devices) if self.model is not None else 0
 
     def reject(self, reason: str, count: int = 1) -> None:
         with self._lock:

@@ -126,7 +126,6 @@ class EdgeStage:
         checked = validate(batch, self.max_abs)
         stats.cleaned += checked.cleaned
         result = self.learner.process(batch.device, batch.epoch, checked.readings)
-        stats.devices = len(self.learner.devices)
         rejected = list(checked.rejected)
         rejected += [Rejection("duplicate", "already learned", s) for s in result.duplicates]
         rejected += [Rejection("stale_epoch", "older boot epoch", s) for s in result.stale]

@@ -105,10 +105,8 @@ class OnlineLearner:
     """One River model per device, learned reading by reading."""
 
     def __init__(self, spec: ModelSpec, *, window: int = DEFAULT_WINDOW) -> None:
-        from streampipe.learn.spec import model_kind
-
         self.spec = spec
-        self.kind = model_kind(spec.build())
+        self.kind = spec.kind
         self.devices: dict[str, DeviceState] = {}
         self.metrics = ModelMetrics(self.kind, window)
 

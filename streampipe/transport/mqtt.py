@@ -97,7 +97,6 @@ class Connection:
         self._pending_subacks: dict[int, threading.Event] = {}
         self._suback_failures: dict[int, str] = {}
         self.session_present = False
-        self.connects = 0
 
         c = paho.Client(
             CallbackAPIVersion.VERSION2,
@@ -253,7 +252,6 @@ class Connection:
             return
         self._refused = None
         self.session_present = bool(flags.session_present)
-        self.connects += 1
         with self._lock:
             subs = list(self._subscriptions.items())
         if subs:
@@ -292,4 +290,3 @@ class Connection:
                 self._suback_failures[mid] = ", ".join(failures)
         if done is not None:
             done.set()
-
