@@ -124,7 +124,7 @@ class ReadingPublisher:
             self.stats.acked_readings += n
 
     def _wait_oldest(self, timeout: float | None = None) -> bool:
-        info, n = self._pending[0]
+        info = self._pending[0][0]
         deadline = None if timeout is None else time.monotonic() + timeout
         while not info.is_published():  # type: ignore[attr-defined]
             left = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
@@ -134,8 +134,7 @@ class ReadingPublisher:
                 info.wait_for_publish(left)  # type: ignore[attr-defined]
             except RuntimeError:  # disconnected: paho resends on reconnect
                 self.conn.wait_connected(left)
-        self._pending.popleft()
-        self.stats.acked_readings += n
+        self._reap()
         return True
 
     def wait_acked(self, timeout: float) -> bool:
