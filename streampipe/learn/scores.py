@@ -27,6 +27,7 @@ progressive-validation order. Scores are updated a batch at a time:
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Sequence
 from typing import Any, ClassVar, Protocol
 
@@ -37,13 +38,14 @@ __all__ = ["ClassificationScores", "RegressionScores", "Scores", "scores_for"]
 
 #: Rolling metrics cover the last this many scored predictions of a stage.
 DEFAULT_WINDOW = 1000
+#: Pairs collected before they are summed: numpy's per-call cost dominates below this.
+PENDING_PAIRS = 256
 
 
 class Scores(Protocol):
     """What a learner needs from its scoreboard."""
 
     window: int
-    count: int
 
     def update_many(self, y_true: Sequence[Any], y_pred: Sequence[Any]) -> None: ...
 
@@ -75,6 +77,17 @@ def _r2(sse: float, sst: float, n: int) -> float:
 class RegressionScores:
     """MAE, RMSE and R², progressive and over the last ``window`` scored pairs."""
 
+    def __getstate__(self) -> dict[str, Any]:  # checkpointed: a lock does not pickle
+        with self._lock:
+            self._flush()
+            state = self.__dict__.copy()
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     def __init__(self, window: int = DEFAULT_WINDOW) -> None:
         if window < 1:
             raise ValueError("window must be at least 1")
@@ -87,9 +100,21 @@ class RegressionScores:
         self._y = np.zeros(window)
         self._p = np.zeros(window)
         self._next = 0  # where the next pair goes in the ring
+        self._pending_y: list[Any] = []
+        self._pending_p: list[Any] = []
+        self._lock = threading.Lock()  # the worker updates, a scrape reads
 
     def update_many(self, y_true: Sequence[Any], y_pred: Sequence[Any]) -> None:
-        y, p = _pairs(y_true, y_pred)
+        """Score pairs; small batches wait in a list and are summed with numpy together."""
+        with self._lock:
+            self._pending_y.extend(y_true)
+            self._pending_p.extend(y_pred)
+            if len(self._pending_y) >= PENDING_PAIRS:
+                self._flush()
+
+    def _flush(self) -> None:
+        y, p = _pairs(self._pending_y, self._pending_p)
+        self._pending_y, self._pending_p = [], []
         n = len(y)
         if n == 0:
             return
@@ -134,6 +159,11 @@ class RegressionScores:
         }
 
     def as_dict(self) -> dict[str, Any]:
+        with self._lock:
+            self._flush()
+            return self._as_dict()
+
+    def _as_dict(self) -> dict[str, Any]:
         n = self.count
         progressive = {
             "mae": _finite(self._abs / n) if n else 0.0,
