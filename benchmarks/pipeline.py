@@ -1,112 +1,417 @@
-"""End-to-end pipeline throughput against River offline, in the same run.
+"""The pipeline against River offline, a naive JSON pipeline and the broker, in one run.
 
-    python benchmarks/pipeline.py [--readings 100000] [--batch 1000] [--repeat 3]
+    python benchmarks/pipeline.py [--readings 100000] [--repeat 3] [--quick]
 
-Measures, on River's ``datasets.synth.Friedman`` (seed 42):
+Starts a private Mosquitto and measures, on River's ``datasets.synth.Friedman``
+(seed 42, 10 features) with ``StandardScaler | LinearRegression``:
 
-1. River offline: a ``predict_one`` + ``learn_one`` loop of
-   ``StandardScaler | LinearRegression``, readings/s;
-3. streampipe end to end: ``streampipe replay`` (CSV) → private Mosquitto →
-   ``streampipe edge`` (exact mode) → every prediction received by a subscriber,
-   readings/s, from the start of the replay to the last prediction.
+0. the broker alone: one client publishes 1-reading frames (QoS 1), another receives
+   them — the most small messages per second this broker passes on this machine;
+1. River offline: a ``predict_one`` + ``learn_one`` loop over dicts in memory;
+2. a naive pipeline: one JSON message per reading (QoS 1, paho's defaults),
+   ``predict_one``/``learn_one`` inside ``on_message``, one JSON prediction per
+   reading (QoS 1) — on the first ``--naive-readings`` readings, as it is slow;
+3. streampipe end to end: ``streampipe replay`` (CSV) → Mosquitto → ``streampipe edge``
+   → every prediction received by a subscriber, in exact and in mini-batch mode. Timed
+   from the first reading's timestamp (stamped by replay as it reads the file) to the
+   last prediction received; exact mode's predictions are checked against row 1's;
+4. latency: ``streampipe sensors`` with 100 devices at 50 readings/s each (5,000
+   readings/s offered) for ``--latency-seconds``, ``--linger 1``, in
+   ``--sensor-processes`` processes: p50/p99/max of prediction-received time minus
+   reading timestamp;
+5. the edge's peak RSS (VmHWM) after learning one model for each of 10,000 devices.
 
-It prints medians of ``--repeat`` runs and the ratio 3/1. (The naive JSON pipeline,
-mini-batch mode, latency and memory rows are still to come.)
+Throughput rows are medians of ``--repeat`` runs; ratios are taken within the run.
+Every stage runs in its own process, as it would in use: this machine has two cores,
+which the replay, the broker, the edge and the subscriber share.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
+import multiprocessing
+import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
+import paho.mqtt.client as paho
 from river import datasets, linear_model, preprocessing
 
+from streampipe import codec
 from streampipe.broker import PrivateMosquitto
-from streampipe.transport import Connection, Message
+from streampipe.publish import ReadingPublisher
+from streampipe.readings import Batch, Reading
+from streampipe.sources.simulate import SensorFleet
+from streampipe.topics import Topics
+from streampipe.transport import BrokerURL, Connection, Message
+
+STREAMPIPE = [sys.executable, "-m", "streampipe"]
 
 
-def river_offline(rows: list) -> float:
-    model = preprocessing.StandardScaler() | linear_model.LinearRegression()
+def model():
+    return preprocessing.StandardScaler() | linear_model.LinearRegression()
+
+
+# -- 1. River offline ------------------------------------------------------------------
+
+
+def river_offline(rows: list) -> tuple[float, list[float]]:
+    m = model()
+    preds = []
     start = time.perf_counter()
     for x, y in rows:
-        model.predict_one(x)
-        model.learn_one(x, y)
-    return len(rows) / (time.perf_counter() - start)
+        preds.append(m.predict_one(x))
+        m.learn_one(x, y)
+    return len(rows) / (time.perf_counter() - start), preds
 
 
-def end_to_end(csv_path: Path, n: int, batch: int) -> tuple[float, str]:
-    streampipe = [sys.executable, "-m", "streampipe"]
-    with PrivateMosquitto() as broker:
-        url = f"mqtt://127.0.0.1:{broker.port}"
-        received = [0]
-        online = threading.Event()
-        done = threading.Event()
+# -- helpers -----------------------------------------------------------------------------
 
-        def on_message(msg: Message) -> None:
-            if msg.topic.startswith("streampipe/status/"):
-                if msg.payload == b"online":
-                    online.set()
-                return
-            received[0] += len(json.loads(msg.payload)["predictions"])
-            if received[0] >= n:
-                done.set()
 
-        watch = Connection(broker.url, "bench-watch", on_message=on_message).connect()
-        watch.subscribe(["streampipe/predictions/+", "streampipe/status/+"])
-        edge = subprocess.Popen(
-            [*streampipe, "edge", "--broker", url, "--stage-id", "bench", "--metrics-port", "-1"],
-            stderr=subprocess.DEVNULL,
+class Collector:
+    """Subscribes to prediction and status topics; counts and keeps what arrives."""
+
+    def __init__(self, url: BrokerURL, topics: Topics, expect: int, keep: bool = False) -> None:
+        self.topics, self.expect, self.keep = topics, expect, keep
+        self.count = 0
+        self.first_ts = float("inf")
+        self.last_received = 0.0
+        self.latencies: list[np.ndarray] = []
+        self.y_pred: dict[int, float] = {}
+        self.online = threading.Event()
+        self.done = threading.Event()
+        self.conn = Connection(
+            url, f"bench-{os.getpid()}-{time.monotonic_ns()}", on_message=self._on
         )
-        try:
-            if not online.wait(30):
-                raise RuntimeError("edge did not come online")
-            start = time.perf_counter()
-            replay = subprocess.run(
+        self.conn.connect()
+        self.conn.subscribe([topics.predictions(), topics.status()])
+
+    def _on(self, msg: Message) -> None:
+        now = time.time()
+        if msg.topic.startswith(self.topics.status("")):
+            if msg.payload == b"online":
+                self.online.set()
+            return
+        preds = json.loads(msg.payload)["predictions"]
+        ts = np.fromiter((p["ts"] for p in preds), float, len(preds))
+        self.latencies.append(now - ts)
+        self.first_ts = min(self.first_ts, float(ts.min()))
+        if self.keep:
+            self.y_pred.update((p["seq"], p["y_pred"]) for p in preds)
+        self.count += len(preds)
+        self.last_received = now
+        if self.count >= self.expect:
+            self.done.set()
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+@contextlib.contextmanager
+def edge(url: str, topics: Topics, *extra: str) -> Iterator[subprocess.Popen]:
+    proc = subprocess.Popen(
+        [
+            *STREAMPIPE,
+            "edge",
+            "--broker",
+            url,
+            "--stage-id",
+            "bench",
+            "--topic-root",
+            topics.root,
+            "--metrics-port",
+            "-1",
+            *extra,
+        ],
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        yield proc
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
+def run_edge_case(
+    broker: PrivateMosquitto,
+    n: int,
+    keep: bool,
+    edge_args: list[str],
+    feed: Callable[[str, Topics], int | None],
+) -> Collector:
+    """Start an edge, ``feed`` it, wait for ``n`` predictions (or as many as fed)."""
+    topics = Topics(f"bench{time.monotonic_ns()}")
+    url = f"mqtt://127.0.0.1:{broker.port}"
+    col = Collector(broker.url, topics, n, keep)
+    try:
+        with edge(url, topics, *edge_args):
+            if not col.online.wait(60):
+                raise RuntimeError("the edge did not come online")
+            sent = feed(url, topics)
+            if sent is not None:
+                col.expect = sent
+                if col.count >= sent:
+                    col.done.set()
+            if not col.done.wait(900):
+                raise RuntimeError(f"only {col.count:,} of {col.expect:,} predictions arrived")
+    finally:
+        col.close()
+    return col
+
+
+# -- 0. the broker alone -----------------------------------------------------------------
+
+
+def broker_alone(broker: PrivateMosquitto, n: int) -> float:
+    """1-reading frames, QoS 1, one publisher and one subscriber, no processing."""
+    frames = [
+        codec.encode(Batch.from_readings([Reading("d", i, 0.0, {"a": float(i)}, 1.0)]))
+        for i in range(n)
+    ]
+    got, done = [0], threading.Event()
+
+    def on(msg: Message) -> None:
+        got[0] += 1
+        if got[0] >= n:
+            done.set()
+
+    sub = Connection(broker.url, "bench-sub", on_message=on).connect()
+    sub.subscribe("bench/alone")
+    pub = Connection(broker.url, "bench-pub", max_inflight=1000).connect()
+    start = time.perf_counter()
+    for f in frames:
+        pub.publish("bench/alone", f, qos=1)
+    done.wait(300)
+    rate = got[0] / (time.perf_counter() - start)
+    pub.close()
+    sub.close()
+    return rate
+
+
+# -- 2. the naive pipeline -------------------------------------------------------------
+
+
+def _naive_edge(port: int, ready: multiprocessing.Event) -> None:
+    m = model()
+    client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="naive-edge")
+
+    def on_message(c, userdata, msg):
+        r = json.loads(msg.payload)
+        y_pred = m.predict_one(r["x"])
+        m.learn_one(r["x"], r["y"])
+        c.publish("naive/predictions", json.dumps({"seq": r["seq"], "y_pred": y_pred}), qos=1)
+
+    client.on_message = on_message
+    client.on_subscribe = lambda *a: ready.set()
+    client.connect("127.0.0.1", port)
+    client.subscribe("naive/readings", qos=1)
+    client.loop_forever()
+
+
+def naive(broker: PrivateMosquitto, rows: list) -> float:
+    n = len(rows)
+    ready = multiprocessing.Event()
+    proc = multiprocessing.get_context("fork").Process(
+        target=_naive_edge, args=(broker.port, ready), daemon=True
+    )
+    proc.start()
+    got, done = [0], threading.Event()
+
+    def on_message(c, userdata, msg):
+        got[0] += 1
+        if got[0] >= n:
+            done.set()
+
+    sub = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="naive-sub")
+    sub.on_message = on_message
+    sub.connect("127.0.0.1", broker.port)
+    sub.subscribe("naive/predictions", qos=1)
+    sub.loop_start()
+    pub = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="naive-pub")
+    pub.connect("127.0.0.1", broker.port)
+    pub.loop_start()
+    try:
+        if not ready.wait(30):
+            raise RuntimeError("naive edge did not subscribe")
+        time.sleep(0.2)  # let the subscriber's SUBACK land too (paho gives no event here)
+        start = time.perf_counter()
+        for i, (x, y) in enumerate(rows):
+            pub.publish("naive/readings", json.dumps({"seq": i, "x": x, "y": y}), qos=1)
+        if not done.wait(600):
+            raise RuntimeError(f"naive: only {got[0]} of {n} predictions")
+        return n / (time.perf_counter() - start)
+    finally:
+        pub.loop_stop()
+        sub.loop_stop()
+        proc.terminate()
+        proc.join(10)
+
+
+# -- 3. streampipe end to end ----------------------------------------------------------
+
+
+def end_to_end(broker, csv_path: Path, n: int, batch: int, mode: str, offline: list[float]):
+    def feed(url: str, topics: Topics) -> None:
+        subprocess.run(
+            [
+                *STREAMPIPE,
+                "replay",
+                str(csv_path),
+                "--broker",
+                url,
+                "--target",
+                "y",
+                "--batch",
+                str(batch),
+                "--topic-root",
+                topics.root,
+                "--rate",
+                "max",
+            ],
+            capture_output=True,
+            check=True,
+        )
+
+    col = run_edge_case(broker, n, mode == "exact", ["--mode", mode], feed)
+    rate = n / (col.last_received - col.first_ts)
+    if mode == "exact":
+        got = [col.y_pred[i] for i in range(n)]
+        if got != offline:
+            raise RuntimeError("exact mode's predictions differ from River offline")
+    return rate
+
+
+# -- 4. latency --------------------------------------------------------------------------
+
+
+def latency(broker, devices: int, rate: float, seconds: float, processes: int):
+    """p50/p99/max latency in ms, and how many readings, with the sensors split over
+    ``processes`` processes (real devices do not share one Python interpreter)."""
+    n = int(devices * rate * seconds)
+
+    def feed(url: str, topics: Topics) -> int:
+        procs = [
+            subprocess.Popen(
                 [
-                    *streampipe,
-                    "replay",
-                    str(csv_path),
+                    *STREAMPIPE,
+                    "sensors",
                     "--broker",
                     url,
-                    "--target",
-                    "y",
-                    "--batch",
-                    str(batch),
+                    "--topic-root",
+                    topics.root,
+                    "--devices",
+                    str(devices // processes),
+                    "--rate",
+                    str(rate),
+                    "--duration",
+                    str(seconds),
+                    "--linger",
+                    "1",
+                    "--no-faults",
+                    "--prefix",
+                    f"s{k}-",
+                    "--seed",
+                    str(k),
                 ],
-                capture_output=True,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
                 text=True,
-                check=True,
             )
-            if not done.wait(600):
-                raise RuntimeError(f"only {received[0]} of {n} predictions arrived")
-            rate = n / (time.perf_counter() - start)
-        finally:
-            edge.terminate()
-            edge.wait(30)
-            watch.close()
-    return rate, replay.stdout.strip()
+            for k in range(processes)
+        ]
+        outs = [p.communicate(timeout=seconds + 120)[0] for p in procs]
+        # each prints "published N readings ..."
+        return sum(int(out.split()[1].replace(",", "")) for out in outs)
+
+    col = run_edge_case(broker, 2 * n, False, [], feed)
+    lat = np.concatenate(col.latencies) * 1000
+    return (
+        float(np.percentile(lat, 50)),
+        float(np.percentile(lat, 99)),
+        float(lat.max()),
+        len(lat),
+    )
+
+
+# -- 5. memory ---------------------------------------------------------------------------
+
+
+def memory(broker, devices: int) -> tuple[float, float]:
+    """Peak RSS of an edge that learned one model per device (2 readings each)."""
+    peak = {}
+
+    def feed(url: str, topics: Topics) -> None:
+        pid = proc_holder["pid"]
+        peak["before"] = _status_kb(pid, "VmRSS")
+        fleet = SensorFleet(devices, seed=1, faults=False)
+        conn = Connection(broker.url, "bench-mem", max_inflight=1000).connect()
+        pub = ReadingPublisher(conn, topics, batch_size=2, linger=60)
+        now = time.time()
+        for _ in range(2):
+            for i in range(devices):
+                pub.add(fleet.read(i, now))
+        pub.wait_acked(300)
+        conn.close()
+
+    proc_holder: dict[str, int] = {}
+    topics = Topics(f"bench{time.monotonic_ns()}")
+    url = f"mqtt://127.0.0.1:{broker.port}"
+    col = Collector(broker.url, topics, 2 * devices)
+    try:
+        with edge(url, topics) as proc:
+            proc_holder["pid"] = proc.pid
+            if not col.online.wait(60):
+                raise RuntimeError("the edge did not come online")
+            feed(url, topics)
+            if not col.done.wait(600):
+                raise RuntimeError(f"only {col.count:,} predictions arrived")
+            peak["after"] = _status_kb(proc.pid, "VmHWM")
+    finally:
+        col.close()
+    return peak["before"] / 1024, peak["after"] / 1024
+
+
+def _status_kb(pid: int, field: str) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return float(line.split()[1])
+    raise RuntimeError(f"no {field} for {pid}")
+
+
+# -- main --------------------------------------------------------------------------------
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--readings", type=int, default=100_000)
+    parser.add_argument("--naive-readings", type=int, default=20_000)
     parser.add_argument("--batch", type=int, default=1000)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--latency-seconds", type=float, default=10.0)
+    parser.add_argument("--sensor-processes", type=int, default=2, help="row 4's sensors")
+    parser.add_argument("--devices", type=int, default=10_000, help="row 5's device count")
+    parser.add_argument("--quick", action="store_true", help="small sizes, one run: a smoke test")
     args = parser.parse_args()
+    if args.quick:
+        args.readings, args.naive_readings, args.repeat = 5_000, 1_000, 1
+        args.latency_seconds, args.devices = 2.0, 500
 
     rows = [
         ({f"x{k}": v for k, v in x.items()}, y)
         for x, y in datasets.synth.Friedman(seed=42).take(args.readings)
     ]
-    with tempfile.TemporaryDirectory() as tmp:
+    runs: dict[str, list[float]] = {k: [] for k in ("broker", "offline", "naive", "exact", "mini")}
+    with tempfile.TemporaryDirectory() as tmp, PrivateMosquitto() as broker:
         path = Path(tmp) / "friedman.csv"
         with open(path, "w", newline="") as f:
             w = csv.writer(f)
@@ -114,17 +419,50 @@ def main() -> None:
             w.writerow([*names, "y"])
             for x, y in rows:
                 w.writerow([repr(x[k]) for k in names] + [repr(y)])
-        offline, e2e, summary = [], [], ""
-        for _ in range(args.repeat):
-            offline.append(river_offline(rows))
-            rate, summary = end_to_end(path, len(rows), args.batch)
-            e2e.append(rate)
-    o, e = statistics.median(offline), statistics.median(e2e)
-    print(f"# {len(rows):,} Friedman readings, batch {args.batch}, median of {args.repeat}")
-    print(f"# last replay: {summary}")
-    print(f"{'what':<40} {'readings/s':>12} {'ratio':>7}")
-    print(f"{'1. River offline predict+learn':<40} {o:>12,.0f} {1.0:>7.2f}")
-    print(f"{'3. streampipe end to end (exact)':<40} {e:>12,.0f} {e / o:>7.2f}")
+        for i in range(args.repeat):
+            print(f"# run {i + 1} of {args.repeat}", file=sys.stderr)
+            runs["broker"].append(broker_alone(broker, min(args.readings, 50_000)))
+            rate, offline = river_offline(rows)
+            runs["offline"].append(rate)
+            runs["naive"].append(naive(broker, rows[: args.naive_readings]))
+            runs["exact"].append(end_to_end(broker, path, len(rows), args.batch, "exact", offline))
+            runs["mini"].append(end_to_end(broker, path, len(rows), args.batch, "minibatch", []))
+        print("# latency", file=sys.stderr)
+        p50, p99, worst, count = latency(
+            broker, 100, 50.0, args.latency_seconds, args.sensor_processes
+        )
+        print("# memory", file=sys.stderr)
+        rss_idle, rss_peak = memory(broker, args.devices)
+
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    o, nv = med["offline"], med["naive"]
+    print(
+        f"# {len(rows):,} Friedman readings (naive: {args.naive_readings:,}), batch "
+        f"{args.batch}, median of {args.repeat}; Python {sys.version.split()[0]}, "
+        f"{os.cpu_count()} cores"
+    )
+    print(f"{'what':<52} {'value':>14} {'÷ row 1':>8} {'÷ row 2':>8}")
+
+    def row(label: str, value: float, unit: str = "readings/s") -> None:
+        print(f"{label:<52} {value:>10,.0f} r/s {value / o:>8.2f} {value / nv:>8.1f}")
+
+    row("0. Mosquitto alone, 1-reading frames, QoS 1", med["broker"])
+    row("1. River offline predict_one + learn_one", o)
+    row("2. naive pipeline: JSON per reading, QoS 1", nv)
+    row("3a. streampipe end to end, exact", med["exact"])
+    row("3b. streampipe end to end, mini-batch", med["mini"])
+    print(
+        f"{'4. latency at 5,000 readings/s offered (ms)':<52} "
+        f"p50 {p50:.1f}  p99 {p99:.1f}  max {worst:.1f}  ({count:,} readings)"
+    )
+    print(
+        f"{f'5. edge RSS, {args.devices:,} devices (MB)':<52} "
+        f"peak {rss_peak:.0f}  (idle, before any device: {rss_idle:.0f})"
+    )
+    print(
+        "# per-run readings/s: "
+        + "; ".join(f"{k} " + ", ".join(f"{v:,.0f}" for v in vs) for k, vs in runs.items())
+    )
 
 
 if __name__ == "__main__":

@@ -304,7 +304,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     source = CsvSource.from_path(args.file, **kwargs)
     with open(args.file, "rb") as f:
         total = max(sum(1 for _ in f) - 1, 0)
-    conn = Connection(args.broker, _client_id("replay"), max_inflight=1000).connect()
+    conn = Connection(args.broker, _client_id("replay")).connect()
     stopped = threading.Event()
     _on_signals(stopped.set)
     pub = ReadingPublisher(
@@ -375,24 +375,25 @@ def run_sensors(
     fleet = SensorFleet(
         devices, seed=seed, epoch=int(time.time() * 1000), prefix=prefix, faults=faults
     )
-    conn = Connection(broker, _client_id("sensors"), max_inflight=1000).connect()
+    conn = Connection(broker, _client_id("sensors")).connect()
     pub = ReadingPublisher(conn, topics, batch_size=batch, linger=linger)
-    period = 1.0 / rate if math.isfinite(rate) else 0.0
+    # Independent sensors do not tick in step: device i reads at i/devices of each
+    # period, so the fleet's readings are spread evenly over time, not sent in bursts.
+    step = 1.0 / (rate * devices) if math.isfinite(rate) else 0.0
     start = time.monotonic()
-    tick = 0
+    made = 0
     try:
         while not stop.is_set():
             now = time.monotonic()
             if duration is not None and now - start >= duration:
                 break
-            due = start + tick * period
-            if now >= due:
-                ts = time.time()
-                for i in range(devices):
-                    pub.add(fleet.read(i, ts))
-                tick += 1
+            for _ in range(devices):  # at most one round per pass, even at rate "max"
+                if start + made * step > now:
+                    break
+                pub.add(fleet.read(made % devices, time.time()))
+                made += 1
             pub.flush_due()
-            wake = start + tick * period
+            wake = start + made * step
             nxt = pub.next_due()
             if nxt is not None:
                 wake = min(wake, nxt)

@@ -37,6 +37,8 @@ __all__ = ["EdgeConfig", "EdgeService"]
 log = logging.getLogger(__name__)
 
 ONLINE, OFFLINE = b"online", b"offline"
+#: Messages processed back to back before the loop looks at its timers again.
+DRAIN_AT_ONCE = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +156,7 @@ class EdgeService:
                     msg = None
                 if msg is not None:
                     self._process(msg)
+                    self._drain(DRAIN_AT_ONCE)
                 if time.monotonic() >= next_metrics:
                     self._publish(self.stage.metrics_message())
                     next_metrics = time.monotonic() + self.config.metrics_interval
@@ -162,6 +165,15 @@ class EdgeService:
                     next_checkpoint = time.monotonic() + self.config.checkpoint_interval
         finally:
             self._shutdown()
+
+    def _drain(self, limit: int) -> None:
+        """Process what has already arrived, up to ``limit`` messages, without waiting."""
+        for _ in range(limit):
+            try:
+                msg = self.queue.get_nowait()
+            except queue.Empty:
+                return
+            self._process(msg)
 
     def _checkpoint(self) -> None:
         if self.checkpoints is not None:
@@ -186,11 +198,7 @@ class EdgeService:
         try:
             # Stop receiving, then finish what was already received.
             self.conn.unsubscribe(self.topics.readings_filter())
-            while True:
-                try:
-                    self._process(self.queue.get_nowait())
-                except queue.Empty:
-                    break
+            self._drain(self.queue.maxsize + 1)
             self._publish(self.stage.metrics_message())
             self._checkpoint()
             info = self.conn.publish(self.topics.status(self.config.stage_id), OFFLINE, retain=True)

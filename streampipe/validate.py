@@ -59,7 +59,7 @@ class Validated:
     takes them as arrays, a per-reading learner asks for :meth:`features` dicts.
     """
 
-    __slots__ = ("_keep", "batch", "cleaned", "complete", "index", "rejected")
+    __slots__ = ("_keep", "_take", "batch", "cleaned", "complete", "index", "rejected")
 
     def __init__(
         self,
@@ -74,25 +74,27 @@ class Validated:
         self.rejected = rejected
         self.cleaned = cleaned  # non-finite feature values dropped
         self._keep = keep  # per-value mask of what is present and finite; None: all are
+        # Where every reading is accepted, the batch's own arrays serve as they are.
+        self._take: slice | np.ndarray = slice(None) if len(index) == len(batch) else index
         #: True when every accepted reading has every feature, so a model may take the
         #: accepted rows as one matrix.
-        self.complete = keep is None or bool(keep[index].all())
+        self.complete = keep is None or bool(keep[self._take].all())
 
     def __len__(self) -> int:
         return len(self.index)
 
     @property
     def seqs(self) -> list[int]:
-        return self.batch.seq[self.index].tolist()
+        return self.batch.seq[self._take].tolist()
 
     @property
     def timestamps(self) -> np.ndarray:
-        return self.batch.ts[self.index]
+        return self.batch.ts[self._take]
 
     @property
     def values(self) -> np.ndarray:
         """The accepted rows' feature values (missing ones are NaN only if not complete)."""
-        return self.batch.values[self.index]
+        return self.batch.values[self._take]
 
     def features(self) -> list[dict[str, float]]:
         """One ``{name: value}`` dict per accepted reading, missing values left out."""
@@ -100,7 +102,7 @@ class Validated:
         rows = self.values.tolist()
         if self.complete:
             return [dict(zip(names, row)) for row in rows]
-        kept = self._keep[self.index].tolist()  # type: ignore[index]
+        kept = self._keep[self._take].tolist()  # type: ignore[index]
         return [{k: v for k, v, p in zip(names, row, mask) if p} for row, mask in zip(rows, kept)]
 
     def targets(self) -> list[float | None]:
@@ -108,10 +110,10 @@ class Validated:
         b = self.batch
         if b.target is None:
             return [None] * len(self.index)
-        ys = b.target[self.index].tolist()
+        ys = b.target[self._take].tolist()
         if b.target_present is None:
             return ys
-        has = b.target_present[self.index].tolist()
+        has = b.target_present[self._take].tolist()
         return [y if h else None for y, h in zip(ys, has)]
 
     @property

@@ -9,6 +9,7 @@ paho does not set it, and small MQTT packets otherwise wait ~40 ms for Nagle's a
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import socket
 import threading
@@ -58,6 +59,15 @@ def _nodelay(client: paho.Client, userdata: Any, sock: Any) -> None:
     # A unix or websocket transport has no such option: nothing to do there.
     with contextlib.suppress(OSError, AttributeError):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+@functools.lru_cache(maxsize=64)
+def _publish_properties(content_type: str) -> Properties:
+    """PUBLISH properties carrying a content type, built once per type: paho packs
+    them anew for each message, but building a ``Properties`` costs ~25 µs."""
+    props = Properties(PacketTypes.PUBLISH)
+    props.ContentType = content_type
+    return props
 
 
 class Connection:
@@ -202,8 +212,7 @@ class Connection:
     ) -> paho.MQTTMessageInfo:
         props = None
         if content_type is not None:
-            props = Properties(PacketTypes.PUBLISH)
-            props.ContentType = content_type
+            props = _publish_properties(content_type)
         info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
         if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
             # NO_CONN is fine for QoS > 0: paho keeps the message and sends it on reconnect.
