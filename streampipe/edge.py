@@ -125,7 +125,7 @@ class EdgeService:
         if self.checkpoints is not None:
             saved = self.checkpoints.load()
             if saved is not None:
-                self.stage.learner.restore(saved)
+                self.stage.learner.restore(*saved)
                 log.info(
                     "resumed %d device models from %s", self.stats.devices, self.checkpoints.path
                 )
@@ -177,7 +177,8 @@ class EdgeService:
 
     def _checkpoint(self) -> None:
         if self.checkpoints is not None:
-            self.checkpoints.save(self.stage.learner.snapshot())
+            meta, changed = self.stage.learner.snapshot()
+            self.checkpoints.save(meta, changed)
 
     def _process(self, msg: Message) -> None:
         try:

@@ -14,9 +14,9 @@ which is created with 32 random bytes and mode 0600 on first start.
 >>> import tempfile
 >>> d = tempfile.mkdtemp()
 >>> store = CheckpointStore(d, "edge-1")
->>> store.save({"answer": 42})
+>>> store.save({"answer": 42}, {"d1": [1, 2]})
 >>> store.load()
-{'answer': 42}
+({'answer': 42}, {'d1': [1, 2]})
 """
 
 from __future__ import annotations
@@ -75,7 +75,15 @@ class CheckpointStore:
         self.path = self.dir / f"{stage_id}.checkpoint"
         self._key = _load_key(self.dir)
 
-    def save(self, state: Any) -> None:
+    def save(self, meta: Any, devices: dict[str, Any], *, full: bool = False) -> None:
+        """Commit ``meta`` and the given devices' states (all of them when ``full``)."""
+        if not full:
+            loaded = self.load()
+            if loaded is not None:
+                devices = {**loaded[1], **devices}
+        self._write((meta, dict(devices)))
+
+    def _write(self, state: Any) -> None:
         body = pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
         tag = hmac.new(self._key, body, hashlib.sha256).digest()
         tmp = self.path.with_suffix(".tmp")

@@ -79,7 +79,7 @@ class WritesAFile:
 def test_untrusted_checkpoints_are_refused_and_never_unpickled(tmp_path, damage):
     marker = tmp_path / "pwned"
     store = CheckpointStore(tmp_path, "e")
-    store.save({"ok": 1})
+    store.save({"ok": 1}, {})
     data = store.path.read_bytes()
     evil = pickle.dumps(WritesAFile(str(marker)))
     if damage == "tamper":
@@ -88,7 +88,7 @@ def test_untrusted_checkpoints_are_refused_and_never_unpickled(tmp_path, damage)
         store.path.write_bytes(data[:-3])
     elif damage == "foreign":
         other = CheckpointStore(tmp_path / "other", "e")
-        other.save(WritesAFile(str(marker)))
+        other.save(WritesAFile(str(marker)), {})
         store.path.write_bytes(other.path.read_bytes())
     else:
         store.path.write_bytes(evil)

@@ -90,6 +90,8 @@ class OnlineLearner:
         self.kind = spec.kind
         self.mode = mode
         self.devices: dict[str, DeviceState] = {}
+        #: Devices whose state changed since the last :meth:`snapshot`.
+        self.dirty: set[str] = set()
         self.metrics: Scores = scores_for(self.kind, window)
         if mode == "minibatch":
             _need_pandas()
@@ -99,19 +101,23 @@ class OnlineLearner:
                 "predict_many): use --mode exact"
             )
 
-    def snapshot(self) -> dict[str, Any]:
-        """Models, watermarks and metrics, to be checkpointed as one piece."""
-        return {"spec": self.spec.text, "devices": self.devices, "metrics": self.metrics}
+    def snapshot(self, everything: bool = False) -> tuple[dict[str, Any], dict[str, DeviceState]]:
+        """What a checkpoint needs: the stage-wide state, and the devices that changed
+        since the last snapshot (all of them when ``everything``)."""
+        changed = self.devices if everything else {d: self.devices[d] for d in self.dirty}
+        self.dirty = set()
+        return {"spec": self.spec.text, "metrics": self.metrics}, changed
 
-    def restore(self, snapshot: dict[str, Any]) -> None:
-        """Resume from :meth:`snapshot`; refuse one learned with another model spec."""
-        if snapshot.get("spec") != self.spec.text:
+    def restore(self, meta: dict[str, Any], devices: dict[str, DeviceState]) -> None:
+        """Resume from a checkpoint; refuse one learned with another model spec."""
+        if meta.get("spec") != self.spec.text:
             raise ValueError(
-                f"the checkpoint holds models of {snapshot.get('spec')!r}, not "
+                f"the checkpoint holds models of {meta.get('spec')!r}, not "
                 f"{self.spec.text!r}: use the same --model or another --state-dir"
             )
-        self.devices = snapshot["devices"]
-        self.metrics = snapshot["metrics"]
+        self.devices = dict(devices)
+        self.metrics = meta["metrics"]
+        self.dirty = set()
 
     def state(self, device: str) -> DeviceState:
         st = self.devices.get(device)
@@ -130,6 +136,7 @@ class OnlineLearner:
             return out
         if epoch > st.epoch:
             st.epoch, st.seq = epoch, -1
+            self.dirty.add(batch.batch.device)
         # Accepted sequence numbers increase strictly, so what was learned is a prefix.
         start = bisect.bisect_right(seqs, st.seq)
         out.skipped, out.duplicates = start, seqs[:start]
@@ -150,6 +157,7 @@ class OnlineLearner:
         out.y_pred = y_pred
         st.seq = seqs[-1]
         st.learned += len(y_pred)
+        self.dirty.add(batch.batch.device)
         return out
 
     @staticmethod

@@ -70,6 +70,10 @@ def _publish_properties(content_type: str) -> Properties:
     return props
 
 
+#: MQTT v5 DISCONNECT reason code "Session taken over".
+SESSION_TAKEN_OVER = 0x8E
+
+
 class Connection:
     """An MQTT v5 client connection with remembered subscriptions.
 
@@ -107,6 +111,11 @@ class Connection:
         self._pending_subacks: dict[int, threading.Event] = {}
         self._suback_failures: dict[int, str] = {}
         self.session_present = False
+        #: Connections made (reconnects included) and sessions found missing on reconnect.
+        self.connects = 0
+        self.sessions_lost = 0
+        #: Set when another client took over our client id (MQTT v5 reason 0x8E).
+        self.taken_over = threading.Event()
 
         c = paho.Client(
             CallbackAPIVersion.VERSION2,
@@ -261,6 +270,15 @@ class Connection:
             return
         self._refused = None
         self.session_present = bool(flags.session_present)
+        if self.connects and not self._clean_start and not self.session_present:
+            self.sessions_lost += 1
+            log.warning(
+                "broker %s kept no session for %s: what was queued for it while it was "
+                "away is lost (session expired, or the broker restarted without persistence)",
+                self.url,
+                self.client_id,
+            )
+        self.connects += 1
         with self._lock:
             subs = list(self._subscriptions.items())
         if subs:
@@ -281,7 +299,17 @@ class Connection:
         properties: Properties | None,
     ) -> None:
         self._connected.clear()
-        if reason.is_failure:
+        if reason.value == SESSION_TAKEN_OVER:
+            # Another process connected with our client id. Reconnecting would take the
+            # session back and start a takeover loop between the two: stop instead.
+            self.taken_over.set()
+            log.error(
+                "another client connected to %s with client id %s; this one stops",
+                self.url,
+                self.client_id,
+            )
+            client.disconnect()  # ends paho's loop without reconnecting
+        elif reason.is_failure:
             log.warning("disconnected from %s: %s; reconnecting", self.url, reason)
 
     def _on_subscribe(
