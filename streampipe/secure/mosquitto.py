@@ -57,9 +57,7 @@ def check_password(line: str, password: str) -> bool:
     _, kind, iterations, salt, digest = hashed.split("$")
     if kind != "7":
         raise ValueError("not a PBKDF2-SHA512 ($7$) password line")
-    got = hashlib.pbkdf2_hmac(
-        "sha512", password.encode(), base64.b64decode(salt), int(iterations)
-    )
+    got = hashlib.pbkdf2_hmac("sha512", password.encode(), base64.b64decode(salt), int(iterations))
     return hmac.compare_digest(got, base64.b64decode(digest))
 
 

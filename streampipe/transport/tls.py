@@ -10,9 +10,10 @@ command goes through it, so the rules are written once.
 >>> url.username, url.password == "pw", url
 ('edge', True, BrokerURL('mqtt://edge:***@localhost:1883'))
 >>> with_credentials(BrokerURL.parse("mqtt://localhost"), ca_file="ca.crt")
+... # doctest: +ELLIPSIS
 Traceback (most recent call last):
 ...
-streampipe.transport.tls.InvalidCredentials: --ca-file, --cert-file and --key-file need a TLS broker URL (mqtts://...)
+streampipe.transport.tls.InvalidCredentials: --ca-file, ... need a TLS broker URL (mqtts://...)
 """
 
 from __future__ import annotations
