@@ -325,7 +325,9 @@ def cmd_edge(args: argparse.Namespace) -> int:
     service.start()
     if service.metrics_port is not None:
         log.info(
-            "Prometheus metrics on http://%s:%d/metrics", args.metrics_host, service.metrics_port
+            "Prometheus metrics on http://%s:%d/metrics, health on /healthz",
+            args.metrics_host,
+            service.metrics_port,
         )
     service.run()
     return 0
