@@ -178,10 +178,30 @@ def test_prometheus_and_grafana_files_are_where_their_configs_look():
             assert all(t["datasource"]["uid"] == source["uid"] for t in panel["targets"])
 
 
-def exported_metric_names() -> set[str]:
+def exported_families() -> list[Any]:
+    """What an edge serves on /metrics, with a rejection so that every family has samples."""
     service = EdgeService(EdgeConfig(BrokerURL("127.0.0.1", 1), "names"))
+    service.stats.reject("malformed")
+    return list(text_string_to_metric_families(generate_latest(service.registry).decode()))
+
+
+def test_metric_label_sets_are_the_documented_bounded_ones():
+    labels = {
+        f.name: {k for s in f.samples for k in s.labels if k != "le"}
+        for f in exported_families()
+        if f.name.startswith("streampipe_")
+    }
+    assert labels.pop("streampipe_rejected") == {"reason"}
+    assert labels.pop("streampipe_model_info") == {"model", "version"}
+    assert labels.pop("streampipe_build_info") == {"version"}
+    for name in ("mae", "rmse", "r2"):
+        assert labels.pop(f"streampipe_model_{name}") == {"model", "window"}
+    assert all(keys == set() for keys in labels.values()), labels
+
+
+def exported_metric_names() -> set[str]:
     names = set()
-    for family in text_string_to_metric_families(generate_latest(service.registry).decode()):
+    for family in exported_families():
         names.add(family.name)
         names.update(s.name for s in family.samples)
         if family.type == "counter":
