@@ -36,7 +36,7 @@ from streampipe.secure.certs import DevPKI, MissingCryptography
 from streampipe.secure.mosquitto import ROLES, BrokerFiles, acl_text, config_text, password_line
 from streampipe.topics import DEFAULT_ROOT, Topics, check_name
 
-__all__ = ["MissingCryptography", "SecureSetup", "init_secure", "sensor_names"]
+__all__ = ["MissingCryptography", "SecureSetup", "SetupExists", "init_secure", "sensor_names"]
 
 DEFAULT_HOSTS = ("localhost", "127.0.0.1", "::1")
 
