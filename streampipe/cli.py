@@ -114,7 +114,7 @@ def _broker_with_credentials(args: argparse.Namespace) -> BrokerURL | None:
     if args.broker is None:
         given = [f"--{k.replace('_', '-')}" for k, v in files.items() if v]
         if given:
-            raise ValueError(f"{', '.join(given)} need --broker")
+            raise ValueError(f"{', '.join(given)} need{'s' if len(given) == 1 else ''} --broker")
         return None
     env = os.environ.get("STREAMPIPE_BROKER")
     if args.broker.password is not None and (env is None or _broker(env) != args.broker):

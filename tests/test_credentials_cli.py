@@ -45,7 +45,7 @@ def test_bad_credentials_are_one_line_errors_for_every_command(
 
 def test_demo_refuses_credentials_without_a_broker(capsys):
     assert main(["demo", "--ca-file", "ca.crt"]) == 2
-    assert "--ca-file need --broker" in capsys.readouterr().err
+    assert "--ca-file needs --broker" in capsys.readouterr().err
 
 
 def test_password_and_files_come_from_the_environment(monkeypatch, tmp_path):
