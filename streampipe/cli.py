@@ -17,7 +17,7 @@ from typing import Any
 
 from streampipe import __version__
 from streampipe.broker import MosquittoNotFound
-from streampipe.learn.spec import DEFAULT_MODEL_SPEC, ModelSpecError
+from streampipe.learn import DEFAULT_MODEL_SPEC
 from streampipe.secure.certs import MissingCryptography
 from streampipe.sources.csv import CsvError
 from streampipe.state import CheckpointError
@@ -31,7 +31,6 @@ log = logging.getLogger("streampipe")
 DEFAULT_BROKER = "mqtt://localhost:1883"
 #: Errors that are the user's to fix: printed as one line, never as a traceback.
 USER_ERRORS = (
-    ModelSpecError,
     CheckpointError,
     InvalidBrokerURL,
     MQTTError,
@@ -39,7 +38,7 @@ USER_ERRORS = (
     InvalidName,
     MosquittoNotFound,
     MissingCryptography,
-    ValueError,
+    ValueError,  # ModelSpecError, CheckpointError's kin and bad values alike
     OSError,
 )
 
@@ -157,6 +156,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_MODEL_SPEC,
         metavar="SPEC",
         help="River model in River's syntax (default: %(default)r)",
+    )
+    edge.add_argument(
+        "--mode",
+        choices=("exact", "minibatch"),
+        default="exact",
+        help="exact: predict then learn reading by reading, River's progressive validation "
+        "(default); minibatch: predict_many then learn_many per batch, faster but not equal "
+        "to per-reading predictions (needs pandas)",
     )
     edge.add_argument("--model-name", help="name published with predictions (default: derived)")
     edge.add_argument(
@@ -319,6 +326,7 @@ def cmd_edge(args: argparse.Namespace) -> int:
             checkpoint_interval=args.checkpoint_interval,
             window=args.window,
             queue_size=args.queue_size,
+            mode=args.mode,
         )
     )
     _on_signals(service.stop)
@@ -395,16 +403,23 @@ def cmd_replay(args: argparse.Namespace) -> int:
         conn, Topics(args.topic_root), batch_size=args.batch, linger=args.linger / 1000
     )
     progress = _Progress(total)
+    # Without a rate limit, read and send whole batches; with one, a batch is what the
+    # rate produces within the linger bound, so no reading waits longer than that.
+    rows = args.batch
+    if not math.isinf(args.rate):
+        rows = max(1, min(args.batch, int(args.rate * args.linger / 1000)))
+    batches = source.batches(rows)
     start = time.monotonic()
     try:
-        for i, reading in enumerate(source):
-            if stopped.is_set():
+        sent = 0
+        while not stopped.is_set():
+            _pace(start, sent, args.rate)
+            batch = next(batches, None)  # read (and stamped) when it is due
+            if batch is None:
                 break
-            _pace(start, i, args.rate)
-            pub.add(reading)
-            pub.flush_due()
-            progress.update(i + 1)
-        pub.flush()
+            pub.send(batch)
+            sent += len(batch)
+            progress.update(sent)
         progress.update(pub.stats.readings, force=True)
         acked = pub.wait_acked(args.ack_timeout)
     finally:

@@ -27,7 +27,7 @@ from prometheus_client import CollectorRegistry
 
 from streampipe.http import Health, MetricsServer
 from streampipe.learn.spec import DEFAULT_MODEL_SPEC, ModelSpec
-from streampipe.metrics import StageCollector, StageStats, latency_histogram
+from streampipe.metrics import LatencyHistogram, StageCollector, StageStats
 from streampipe.stage import EdgeStage, Outgoing
 from streampipe.state import CheckpointStore
 from streampipe.topics import DEFAULT_ROOT, Topics
@@ -53,6 +53,7 @@ class EdgeConfig:
     metrics_interval: float = 5.0
     checkpoint_interval: float = 30.0
     window: int = 1000
+    mode: str = "exact"  # or "minibatch": see streampipe.learn.learner
     queue_size: int = 1000
     keepalive: int = 30
 
@@ -65,7 +66,8 @@ class EdgeService:
         self.topics = Topics(config.topic_root)
         self.registry = registry or CollectorRegistry()
         self.stats = StageStats(config.stage_id)
-        latency = latency_histogram(self.registry)
+        latency = LatencyHistogram()
+        self.registry.register(latency)
         self.stage = EdgeStage(
             config.stage_id,
             ModelSpec.parse(config.model),
@@ -73,7 +75,8 @@ class EdgeService:
             stats=self.stats,
             model_name=config.model_name,
             window=config.window,
-            on_latency=latency.observe,
+            on_latency=latency.observe_many,
+            mode=config.mode,
         )
         self.checkpoints = (
             CheckpointStore(config.state_dir, config.stage_id) if config.state_dir else None

@@ -21,17 +21,19 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Histogram
+import numpy as np
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
+    HistogramMetricFamily,
     InfoMetricFamily,
 )
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from streampipe import __version__
 
-__all__ = ["StageCollector", "StageStats", "latency_histogram"]
+__all__ = ["LatencyHistogram", "StageCollector", "StageStats"]
 
 NAMESPACE = "streampipe"
 
@@ -100,14 +102,53 @@ class StageStats:
         }
 
 
-def latency_histogram(registry: CollectorRegistry) -> Histogram:
-    return Histogram(
-        "prediction_latency_seconds",
-        "Time from a reading's timestamp to the publication of its prediction.",
-        namespace=NAMESPACE,
-        buckets=LATENCY_BUCKETS,
-        registry=registry,
-    )
+class LatencyHistogram(Collector):
+    """``streampipe_prediction_latency_seconds``, observed a batch of readings at a time.
+
+    prometheus_client's ``Histogram`` takes one observation per call, which costs more
+    per reading than the rest of the stage's bookkeeping together; this one counts a
+    whole batch with one ``searchsorted``. Exported at scrape time, like the rest.
+
+    >>> import numpy as np
+    >>> from prometheus_client import CollectorRegistry
+    >>> h = LatencyHistogram()
+    >>> h.observe_many(np.array([0.0005, 0.003, 0.003, 60.0]))
+    >>> registry = CollectorRegistry()
+    >>> registry.register(h)
+    >>> name = "streampipe_prediction_latency_seconds"
+    >>> registry.get_sample_value(name + "_bucket", {"le": "0.005"})
+    3.0
+    >>> registry.get_sample_value(name + "_count"), registry.get_sample_value(name + "_sum")
+    (4.0, 60.0065)
+    """
+
+    NAME = f"{NAMESPACE}_prediction_latency_seconds"
+
+    def __init__(self, buckets: tuple[float, ...] = LATENCY_BUCKETS) -> None:
+        self.buckets = np.asarray(buckets, dtype=float)
+        self._counts = np.zeros(len(buckets) + 1, dtype=np.int64)  # the last is +Inf
+        self._sum = 0.0
+        self._lock = threading.Lock()
+
+    def observe_many(self, seconds: np.ndarray) -> None:
+        """Count each value in the first bucket whose upper bound (``le``) holds it."""
+        slots = np.searchsorted(self.buckets, seconds, side="left")
+        counts = np.bincount(slots, minlength=len(self._counts))
+        with self._lock:
+            self._counts += counts
+            self._sum += float(seconds.sum())
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        with self._lock:
+            cumulative = np.cumsum(self._counts).astype(float).tolist()
+            total = self._sum
+        bounds = [floatToGoString(b) for b in self.buckets.tolist()] + ["+Inf"]
+        yield HistogramMetricFamily(
+            self.NAME,
+            "Time from a reading's timestamp to the publication of its prediction.",
+            buckets=list(zip(bounds, cumulative)),
+            sum_value=total,
+        )
 
 
 class StageCollector(Collector):

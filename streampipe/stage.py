@@ -20,12 +20,14 @@ count in ``streampipe_rejected_total{reason=...}``; nothing raises out of
 from __future__ import annotations
 
 import base64
-import json
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
+import orjson
 
 from streampipe import codec
 from streampipe.learn.learner import LearnResult, OnlineLearner
@@ -33,7 +35,7 @@ from streampipe.learn.spec import DEFAULT_MODEL_SPEC, ModelSpec
 from streampipe.metrics import StageStats
 from streampipe.readings import Batch
 from streampipe.topics import InvalidName, Topics, check_name
-from streampipe.validate import DEFAULT_MAX_ABS, Rejection, validate
+from streampipe.validate import DEFAULT_MAX_ABS, Rejection, Validated, validate
 
 __all__ = ["EdgeStage", "Outgoing"]
 
@@ -55,7 +57,9 @@ class Outgoing:
 
 
 def _json(obj: Any) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
+    """Compact UTF-8 JSON. orjson writes floats with the shortest repr that reads back
+    to the same double, so ``y_pred`` stays bit-exact, at a sixth of ``json``'s cost."""
+    return orjson.dumps(obj)
 
 
 class EdgeStage:
@@ -69,17 +73,18 @@ class EdgeStage:
         topics: Topics | None = None,
         max_abs: float = DEFAULT_MAX_ABS,
         window: int | None = None,
+        mode: str = "exact",
         stats: StageStats | None = None,
         model_name: str | None = None,
         clock: Callable[[], float] = time.time,
-        on_latency: Callable[[float], None] | None = None,
+        on_latency: Callable[[np.ndarray], None] | None = None,
     ) -> None:
         self.stage_id = check_name(stage_id, "stage id")
         self.spec = spec or ModelSpec.parse(DEFAULT_MODEL_SPEC)
         self.topics = topics or Topics()
         self.max_abs = max_abs
         kwargs = {} if window is None else {"window": window}
-        self.learner = OnlineLearner(self.spec, **kwargs)
+        self.learner = OnlineLearner(self.spec, mode=mode, **kwargs)
         self.stats = stats or StageStats(stage_id)
         self.stats.model = self.learner
         self.stats.model_name = model_name or self.spec.name
@@ -125,22 +130,19 @@ class EdgeStage:
         stats.readings += len(batch)
         checked = validate(batch, self.max_abs)
         stats.cleaned += checked.cleaned
-        result = self.learner.process(batch.device, batch.epoch, checked.readings)
-        rejected = list(checked.rejected)
-        rejected += [Rejection("duplicate", "already learned", s) for s in result.duplicates]
-        rejected += [Rejection("stale_epoch", "older boot epoch", s) for s in result.stale]
+        result = self.learner.process(checked)
+        rejected = checked.rejected
+        if result.duplicates or result.stale:
+            rejected = list(rejected)
+            rejected += [Rejection("duplicate", "already learned", s) for s in result.duplicates]
+            rejected += [Rejection("stale_epoch", "older boot epoch", s) for s in result.stale]
         if result.gap:
             stats.gaps += result.gap
-            log.warning(
-                "device %s: %d readings missing before seq %s",
-                batch.device,
-                result.gap,
-                result.predictions[0].seq if result.predictions else "?",
-            )
+            log.warning("device %s: %d readings missing", batch.device, result.gap)
         stats.non_finite_predictions += result.non_finite
         out: list[Outgoing] = []
-        if result.predictions:
-            out.append(self._predictions(batch.device, result))
+        if result.y_pred:
+            out.append(self._predictions(checked, result))
         if rejected:
             for r in rejected:
                 stats.reject(r.reason)
@@ -158,19 +160,23 @@ class EdgeStage:
 
     # -- output --------------------------------------------------------------------
 
-    def _predictions(self, device: str, result: LearnResult) -> Outgoing:
-        preds = result.predictions
-        self.stats.predictions += len(preds)
-        now = self.clock()
+    def _predictions(self, checked: Validated, result: LearnResult) -> Outgoing:
+        """One message with the predictions of a batch, in the topic contract's shape."""
+        start = result.skipped
+        seqs, ts, ys = checked.seqs, checked.timestamps, checked.targets()
+        if start:
+            seqs, ts, ys = seqs[start:], ts[start:], ys[start:]
+        self.stats.predictions += len(seqs)
         if self.on_latency is not None:
-            for p in preds:
-                self.on_latency(now - p.ts)
+            self.on_latency(self.clock() - ts)
+        device = checked.batch.device
         body = {
             "device": device,
             "model": self.stats.model_name,
             "version": self.stats.model_version,
             "predictions": [
-                {"seq": p.seq, "ts": p.ts, "y_pred": p.y_pred, "y_true": p.y_true} for p in preds
+                {"seq": s, "ts": t, "y_pred": p, "y_true": y}
+                for s, t, p, y in zip(seqs, ts.tolist(), result.y_pred, ys)
             ],
         }
         return Outgoing(self.topics.predictions(device), _json(body))

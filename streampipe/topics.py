@@ -26,6 +26,7 @@ subscribes to the partitions it owns, so one device always reaches the same work
 
 from __future__ import annotations
 
+import re
 import zlib
 from dataclasses import dataclass
 
@@ -45,6 +46,10 @@ PARTITIONS = 64
 MAX_NAME_LENGTH = 128
 
 
+_FORBIDDEN = r"+#/\x00-\x1f\x7f-\x9f"  # wildcards, the separator, control characters
+_VALID_NAME = re.compile(f"[^{_FORBIDDEN}$][^{_FORBIDDEN}]{{0,{MAX_NAME_LENGTH - 1}}}")
+
+
 class InvalidName(ValueError):
     """A device id, stage id or topic root that cannot be used as an MQTT topic level."""
 
@@ -62,6 +67,8 @@ def check_name(name: object, what: str = "device id") -> str:
     ...
     streampipe.topics.InvalidName: device id 'a/b' contains '/'
     """
+    if isinstance(name, str) and _VALID_NAME.fullmatch(name):
+        return name  # the common case, in one regex; the rules below say what is wrong
     if not isinstance(name, str):
         raise InvalidName(f"{what} must be a string, not {type(name).__name__}")
     if not name:

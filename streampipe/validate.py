@@ -30,7 +30,7 @@ does not cost its neighbours:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -51,66 +51,150 @@ class Rejection:
     seq: int | None = None
 
 
-@dataclass(slots=True)
 class Validated:
-    """The readings of a batch that may reach a model, and what was refused or cleaned."""
+    """The readings of a batch that may reach a model, and what was refused or cleaned.
 
-    readings: list[Reading] = field(default_factory=list)
-    rejected: list[Rejection] = field(default_factory=list)
-    cleaned: int = 0  # non-finite feature values dropped
+    The accepted readings stay columns of the original batch (``index`` names their
+    rows, in order, with strictly increasing sequence numbers): a mini-batch learner
+    takes them as arrays, a per-reading learner asks for :meth:`features` dicts.
+    """
+
+    __slots__ = ("_keep", "batch", "cleaned", "complete", "index", "rejected")
+
+    def __init__(
+        self,
+        batch: Batch,
+        index: np.ndarray,
+        rejected: list[Rejection],
+        cleaned: int,
+        keep: np.ndarray | None,
+    ) -> None:
+        self.batch = batch
+        self.index = index
+        self.rejected = rejected
+        self.cleaned = cleaned  # non-finite feature values dropped
+        self._keep = keep  # per-value mask of what is present and finite; None: all are
+        #: True when every accepted reading has every feature, so a model may take the
+        #: accepted rows as one matrix.
+        self.complete = keep is None or bool(keep[index].all())
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @property
+    def seqs(self) -> list[int]:
+        return self.batch.seq[self.index].tolist()
+
+    @property
+    def timestamps(self) -> np.ndarray:
+        return self.batch.ts[self.index]
+
+    @property
+    def values(self) -> np.ndarray:
+        """The accepted rows' feature values (missing ones are NaN only if not complete)."""
+        return self.batch.values[self.index]
+
+    def features(self) -> list[dict[str, float]]:
+        """One ``{name: value}`` dict per accepted reading, missing values left out."""
+        names = self.batch.features
+        rows = self.values.tolist()
+        if self.complete:
+            return [dict(zip(names, row)) for row in rows]
+        kept = self._keep[self.index].tolist()  # type: ignore[index]
+        return [{k: v for k, v, p in zip(names, row, mask) if p} for row, mask in zip(rows, kept)]
+
+    def targets(self) -> list[float | None]:
+        """Each accepted reading's target, or None where it has none."""
+        b = self.batch
+        if b.target is None:
+            return [None] * len(self.index)
+        ys = b.target[self.index].tolist()
+        if b.target_present is None:
+            return ys
+        has = b.target_present[self.index].tolist()
+        return [y if h else None for y, h in zip(ys, has)]
+
+    @property
+    def readings(self) -> list[Reading]:
+        """The accepted readings as :class:`Reading` objects (for tests and tools)."""
+        b = self.batch
+        return [
+            Reading(b.device, seq, ts, x, y, b.epoch)
+            for seq, ts, x, y in zip(
+                self.seqs, self.timestamps.tolist(), self.features(), self.targets()
+            )
+        ]
 
 
 def validate(batch: Batch, max_abs: float = DEFAULT_MAX_ABS) -> Validated:
     """Split a batch into clean readings and per-reading rejections."""
+    if _all_clean(batch, max_abs):
+        return Validated(batch, np.arange(len(batch)), [], 0, None)
+    return _apply_rules(batch, max_abs)
+
+
+def _apply_rules(batch: Batch, max_abs: float) -> Validated:
     n = len(batch)
-    out = Validated()
     values = batch.values
-    present = batch.present if batch.present is not None else np.ones(values.shape, bool)
+    present = batch.present
 
     finite = np.isfinite(values)
-    with np.errstate(invalid="ignore"):
-        too_big = finite & (np.abs(values) > max_abs) & present
-    keep = present & finite  # cleaned: present but non-finite values are dropped
-    out.cleaned = int(np.count_nonzero(present & ~finite))
-
-    reason = np.full(n, "", dtype=object)
-
-    def reject(mask: np.ndarray, why: str) -> None:
-        reason[(reason == "") & mask] = why
+    all_finite = bool(finite.all())
+    if all_finite and present is None:
+        keep = None
+        cleaned = 0
+        too_big = np.abs(values) > max_abs
+    else:
+        present = present if present is not None else np.ones(values.shape, bool)
+        with np.errstate(invalid="ignore"):
+            too_big = finite & (np.abs(values) > max_abs) & present
+        keep = present & finite  # cleaned: present but non-finite values are dropped
+        cleaned = int(np.count_nonzero(present & ~finite))
 
     seq = batch.seq
-    previous = np.concatenate(([-1], seq[:-1])) if n else seq
-    reject((seq < 0) | (seq <= previous), "invalid_sequence")
-    reject(~np.isfinite(batch.ts) | (batch.ts < 0), "invalid_timestamp")
-    reject(too_big.any(axis=1), "value_out_of_range")
+    bad = [
+        ((seq < 0) | (seq <= np.concatenate(([-1], seq[:-1]))), "invalid_sequence"),
+        (~np.isfinite(batch.ts) | (batch.ts < 0), "invalid_timestamp"),
+        (too_big.any(axis=1), "value_out_of_range"),
+    ]
     if batch.target is not None:
         y = batch.target
-        has_y = batch.target_present if batch.target_present is not None else np.ones(n, bool)
-        reject(has_y & ~np.isfinite(y), "non_finite_target")
+        has_y = batch.target_present if batch.target_present is not None else True
+        finite_y = np.isfinite(y)
+        bad.append((has_y & ~finite_y, "non_finite_target"))
         with np.errstate(invalid="ignore"):
-            reject(has_y & np.isfinite(y) & (np.abs(y) > max_abs), "value_out_of_range")
-    reject(~keep.any(axis=1), "no_features")
+            bad.append((has_y & finite_y & (np.abs(y) > max_abs), "value_out_of_range"))
+    if keep is not None:
+        bad.append((~keep.any(axis=1), "no_features"))
+    elif values.shape[1] == 0:
+        bad.append((np.ones(n, bool), "no_features"))
 
-    names = batch.features
-    seqs = seq.tolist()
-    tss = batch.ts.tolist()
-    rows = values.tolist()
-    all_kept = bool(keep.all())
-    kept = None if all_kept else keep.tolist()
-    ys = batch.targets()
-    device, epoch = batch.device, batch.epoch
-    reasons = reason.tolist()
-    for i in range(n):
-        why = reasons[i]
-        if why:
-            out.rejected.append(Rejection(why, _DETAILS[why], seqs[i]))
-            continue
-        if kept is None:
-            x = dict(zip(names, rows[i]))
-        else:
-            x = {k: v for k, v, p in zip(names, rows[i], kept[i]) if p}
-        out.readings.append(Reading(device, seqs[i], tss[i], x, ys[i], epoch))
-    return out
+    refused = np.zeros(n, bool)
+    for mask, _ in bad:
+        refused |= mask
+    rejected: list[Rejection] = []
+    if refused.any():
+        seqs = seq.tolist()
+        for i in np.flatnonzero(refused).tolist():
+            why = next(why for mask, why in bad if mask[i])  # the first rule that applies
+            rejected.append(Rejection(why, _DETAILS[why], seqs[i]))
+    return Validated(batch, np.flatnonzero(~refused), rejected, cleaned, keep)
+
+
+def _all_clean(batch: Batch, max_abs: float) -> bool:
+    """True when no rule below applies to any reading: the common case, in a few
+    whole-array comparisons (each false for NaN), which matters for small batches."""
+    seq, ts, y = batch.seq, batch.ts, batch.target
+    return (
+        seq.size > 0
+        and batch.present is None
+        and batch.values.shape[1] > 0
+        and bool((np.abs(batch.values) <= max_abs).all())
+        and seq[0] >= 0
+        and (len(seq) == 1 or bool((seq[1:] > seq[:-1]).all()))
+        and bool(((ts >= 0) & (ts < np.inf)).all())
+        and (y is None or bool((np.abs(y) <= max_abs).all()))
+    )
 
 
 _DETAILS = {

@@ -27,7 +27,18 @@ def test_values_are_sent_as_they_are_in_the_file():
 def test_each_device_is_numbered_from_zero():
     text = "dev,a,y\nA,1,1\nB,2,2\nA,3,3\n"
     rows = list(CsvSource.from_text(text, target="y", device_column="dev", epoch=9))
-    assert [(r.device, r.seq, r.epoch) for r in rows] == [("A", 0, 9), ("B", 0, 9), ("A", 1, 9)]
+    got = sorted((r.device, r.seq, r.epoch, r.x["a"]) for r in rows)
+    assert got == [("A", 0, 9, 1.0), ("A", 1, 9, 3.0), ("B", 0, 9, 2.0)]
+
+
+def test_batches_hold_one_device_each_with_missing_cells_marked():
+    text = "dev,a,b,y\nA,1,,1\nB,2,5,\nA,3,6,3\nA,4,7,4\n"
+    src = CsvSource.from_text(text, target="y", device_column="dev", clock=lambda: 42.0)
+    first, second, third = src.batches(3)  # rows 1-3 are one chunk, row 4 the next
+    assert (first.device, first.seq.tolist(), first.values[:, 0].tolist()) == ("A", [0, 1], [1, 3])
+    assert first.present.tolist() == [[True, False], [True, True]]
+    assert (second.device, second.target) == ("B", None)  # no target in any of its rows
+    assert (third.device, third.seq.tolist(), third.ts.tolist()) == ("A", [2], [42.0])
 
 
 @pytest.mark.parametrize(

@@ -115,7 +115,7 @@ def test_metrics_message_carries_the_same_numbers(stage):
     assert (m["readings"], m["predictions"], m["messages"]) == (40, 40, 2)
     assert m["rejected"] == 1 and sum(m["rejected_by_reason"].values()) == 1
     assert m["metrics"]["count"] == 40
-    assert m["metrics"]["progressive"]["mae"] == stage.learner.metrics.progressive["mae"].get()
+    assert m["metrics"] == stage.learner.metrics.as_dict()
 
 
 def test_classifier_spec_publishes_classes():
@@ -124,3 +124,40 @@ def test_classifier_spec_publishes_classes():
     out = stage.handle(stage.topics.readings("d"), frame(data))
     preds = bodies(out, "predictions")[0]["predictions"]
     assert len(preds) == 20
+
+
+def test_minibatch_mode_predicts_each_batch_then_learns_it_with_rivers_many_api():
+    pd = pytest.importorskip("pandas")
+    stage = EdgeStage("edge-1", mode="minibatch")
+    data = readings("d1", 30)
+    model = preprocessing.StandardScaler() | linear_model.LinearRegression()
+    expected = []
+    for part in (data[:10], data[10:], data[5:15]):  # the last batch is all duplicates
+        out = stage.handle(stage.topics.readings("d1"), frame(part))
+        got = [p["y_pred"] for b in bodies(out, "predictions") for p in b["predictions"]]
+        new = [r for r in part if r.seq >= len(expected)]
+        if new:
+            X = pd.DataFrame([r.x for r in new])
+            expected += model.predict_many(X).tolist()
+            model.learn_many(X, pd.Series([r.y for r in new]))
+        assert got == expected[len(expected) - len(new) :]
+    assert stage.stats.predictions == 30 and stage.stats.rejected == {"duplicate": 10}
+
+
+def test_minibatch_mode_learns_a_batch_with_missing_values_reading_by_reading():
+    pytest.importorskip("pandas")
+    stage = EdgeStage("edge-1", mode="minibatch")
+    data = readings("d1", 4)
+    data[2] = Reading("d1", 2, 2.0, {"a": 1.0}, 3.0)  # "b" missing
+    out = stage.handle(stage.topics.readings("d1"), frame(data))
+    model = preprocessing.StandardScaler() | linear_model.LinearRegression()
+    expected = []
+    for r in data:
+        expected.append(model.predict_one(r.x))
+        model.learn_one(r.x, r.y)
+    assert [p["y_pred"] for p in bodies(out, "predictions")[0]["predictions"]] == expected
+
+
+def test_minibatch_mode_refuses_a_model_that_cannot_learn_in_batches():
+    with pytest.raises(ValueError, match="cannot learn in mini-batches"):
+        EdgeStage("edge-1", ModelSpec.parse("tree.HoeffdingTreeRegressor"), mode="minibatch")

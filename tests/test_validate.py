@@ -6,9 +6,11 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from streampipe.readings import Batch, Reading
-from streampipe.validate import validate
+from streampipe.validate import DEFAULT_MAX_ABS, _apply_rules, validate
 
 NAN, INF = float("nan"), float("inf")
 
@@ -72,3 +74,29 @@ def test_clean_readings_pass_unchanged():
     out = validate(Batch.from_readings([r]))
     assert out.readings == [r] and not out.rejected and out.cleaned == 0
     assert math.copysign(1.0, out.readings[0].x["a"]) == -1.0
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(-2, 50),
+            st.sampled_from([0.0, 5.0, -1.0, math.nan, math.inf]),
+            st.lists(
+                st.sampled_from([1.0, -2.5, 1e16, math.nan, -math.inf]), min_size=2, max_size=2
+            ),
+            st.sampled_from([None, 3.0, math.nan, 1e16]),
+        ),
+        min_size=1,
+        max_size=6,
+    )
+)
+def test_the_fast_path_agrees_with_the_rules(rows):
+    """validate() skips the rules when a batch is clean; it must never skip a bad one."""
+    batch = Batch.from_readings(
+        [Reading("d", seq, ts, {"a": a, "b": b}, y) for seq, ts, (a, b), y in rows]
+    )
+    fast, rules = validate(batch), _apply_rules(batch, DEFAULT_MAX_ABS)
+    assert fast.index.tolist() == rules.index.tolist()
+    assert fast.rejected == rules.rejected and fast.cleaned == rules.cleaned
+    assert fast.readings == rules.readings

@@ -9,42 +9,40 @@ the watermark has been learned already and is refused as a ``duplicate``, so a
 redelivered message changes no model. A sensor that reboots starts a new, larger epoch
 and its sequence numbers start again; a smaller epoch is ``stale_epoch``.
 
+In ``minibatch`` mode each batch is predicted with ``predict_many`` and then learned
+with ``learn_many``: much faster, but a reading's prediction no longer comes from a
+model that has learned its predecessors in the same batch, so it is *not* River's
+progressive validation. A batch with missing values is learned reading by reading.
+
 >>> from streampipe.learn.spec import ModelSpec
->>> from streampipe.readings import Reading
+>>> from streampipe.readings import Batch, Reading
+>>> from streampipe.validate import validate
 >>> learner = OnlineLearner(ModelSpec.parse("linear_model.LinearRegression"))
->>> out = learner.process("d", 0, [Reading("d", 0, 0.0, {"a": 1.0}, 2.0)])
->>> [(p.seq, p.y_pred) for p in out.predictions]
-[(0, 0.0)]
->>> learner.process("d", 0, [Reading("d", 0, 0.0, {"a": 1.0}, 2.0)]).duplicates
+>>> batch = validate(Batch.from_readings([Reading("d", 0, 0.0, {"a": 1.0}, 2.0)]))
+>>> learner.process(batch).y_pred
+[0.0]
+>>> learner.process(batch).duplicates
 [0]
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from river import metrics, utils
+import numpy as np
 
+from streampipe.learn.scores import DEFAULT_WINDOW, Scores, scores_for
 from streampipe.learn.spec import ModelSpec
-from streampipe.readings import Reading
+from streampipe.validate import Validated
 
-__all__ = ["DeviceState", "LearnResult", "ModelMetrics", "OnlineLearner", "Prediction"]
+__all__ = ["MODES", "DeviceState", "LearnResult", "OnlineLearner", "supports_minibatch"]
 
-#: Rolling metrics cover the last this many predictions of a stage.
-DEFAULT_WINDOW = 1000
-
-_REGRESSION = {"mae": metrics.MAE, "rmse": metrics.RMSE, "r2": metrics.R2}
-_CLASSIFICATION = {"accuracy": metrics.Accuracy}
-
-
-@dataclass(frozen=True, slots=True)
-class Prediction:
-    seq: int
-    ts: float
-    y_pred: Any
-    y_true: Any
+#: ``exact``: predict, score and learn reading by reading (River's progressive
+#: validation). ``minibatch``: ``predict_many`` then ``learn_many`` per batch.
+MODES = ("exact", "minibatch")
 
 
 @dataclass(slots=True)
@@ -59,56 +57,47 @@ class DeviceState:
 
 @dataclass(slots=True)
 class LearnResult:
-    predictions: list[Prediction] = field(default_factory=list)
+    """What became of one device's validated batch.
+
+    The first ``skipped`` accepted readings were at or below the device's watermark
+    (``duplicates``, or all of them ``stale`` for an older epoch); the rest were
+    predicted, in order, as ``y_pred``.
+    """
+
+    skipped: int = 0
+    y_pred: list[Any] = field(default_factory=list)
     duplicates: list[int] = field(default_factory=list)
     stale: list[int] = field(default_factory=list)
-    gap: int = 0  # readings missing before this batch (sequence numbers skipped)
+    gap: int = 0  # readings missing before or inside this batch (sequence numbers skipped)
     non_finite: int = 0  # predictions that were not finite numbers (published as null)
 
 
-class ModelMetrics:
-    """Progressive (since start) and rolling-window River metrics of one model."""
-
-    def __init__(self, kind: str, window: int = DEFAULT_WINDOW) -> None:
-        factories = _CLASSIFICATION if kind == "classifier" else _REGRESSION
-        self.window = window
-        self.progressive = {name: make() for name, make in factories.items()}
-        self.rolling = {
-            name: utils.Rolling(make, window_size=window) for name, make in factories.items()
-        }
-        self.count = 0
-
-    def update(self, y_true: Any, y_pred: Any) -> None:
-        for m in self.progressive.values():
-            m.update(y_true, y_pred)
-        for m in self.rolling.values():
-            m.update(y_true, y_pred)
-        self.count += 1
-
-    def as_dict(self) -> dict[str, Any]:
-        def values(ms: dict[str, Any]) -> dict[str, float | None]:
-            out: dict[str, float | None] = {}
-            for name, m in ms.items():
-                v = m.get()
-                out[name] = float(v) if v is not None and math.isfinite(v) else None
-            return out
-
-        return {
-            "count": self.count,
-            "progressive": values(self.progressive),
-            "rolling": values(self.rolling),
-            "window": self.window,
-        }
+def supports_minibatch(model: Any) -> bool:
+    """Whether every step of ``model`` has River's ``learn_many`` (and it predicts many)."""
+    steps = list(model.steps.values()) if hasattr(model, "steps") else [model]
+    return all(hasattr(s, "learn_many") for s in steps) and hasattr(steps[-1], "predict_many")
 
 
 class OnlineLearner:
-    """One River model per device, learned reading by reading."""
+    """One River model per device, learned reading by reading (or batch by batch)."""
 
-    def __init__(self, spec: ModelSpec, *, window: int = DEFAULT_WINDOW) -> None:
+    def __init__(
+        self, spec: ModelSpec, *, window: int = DEFAULT_WINDOW, mode: str = "exact"
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
         self.spec = spec
         self.kind = spec.kind
+        self.mode = mode
         self.devices: dict[str, DeviceState] = {}
-        self.metrics = ModelMetrics(self.kind, window)
+        self.metrics: Scores = scores_for(self.kind, window)
+        if mode == "minibatch":
+            _need_pandas()
+        if mode == "minibatch" and not supports_minibatch(spec.build()):
+            raise ValueError(
+                f"{spec.text} cannot learn in mini-batches (a step lacks learn_many or "
+                "predict_many): use --mode exact"
+            )
 
     def snapshot(self) -> dict[str, Any]:
         """Models, watermarks and metrics, to be checkpointed as one piece."""
@@ -130,35 +119,87 @@ class OnlineLearner:
             st = self.devices[device] = DeviceState(self.spec.build())
         return st
 
-    def process(self, device: str, epoch: int, readings: list[Reading]) -> LearnResult:
-        """Predict, score, then learn each reading of one device, in order."""
+    def process(self, batch: Validated) -> LearnResult:
+        """Predict, score, then learn each new reading of one device's batch, in order."""
         out = LearnResult()
-        st = self.state(device)
+        st = self.state(batch.batch.device)
+        epoch = batch.batch.epoch
+        seqs = batch.seqs
         if epoch < st.epoch:
-            out.stale = [r.seq for r in readings]
+            out.stale, out.skipped = seqs, len(seqs)
             return out
         if epoch > st.epoch:
             st.epoch, st.seq = epoch, -1
-        model = st.model
-        predict, learn = model.predict_one, model.learn_one
-        update = self.metrics.update
-        preds = out.predictions
-        last = st.seq
-        for r in readings:
-            if r.seq <= last:
-                out.duplicates.append(r.seq)
-                continue
-            out.gap += r.seq - last - 1
-            last = r.seq
-            y_pred = predict(r.x)
-            if isinstance(y_pred, float) and not math.isfinite(y_pred):
-                out.non_finite += 1
-                y_pred = None
-            if r.y is not None:
-                if y_pred is not None:
-                    update(r.y, y_pred)
-                learn(r.x, r.y)
-            preds.append(Prediction(r.seq, r.ts, y_pred, r.y))
-        st.seq = last
-        st.learned += len(preds)
+        # Accepted sequence numbers increase strictly, so what was learned is a prefix.
+        start = bisect.bisect_right(seqs, st.seq)
+        out.skipped, out.duplicates = start, seqs[:start]
+        if start == len(seqs):
+            return out
+        out.gap = seqs[-1] - st.seq - (len(seqs) - start)
+        ys = batch.targets()
+        if start:
+            ys = ys[start:]
+        if self.mode == "minibatch" and batch.complete:
+            y_pred = self._learn_many(st.model, batch, start, ys)
+        else:
+            xs = batch.features()
+            y_pred = self._learn_one_by_one(st.model, xs[start:] if start else xs, ys)
+        if self.kind != "classifier":
+            out.non_finite = _null_non_finite(y_pred)
+        self.metrics.update_many(ys, y_pred)
+        out.y_pred = y_pred
+        st.seq = seqs[-1]
+        st.learned += len(y_pred)
         return out
+
+    @staticmethod
+    def _learn_one_by_one(model: Any, xs: list[dict], ys: list[Any]) -> list[Any]:
+        # River's progressive validation: predict, (score,) learn. Scoring is done for
+        # the whole batch afterwards, which changes nothing: a metric never feeds back.
+        predict, learn = model.predict_one, model.learn_one
+        y_pred = []
+        append = y_pred.append
+        for x, y in zip(xs, ys):
+            append(predict(x))
+            if y is not None:
+                learn(x, y)
+        return y_pred
+
+    @staticmethod
+    def _learn_many(model: Any, batch: Validated, start: int, ys: list[Any]) -> list[Any]:
+        import pandas as pd  # River's mini-batch API takes DataFrames
+
+        X = pd.DataFrame(batch.values[start:], columns=list(batch.batch.features))
+        y_pred = model.predict_many(X).tolist()
+        y = pd.Series(ys, dtype=float)
+        has = y.notna()
+        if has.all():
+            model.learn_many(X, y)
+        elif has.any():
+            model.learn_many(X[has.to_numpy()], y[has])
+        return y_pred
+
+
+def _need_pandas() -> None:
+    try:
+        import pandas  # noqa: F401
+    except ImportError:
+        raise ValueError(
+            "mini-batch mode needs pandas (River's learn_many takes DataFrames): "
+            "pip install 'streampipe[minibatch]'"
+        ) from None
+
+
+def _null_non_finite(y_pred: list[Any]) -> int:
+    """Replace non-finite predictions by None in place; return how many there were."""
+    try:
+        finite = np.isfinite(np.asarray(y_pred, dtype=float))
+    except (TypeError, ValueError):  # None or a non-number among them
+        bad = [i for i, p in enumerate(y_pred) if isinstance(p, float) and not math.isfinite(p)]
+    else:
+        if finite.all():
+            return 0
+        bad = np.flatnonzero(~finite).tolist()
+    for i in bad:
+        y_pred[i] = None
+    return len(bad)

@@ -91,6 +91,8 @@ from river.optim import losses as optim_losses
 from river.optim import schedulers as optim_schedulers
 from river.tree import splitter as tree_splitter
 
+from streampipe.learn import DEFAULT_MODEL_SPEC
+
 __all__ = [
     "DEFAULT_MODEL_SPEC",
     "MAX_NESTING",
@@ -101,8 +103,6 @@ __all__ = [
     "model_kind",
     "parse_model_spec",
 ]
-
-DEFAULT_MODEL_SPEC = "preprocessing.StandardScaler | linear_model.LinearRegression"
 
 # A spec is typed on a command line; anything longer is a mistake or an attack.
 MAX_SPEC_CHARS = 2000
