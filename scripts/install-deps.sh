@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs what streampipe needs from the system on Debian/Ubuntu: Mosquitto (broker and
-# command-line clients) and Python's venv module. Does nothing for what is already there.
+# command-line clients), Prometheus (and promtool: the tests run a real Prometheus and
+# check brokers/prometheus.yml and brokers/alerts.yml) and Python's venv module. Does
+# nothing for what is already there.
 set -euo pipefail
 
 SUDO=""
@@ -11,6 +13,9 @@ if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
     need+=(mosquitto)
 fi
 command -v mosquitto_sub >/dev/null 2>&1 || need+=(mosquitto-clients)
+if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then
+    need+=(prometheus)
+fi
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
 
 if [ "${#need[@]}" -gt 0 ]; then
@@ -20,8 +25,10 @@ if [ "${#need[@]}" -gt 0 ]; then
     fi
     echo "Installing ${need[*]} ..."
     $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
+        "${need[@]}" >/dev/null
 fi
-# Debian starts a system-wide Mosquitto on port 1883 when it installs it; streampipe's
-# demo and tests start their own private brokers on free ports and do not need it.
-echo "System dependencies present: $(command -v mosquitto || echo /usr/sbin/mosquitto)"
+# Debian starts a system-wide Mosquitto (port 1883) and Prometheus (9090) when it installs
+# them; streampipe's demo and tests start their own on free ports and do not need them.
+echo "System dependencies present: $(command -v mosquitto || echo /usr/sbin/mosquitto)," \
+    "$(command -v prometheus)"

@@ -44,6 +44,10 @@ class PrivateMosquitto:
 
     ``persistence=True`` keeps its database in its own directory, so a restart on the
     same port (:meth:`restart`) brings back retained messages and sessions.
+
+    ``config=PATH`` runs that configuration file instead, unchanged (e.g. one made by
+    ``streampipe broker init-secure --port PORT``); it must listen on ``127.0.0.1:port``,
+    and ``tls=True`` says the listener speaks TLS, for :attr:`url`.
     """
 
     def __init__(
@@ -53,6 +57,8 @@ class PrivateMosquitto:
         persistence: bool = False,
         extra_config: str = "",
         workdir: Path | None = None,
+        config: str | Path | None = None,
+        tls: bool = False,
     ) -> None:
         binary = shutil.which("mosquitto") or next(
             (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if os.path.exists(p)),
@@ -61,11 +67,18 @@ class PrivateMosquitto:
         if binary is None:
             raise MosquittoNotFound(INSTALL_HINT)
         self.binary = binary
+        if config is not None and port is None:
+            raise ValueError("a given config needs the port it listens on")
         self.port = port or free_port()
+        self.tls = tls
         self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="streampipe-mqtt-")
         self.dir = Path(workdir or self._tmp.name)  # type: ignore[union-attr]
-        self.config = self.dir / "mosquitto.conf"
         self.log = self.dir / "mosquitto.log"
+        self.process: subprocess.Popen[bytes] | None = None
+        if config is not None:
+            self.config = Path(config)
+            return
+        self.config = self.dir / "mosquitto.conf"
         lines = [
             f"listener {self.port} 127.0.0.1",
             "allow_anonymous true",
@@ -83,11 +96,10 @@ class PrivateMosquitto:
         if hasattr(os, "geteuid") and os.geteuid() == 0:
             lines.append("user root")  # keep access to our own temporary directory
         self.config.write_text("\n".join(lines) + "\n" + extra_config)
-        self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> BrokerURL:
-        return BrokerURL("127.0.0.1", self.port)
+        return BrokerURL("127.0.0.1", self.port, tls=self.tls)
 
     def start(self, timeout: float = 10.0) -> PrivateMosquitto:
         logf = open(self.log, "ab")  # noqa: SIM115 - handed to the child process

@@ -1,4 +1,4 @@
-"""The ``streampipe`` command line: edge, replay, sensors, demo."""
+"""The ``streampipe`` command line: edge, replay, sensors, demo, broker init-secure."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import logging
 import math
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -17,10 +18,11 @@ from typing import Any
 from streampipe import __version__
 from streampipe.broker import MosquittoNotFound
 from streampipe.learn import DEFAULT_MODEL_SPEC
+from streampipe.secure.certs import MissingCryptography
 from streampipe.sources.csv import CsvError
 from streampipe.state import CheckpointError
 from streampipe.topics import DEFAULT_ROOT, InvalidName, Topics
-from streampipe.transport import BrokerURL, InvalidBrokerURL, MQTTError
+from streampipe.transport import BrokerURL, InvalidBrokerURL, MQTTError, with_credentials
 
 __all__ = ["main"]
 
@@ -35,6 +37,7 @@ USER_ERRORS = (
     CsvError,
     InvalidName,
     MosquittoNotFound,
+    MissingCryptography,
     ValueError,  # ModelSpecError, CheckpointError's kin and bad values alike
     OSError,
 )
@@ -71,14 +74,54 @@ def _positive_int(value: str) -> int:
 
 def _add_broker(p: argparse.ArgumentParser, default: str | None = None) -> None:
     env = os.environ.get("STREAMPIPE_BROKER")
-    p.add_argument(
+    g = p.add_argument_group(
+        "broker",
+        "Where the broker is and how to log in. A password on the command line (in "
+        "--broker) is visible to every user of this machine in process listings: give it "
+        "in a file (--password-file) or in $STREAMPIPE_PASSWORD instead.",
+    )
+    g.add_argument(
         "--broker",
         type=_broker,
         default=env or default,  # argparse applies ``type`` to a string default
-        help="mqtt://[user:pass@]host[:port] (default: $STREAMPIPE_BROKER or "
+        help="mqtt://[user@]host[:port], or mqtts:// for TLS (default: $STREAMPIPE_BROKER or "
         f"{default or 'a private Mosquitto'})",
     )
-    p.add_argument("--topic-root", default=DEFAULT_ROOT, help="topic root (default: %(default)s)")
+    for flag, env_name, text in (
+        ("--password-file", "STREAMPIPE_PASSWORD_FILE", "file whose first line is the password"),
+        (
+            "--ca-file",
+            "STREAMPIPE_CA_FILE",
+            "CA certificates (PEM) that the broker's must chain to (default: the system's)",
+        ),
+        (
+            "--cert-file",
+            "STREAMPIPE_CERT_FILE",
+            "client certificate (PEM), for brokers that require one",
+        ),
+        ("--key-file", "STREAMPIPE_KEY_FILE", "private key (PEM) of --cert-file"),
+    ):
+        g.add_argument(
+            flag, metavar="FILE", default=os.environ.get(env_name), help=f"{text} (${env_name})"
+        )
+    g.add_argument("--topic-root", default=DEFAULT_ROOT, help="topic root (default: %(default)s)")
+
+
+def _broker_with_credentials(args: argparse.Namespace) -> BrokerURL | None:
+    """``--broker`` joined with the password and TLS flags, checked once for every command."""
+    files = {k: getattr(args, k) for k in ("password_file", "ca_file", "cert_file", "key_file")}
+    if args.broker is None:
+        given = [f"--{k.replace('_', '-')}" for k, v in files.items() if v]
+        if given:
+            raise ValueError(f"{', '.join(given)} need{'s' if len(given) == 1 else ''} --broker")
+        return None
+    env = os.environ.get("STREAMPIPE_BROKER")
+    if args.broker.password is not None and (env is None or _broker(env) != args.broker):
+        log.warning(
+            "the password in --broker is visible to other users of this machine (ps); "
+            "use --password-file or $STREAMPIPE_PASSWORD"
+        )
+    return with_credentials(args.broker, password=os.environ.get("STREAMPIPE_PASSWORD"), **files)
 
 
 def _add_batching(p: argparse.ArgumentParser, batch: int, linger_ms: float) -> None:
@@ -203,6 +246,53 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--duration", type=float, help="seconds to run (default: until Ctrl-C)")
     demo.add_argument("--model", default=DEFAULT_MODEL_SPEC, metavar="SPEC")
     demo.add_argument("--metrics-port", type=int, default=0)
+
+    broker = sub.add_parser("broker", help="set up a broker")
+    broker_sub = broker.add_subparsers(dest="broker_command", required=True, metavar="COMMAND")
+    init = broker_sub.add_parser(
+        "init-secure",
+        help="create a secured Mosquitto set-up: accounts, ACL, development certificates",
+        description="Create in DIR a Mosquitto configuration that allows only TLS, "
+        "password logins and what the ACL grants each account (operator, edge, gateway, "
+        "one per sensor), with a development CA, a server and a client certificate. "
+        "Passwords are random and written only to files of mode 0600.",
+    )
+    init.add_argument("dir", metavar="DIR", help="directory to create the files in")
+    init.add_argument(
+        "--sensor",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a sensor account, named as its device id (repeat for more)",
+    )
+    init.add_argument(
+        "--sensors",
+        type=int,
+        default=None,
+        metavar="N",
+        help="N sensor accounts named as `streampipe sensors` names devices (sensor-000, …); "
+        "default 3 when no --sensor is given",
+    )
+    init.add_argument(
+        "--host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="host name or address clients use for the broker, put in its certificate "
+        "(localhost, 127.0.0.1 and ::1 always are; repeat for more)",
+    )
+    init.add_argument("--port", type=int, default=8883, help="TLS port (%(default)s)")
+    init.add_argument(
+        "--bind",
+        default="127.0.0.1",
+        metavar="ADDRESS",
+        help="address the broker listens on (%(default)s; 0.0.0.0 for every interface)",
+    )
+    init.add_argument("--topic-root", default=DEFAULT_ROOT, help="topic root (%(default)s)")
+    init.add_argument(
+        "--days", type=_positive_int, default=825, help="certificate validity (%(default)s)"
+    )
+    init.add_argument("--force", action="store_true", help="replace an existing set-up in DIR")
     return parser
 
 
@@ -243,7 +333,9 @@ def cmd_edge(args: argparse.Namespace) -> int:
     service.start()
     if service.metrics_port is not None:
         log.info(
-            "Prometheus metrics on http://%s:%d/metrics", args.metrics_host, service.metrics_port
+            "Prometheus metrics on http://%s:%d/metrics, health on /healthz",
+            args.metrics_host,
+            service.metrics_port,
         )
     service.run()
     return 0
@@ -430,7 +522,56 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args)
 
 
-COMMANDS = {"edge": cmd_edge, "replay": cmd_replay, "sensors": cmd_sensors, "demo": cmd_demo}
+def cmd_broker(args: argparse.Namespace) -> int:
+    from streampipe.secure import init_secure, sensor_names
+
+    sensors = list(args.sensor)
+    if args.sensors is not None:
+        if args.sensors < 0:
+            raise ValueError("--sensors must not be negative")
+        sensors += sensor_names(args.sensors)
+    elif not sensors:
+        sensors = sensor_names(3)
+    setup = init_secure(
+        args.dir,
+        sensors=sensors,
+        hosts=args.host,
+        port=args.port,
+        bind=args.bind,
+        topic_root=args.topic_root,
+        days=args.days,
+        force=args.force,
+    )
+    d = setup.dir
+    q = shlex.quote
+    host = next(h for h in setup.hosts if ":" not in h)
+    url = f"mqtts://{{user}}@{host}:{setup.port}"
+    accounts = ", ".join(setup.roles)
+    print(
+        f"Secured Mosquitto set up in {d}: TLS on {args.bind}:{setup.port} for "
+        f"{', '.join(setup.hosts)}.\n"
+        f"Accounts: {accounts}. Their passwords are in {d / 'credentials'} and "
+        f"{d / 'passwords'}/USER (mode 0600), and nowhere else.\n\n"
+        "Next:\n"
+        f"  mosquitto -c {q(str(d / 'mosquitto.conf'))}\n"
+        f"  export STREAMPIPE_CA_FILE={q(str(d / 'ca.crt'))} "
+        f"STREAMPIPE_CERT_FILE={q(str(d / 'client.crt'))} "
+        f"STREAMPIPE_KEY_FILE={q(str(d / 'client.key'))}\n"
+        f"  streampipe edge --broker {url.format(user='edge')} "
+        f"--password-file {q(str(setup.password_file('edge')))} --stage-id edge-1\n"
+        f"  streampipe sensors --broker {url.format(user='gateway')} "
+        f"--password-file {q(str(setup.password_file('gateway')))}"
+    )
+    return 0
+
+
+COMMANDS = {
+    "edge": cmd_edge,
+    "replay": cmd_replay,
+    "sensors": cmd_sensors,
+    "demo": cmd_demo,
+    "broker": cmd_broker,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -442,6 +583,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
+        if hasattr(args, "broker") and args.command != "broker":
+            args.broker = _broker_with_credentials(args)
         return COMMANDS[args.command](args)
     except USER_ERRORS as exc:
         print(f"streampipe {args.command}: error: {exc}", file=sys.stderr)

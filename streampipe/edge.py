@@ -7,7 +7,7 @@ Threads and their jobs:
   learns, publishes the outputs and only then acknowledges the input message
   (MQTT v5 manual acknowledgement), so a reading is never acknowledged before its
   prediction is handed to the broker;
-- prometheus_client's HTTP thread serves ``/metrics``.
+- an HTTP thread serves ``/metrics`` and ``/healthz`` (:mod:`streampipe.http`).
 
 The queue cannot overflow with QoS 1 input: the stage announces a *Receive Maximum*
 equal to the queue's capacity, and the broker never has more unacknowledged
@@ -23,8 +23,9 @@ import threading
 import time
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 
+from streampipe.http import Health, MetricsServer
 from streampipe.learn.spec import DEFAULT_MODEL_SPEC, ModelSpec
 from streampipe.metrics import LatencyHistogram, StageCollector, StageStats
 from streampipe.stage import EdgeStage, Outgoing
@@ -117,11 +118,16 @@ class EdgeService:
         """Connect, subscribe, serve metrics and announce ``online``."""
         cfg = self.config
         if cfg.metrics_port is not None and cfg.metrics_port >= 0:
-            server, _thread = start_http_server(
-                cfg.metrics_port, addr=cfg.metrics_host, registry=self.registry
+            server = MetricsServer(
+                cfg.metrics_host,
+                cfg.metrics_port,
+                self.registry,
+                lambda: Health(
+                    self.conn.connected, self.ready.is_set() and not self._stop.is_set()
+                ),
             )
             self._http = server
-            self.metrics_port = server.server_port
+            self.metrics_port = server.port
         if self.checkpoints is not None:
             saved = self.checkpoints.load()
             if saved is not None:

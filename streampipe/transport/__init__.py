@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 from streampipe.transport.mqtt import ConnectError, Connection, Message, MQTTError, Will
+from streampipe.transport.tls import (
+    InvalidCredentials,
+    TLSFiles,
+    read_password_file,
+    with_credentials,
+)
 from streampipe.transport.url import BrokerURL, InvalidBrokerURL
 
 __all__ = [
@@ -10,7 +16,11 @@ __all__ = [
     "ConnectError",
     "Connection",
     "InvalidBrokerURL",
+    "InvalidCredentials",
     "MQTTError",
     "Message",
+    "TLSFiles",
     "Will",
+    "read_password_file",
+    "with_credentials",
 ]

@@ -12,6 +12,7 @@ import contextlib
 import functools
 import logging
 import socket
+import ssl
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from streampipe.transport.tls import TLSFiles
 from streampipe.transport.url import BrokerURL
 
 __all__ = ["ConnectError", "Connection", "MQTTError", "Message", "Will"]
@@ -127,7 +129,7 @@ class Connection:
         if url.username:
             c.username_pw_set(url.username, url.password)
         if url.tls:
-            c.tls_set()
+            c.tls_set_context((url.tls_files or TLSFiles()).context())
         if will is not None:
             c.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
         c.max_inflight_messages_set(max_inflight)
@@ -157,6 +159,13 @@ class Connection:
                 clean_start=self._clean_start,
                 properties=props,
             )
+        except ssl.SSLCertVerificationError as exc:
+            raise ConnectError(
+                f"TLS: broker {self.url} is not trusted: {exc.verify_message}"
+                " (check --ca-file and that the host name is in the broker's certificate)"
+            ) from None
+        except ssl.SSLError as exc:
+            raise ConnectError(f"TLS handshake with broker {self.url} failed: {exc}") from None
         except (OSError, ValueError) as exc:
             raise ConnectError(f"cannot reach broker {self.url}: {exc}") from None
         self._client.loop_start()
@@ -299,6 +308,17 @@ class Connection:
         properties: Properties | None,
     ) -> None:
         self._connected.clear()
+        if not self._first_connack.is_set():
+            # Closed before any CONNACK: at start-up that is a refusal, not a reason to retry.
+            self._refused = f"it closed the connection before answering ({reason})"
+            if self.url.tls:
+                self._refused += (
+                    "; a broker that requires client certificates does this when none or an "
+                    "untrusted one is given (--cert-file, --key-file)"
+                )
+            client.disconnect()
+            self._first_connack.set()
+            return
         if reason.value == SESSION_TAKEN_OVER:
             # Another process connected with our client id. Reconnecting would take the
             # session back and start a takeover loop between the two: stop instead.

@@ -12,7 +12,11 @@ BrokerURL('mqtt://alice:***@localhost:1884')
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
+
+if TYPE_CHECKING:
+    from streampipe.transport.tls import TLSFiles
 
 __all__ = ["BrokerURL", "InvalidBrokerURL"]
 
@@ -25,13 +29,19 @@ class InvalidBrokerURL(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class BrokerURL:
-    """Where a broker is and how to log in; the password never appears in its repr."""
+    """Where a broker is and how to log in; the password never appears in its repr.
+
+    ``tls_files`` (CA, client certificate and key) are set by
+    :func:`~streampipe.transport.tls.with_credentials`; ``None`` with ``tls`` trusts the
+    system's CAs.
+    """
 
     host: str
     port: int
     tls: bool = False
     username: str | None = None
     password: str | None = field(default=None, repr=False)
+    tls_files: TLSFiles | None = field(default=None, repr=False)
 
     @classmethod
     def parse(cls, text: str) -> BrokerURL:

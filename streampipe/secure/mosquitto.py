@@ -1,0 +1,172 @@
+"""Mosquitto's side of a secured broker: password hashes, the ACL and the configuration.
+
+Everything here is text that Mosquitto 2.0 reads; nothing needs Mosquitto's own tools,
+so the same code serves ``streampipe broker init-secure`` on a laptop and inside the
+streampipe container image, which has no ``mosquitto_passwd``.
+
+>>> line = password_line("edge", "s3cret", salt=bytes(12))
+>>> line.split("$")[:3]
+['edge:', '7', '101']
+>>> check_password(line, "s3cret"), check_password(line, "wrong")
+(True, False)
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+from dataclasses import dataclass
+
+__all__ = [
+    "ROLES",
+    "BrokerFiles",
+    "acl_text",
+    "check_password",
+    "config_text",
+    "password_line",
+]
+
+#: ``mosquitto_passwd``'s default: these passwords are random with ~190 bits of entropy,
+#: which protects them, not the iteration count; a higher count costs every connect.
+PBKDF2_ITERATIONS = 101
+SALT_BYTES = 12
+
+#: The accounts every secured broker has, besides one per sensor, and what they may do.
+ROLES = {
+    "operator": "reads everything; the only account that may publish models",
+    "edge": "edge stages: read readings, schemas and models; write predictions, "
+    "metrics, dead letters and status",
+    "gateway": "publishes readings of any device: the simulator, CSV replays, "
+    "gateways that forward for many devices",
+}
+
+
+def password_line(user: str, password: str, *, salt: bytes | None = None) -> str:
+    """One line of a Mosquitto 2.0 password file: PBKDF2-SHA512, the ``$7$`` format."""
+    salt = os.urandom(SALT_BYTES) if salt is None else salt
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, PBKDF2_ITERATIONS)
+    b64 = base64.b64encode
+    return f"{user}:$7${PBKDF2_ITERATIONS}${b64(salt).decode()}${b64(digest).decode()}"
+
+
+def check_password(line: str, password: str) -> bool:
+    """Whether ``password`` matches a ``$7$`` password-file line (as Mosquitto checks it)."""
+    _user, _, hashed = line.partition(":")
+    _, kind, iterations, salt, digest = hashed.split("$")
+    if kind != "7":
+        raise ValueError("not a PBKDF2-SHA512 ($7$) password line")
+    got = hashlib.pbkdf2_hmac("sha512", password.encode(), base64.b64decode(salt), int(iterations))
+    return hmac.compare_digest(got, base64.b64decode(digest))
+
+
+def acl_text(root: str) -> str:
+    """The ACL file for topic root ``root``: who may publish and read what.
+
+    >>> [line for line in acl_text("streampipe").splitlines() if line.startswith("pattern")]
+    ['pattern write streampipe/readings/+/%u', 'pattern write streampipe/schemas/+']
+    """
+    return f"""\
+# Mosquitto ACL for streampipe, topic root "{root}" (made by `streampipe broker
+# init-secure`). With an ACL file Mosquitto denies every topic that no line allows,
+# so what is not granted below is refused; anonymous clients get nothing at all.
+#
+#   <device id>  a sensor: publishes only its own readings (and schemas)
+#   gateway      publishes the readings of any device (simulator, replays, gateways)
+#   edge         reads readings, schemas, models; writes predictions, metrics,
+#                dead letters and status
+#   operator     reads and writes everything: the only account that publishes models
+
+# Patterns apply to every user. %u is the user name Mosquitto authenticated; the
+# client id (%c) is not used because any client may claim any client id.
+pattern write {root}/readings/+/%u
+# Frames of fewer than 32 readings name their fields by schema id, so whoever sends
+# readings must be able to publish the retained schema ROOT/schemas/<id>. The id is a
+# hash of the content and the edge refuses a schema published under another id, so a
+# sensor cannot redefine another device's fields; it can only clear a retained schema,
+# which costs edges that start later `unknown_schema` rejections until it is resent.
+pattern write {root}/schemas/+
+
+user gateway
+topic write {root}/readings/#
+
+user edge
+topic read {root}/readings/#
+topic read {root}/schemas/#
+topic read {root}/models/#
+topic write {root}/predictions/#
+topic write {root}/metrics/#
+topic write {root}/deadletter/#
+topic write {root}/status/#
+
+user operator
+topic readwrite {root}/#
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerFiles:
+    """Where the broker finds its files; paths as the broker sees them."""
+
+    password_file: str
+    acl_file: str
+    ca_file: str
+    cert_file: str
+    key_file: str
+    data_dir: str
+
+
+def config_text(
+    files: BrokerFiles,
+    *,
+    port: int = 8883,
+    bind: str = "127.0.0.1",
+    user: str | None = None,
+    log_dest: str = "stderr",
+    header: str = "",
+) -> str:
+    """A Mosquitto configuration: authenticated, ACL-checked, TLS only.
+
+    ``user`` is who Mosquitto becomes when started as root (it must be able to read
+    the files); ``None`` keeps Mosquitto's default, the ``mosquitto`` user.
+    """
+    run_as = (
+        "# Started as root, Mosquitto drops to this user before reading the files above,\n"
+        f"# so it must be their owner.\nuser {user}\n"
+        if user
+        else ""
+    )
+    return f"""\
+{header}# Every client logs in; what each account may do is in the ACL file.
+per_listener_settings false
+allow_anonymous false
+password_file {files.password_file}
+acl_file {files.acl_file}
+
+# TLS only: there is no plain-text listener. Clients must trust the CA that signed
+# the broker's certificate, and present a client certificate signed by it.
+listener {port} {bind}
+cafile {files.ca_file}
+certfile {files.cert_file}
+keyfile {files.key_file}
+require_certificate true
+{run_as}
+# Small MQTT packets are sent at once instead of waiting for Nagle's algorithm.
+set_tcp_nodelay true
+
+# Keep sessions, retained messages (stage status, schemas) and queued QoS 1 messages
+# across a restart; write them to disk every 10 s.
+persistence true
+persistence_location {files.data_dir}/
+autosave_interval 10
+
+max_queued_messages 100000
+max_inflight_messages 1000
+max_packet_size 16777216
+
+log_dest {log_dest}
+log_type error
+log_type warning
+log_type notice
+"""
