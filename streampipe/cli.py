@@ -174,9 +174,18 @@ def build_parser() -> argparse.ArgumentParser:
     edge.add_argument(
         "--checkpoint-interval",
         type=float,
-        default=30.0,
+        default=1.0,
         metavar="S",
-        help="seconds between checkpoints, besides one on stop (%(default)s)",
+        help="with --state-dir: longest a processed message waits for the checkpoint that "
+        "covers it before it is acknowledged to the broker (%(default)s)",
+    )
+    edge.add_argument(
+        "--session-expiry",
+        type=int,
+        default=86_400,
+        metavar="S",
+        help="seconds the broker keeps this stage's session, and the readings queued for it, "
+        "while the stage is down; 0 for a clean session on every start (%(default)s)",
     )
     edge.add_argument(
         "--window",
@@ -324,6 +333,7 @@ def cmd_edge(args: argparse.Namespace) -> int:
             metrics_host=args.metrics_host,
             metrics_interval=args.metrics_interval,
             checkpoint_interval=args.checkpoint_interval,
+            session_expiry=args.session_expiry,
             window=args.window,
             queue_size=args.queue_size,
             mode=args.mode,

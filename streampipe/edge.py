@@ -23,6 +23,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+from paho.mqtt.client import MQTTMessageInfo
 from prometheus_client import CollectorRegistry
 
 from streampipe.http import Health, MetricsServer
@@ -31,9 +32,9 @@ from streampipe.metrics import LatencyHistogram, StageCollector, StageStats
 from streampipe.stage import EdgeStage, Outgoing
 from streampipe.state import CheckpointStore
 from streampipe.topics import DEFAULT_ROOT, Topics
-from streampipe.transport import BrokerURL, Connection, Message, Will
+from streampipe.transport import BrokerURL, Connection, Message, MQTTError, Will
 
-__all__ = ["EdgeConfig", "EdgeService"]
+__all__ = ["EdgeConfig", "EdgeService", "TakenOver"]
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +54,16 @@ class EdgeConfig:
     metrics_port: int | None = None  # None or 0: no HTTP server
     metrics_host: str = "127.0.0.1"
     metrics_interval: float = 5.0
-    checkpoint_interval: float = 30.0
+    checkpoint_interval: float = 1.0  # longest a processed message waits for its commit
+    session_expiry: int = 86_400  # seconds the broker keeps our session while we are away
     window: int = 1000
     mode: str = "exact"  # or "minibatch": see streampipe.learn.learner
     queue_size: int = 1000
     keepalive: int = 30
+
+
+class TakenOver(MQTTError):
+    """Another process connected with this stage's client id."""
 
 
 class EdgeService:
@@ -89,11 +95,21 @@ class EdgeService:
         self.stats.queue_capacity = config.queue_size
         self.ready = threading.Event()
         self._stop = threading.Event()
+        # Processed but not yet acknowledged input, and the outputs published for it.
+        self._uncommitted: list[Message] = []
+        self._outputs: list[MQTTMessageInfo] = []
+        self._oldest_uncommitted = 0.0
+        # Commit before half the broker's in-flight window is used, so it keeps sending.
+        self._commit_every = max(1, config.queue_size // 2)
         self._http: object | None = None
         self.metrics_port: int | None = None
         self.conn = Connection(
             config.broker,
-            client_id=f"streampipe-edge-{config.stage_id}",
+            # Stable, so a restarted stage resumes its session; the root is part of it
+            # because stages under different roots are different stages.
+            client_id=f"streampipe-edge-{config.stage_id}@{config.topic_root}",
+            clean_start=config.session_expiry == 0,
+            session_expiry=config.session_expiry,
             keepalive=config.keepalive,
             will=Will(self.topics.status(config.stage_id), OFFLINE),
             manual_ack=True,
@@ -128,6 +144,7 @@ class EdgeService:
             )
             self._http = server
             self.metrics_port = server.port
+        saved = None
         if self.checkpoints is not None:
             saved = self.checkpoints.load()
             if saved is not None:
@@ -136,6 +153,14 @@ class EdgeService:
                     "resumed %d device models from %s", self.stats.devices, self.checkpoints.path
                 )
         self.conn.connect()
+        if saved is not None and not self.conn.session_present and cfg.session_expiry:
+            self.conn.sessions_lost += 1
+            log.warning(
+                "the broker kept no session for stage %s: readings published while it was "
+                "down are lost (they show as sequence gaps)",
+                cfg.stage_id,
+            )
+        self.stats.sessions_lost = lambda: self.conn.sessions_lost
         self.conn.subscribe([self.topics.schemas()], qos=1)
         self.conn.subscribe(self.topics.readings_filter(), qos=1)
         self.conn.publish(self.topics.status(cfg.stage_id), ONLINE, retain=True).wait_for_publish(
@@ -152,10 +177,17 @@ class EdgeService:
     def run(self) -> None:
         """Process messages until stopped, then drain, report and disconnect cleanly."""
         next_metrics = time.monotonic() + self.config.metrics_interval
-        next_checkpoint = time.monotonic() + self.config.checkpoint_interval
         try:
             while not self._stop.is_set():
+                if self.conn.taken_over.is_set():
+                    raise TakenOver(
+                        f"another process connected as stage {self.config.stage_id!r} "
+                        f"(client id {self.conn.client_id}); this one stopped"
+                    )
                 timeout = max(0.0, min(0.5, next_metrics - time.monotonic()))
+                if self._uncommitted:
+                    due = self._oldest_uncommitted + self.config.checkpoint_interval
+                    timeout = max(0.0, min(timeout, due - time.monotonic()))
                 try:
                     msg = self.queue.get(timeout=timeout)
                 except queue.Empty:
@@ -163,12 +195,13 @@ class EdgeService:
                 if msg is not None:
                     self._process(msg)
                     self._drain(DRAIN_AT_ONCE)
+                if self._uncommitted and time.monotonic() >= (
+                    self._oldest_uncommitted + self.config.checkpoint_interval
+                ):
+                    self._commit()
                 if time.monotonic() >= next_metrics:
                     self._publish(self.stage.metrics_message())
                     next_metrics = time.monotonic() + self.config.metrics_interval
-                if time.monotonic() >= next_checkpoint:
-                    self._checkpoint()
-                    next_checkpoint = time.monotonic() + self.config.checkpoint_interval
         finally:
             self._shutdown()
 
@@ -181,11 +214,6 @@ class EdgeService:
                 return
             self._process(msg)
 
-    def _checkpoint(self) -> None:
-        if self.checkpoints is not None:
-            meta, changed = self.stage.learner.snapshot()
-            self.checkpoints.save(meta, changed)
-
     def _process(self, msg: Message) -> None:
         try:
             outputs = self.stage.handle(msg.topic, msg.payload)
@@ -193,21 +221,64 @@ class EdgeService:
             log.exception("internal error processing a message on %s", msg.topic)
             outputs = [self.stage.dead_letter(msg.topic, msg.payload, "internal_error", repr(exc))]
         for out in outputs:
-            self._publish(out)
-        self.conn.ack(msg.mid, msg.qos)
+            info = self._publish(out)
+            if self.checkpoints is not None:
+                self._outputs.append(info)
+        if self.checkpoints is None:
+            # Nothing to make durable: the message is done once its outputs are handed on.
+            self.conn.ack(msg.mid, msg.qos)
+            return
+        if not self._uncommitted:
+            self._oldest_uncommitted = time.monotonic()
+        self._uncommitted.append(msg)
+        if len(self._uncommitted) >= self._commit_every:
+            self._commit()
 
-    def _publish(self, out: Outgoing) -> None:
-        self.conn.publish(
+    def _commit(self, timeout: float | None = None) -> bool:
+        """Make processed input durable, then acknowledge it.
+
+        In this order: (1) the outputs published for it have reached the broker,
+        (2) a checkpoint covers the learning it caused, (3) the input is acknowledged.
+        A crash before (3) makes the broker redeliver the input; the restored
+        watermarks then tell what was already learned. Returns False if the outputs
+        were not acknowledged within ``timeout`` (nothing is acknowledged then).
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for info in self._outputs:
+            while not info.is_published():
+                left = 1.0 if deadline is None else deadline - time.monotonic()
+                if left <= 0 or (self._stop.is_set() and deadline is None):
+                    return False
+                try:
+                    info.wait_for_publish(min(left, 1.0))
+                except RuntimeError:  # disconnected: paho resends once reconnected
+                    self.conn.wait_connected(min(left, 1.0))
+        self._outputs.clear()
+        self._checkpoint()
+        for msg in self._uncommitted:
+            self.conn.ack(msg.mid, msg.qos)
+        self.stats.commits += 1
+        self._uncommitted.clear()
+        return True
+
+    def _checkpoint(self) -> None:
+        if self.checkpoints is not None:
+            meta, changed = self.stage.learner.snapshot()
+            self.checkpoints.save(meta, changed)
+
+    def _publish(self, out: Outgoing) -> MQTTMessageInfo:
+        return self.conn.publish(
             out.topic, out.payload, qos=out.qos, retain=out.retain, content_type="application/json"
         )
 
     def _shutdown(self) -> None:
         try:
-            # Stop receiving, then finish what was already received.
-            self.conn.unsubscribe(self.topics.readings_filter())
-            self._drain(self.queue.maxsize + 1)
+            # Finish what was already received; the session (and its subscriptions) stays
+            # with the broker, which keeps what arrives from now on for the next start.
+            self._drain(self.queue.qsize())
             self._publish(self.stage.metrics_message())
-            self._checkpoint()
+            if self.checkpoints is not None and not self._commit(timeout=10):
+                log.warning("outputs not acknowledged by the broker; input left unacknowledged")
             info = self.conn.publish(self.topics.status(self.config.stage_id), OFFLINE, retain=True)
             info.wait_for_publish(5)
         except Exception as exc:  # shutting down: report, do not mask the original error
@@ -216,4 +287,6 @@ class EdgeService:
             self.conn.close()
             if self._http is not None:
                 self._http.shutdown()  # type: ignore[attr-defined]
+            if self.checkpoints is not None and hasattr(self.checkpoints, "close"):
+                self.checkpoints.close()
             log.info("edge %s stopped", self.config.stage_id)

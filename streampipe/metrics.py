@@ -55,6 +55,8 @@ class StageStats:
         self.gap_events = 0
         self.non_finite_predictions = 0
         self.queue_depth: Callable[[], int] = lambda: 0
+        self.sessions_lost: Callable[[], int] = lambda: 0
+        self.commits = 0  # checkpoints that made processed input durable, then acknowledged it
         self.queue_capacity = 0
         self._rejected: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -98,6 +100,8 @@ class StageStats:
             "non_finite_predictions": self.non_finite_predictions,
             "devices": self.devices,
             "queue_depth": self.queue_depth(),
+            "commits": self.commits,
+            "sessions_lost": self.sessions_lost(),
             "metrics": self.model_metrics(),
         }
 
@@ -191,6 +195,16 @@ class StageCollector(Collector):
         for reason, n in sorted(s.rejected.items()):
             rejected.add_metric([reason], float(n))
         yield rejected
+        yield counter(
+            "commits",
+            "Checkpoints after which processed input was acknowledged to the broker.",
+            s.commits,
+        )
+        yield counter(
+            "sessions_lost",
+            "Reconnects or restarts that found no MQTT session kept by the broker.",
+            s.sessions_lost(),
+        )
         yield gauge("devices", "Devices with a model on this stage.", s.devices)
         yield gauge("queue_depth", "Messages waiting to be processed.", s.queue_depth())
         yield gauge("queue_capacity", "Capacity of the message queue.", s.queue_capacity)
