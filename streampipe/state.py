@@ -98,6 +98,9 @@ class CheckpointStore:
         finally:
             os.close(dir_fd)
 
+    def close(self) -> None:
+        """Nothing held open between saves."""
+
     def load(self) -> Any | None:
         """The saved state, ``None`` if there is none; :class:`CheckpointError` if untrusted."""
         try:

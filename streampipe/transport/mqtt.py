@@ -232,9 +232,14 @@ class Connection:
         if content_type is not None:
             props = _publish_properties(content_type)
         info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
-        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
-            # NO_CONN is fine for QoS > 0: paho keeps the message and sends it on reconnect.
-            _check(info.rc, f"publish to {topic}")
+        if info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN:
+            if qos > 0:
+                # Not connected right now: paho keeps a QoS 1 message and sends it once
+                # reconnected, but its MessageInfo would go on raising on this rc even
+                # after delivery (is_published, wait_for_publish). It is queued: say so.
+                info.rc = MQTTErrorCode.MQTT_ERR_SUCCESS
+            return info  # QoS 0 may be dropped: that is what it promises
+        _check(info.rc, f"publish to {topic}")
         return info
 
     def ack(self, mid: int, qos: int) -> None:

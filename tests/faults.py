@@ -1,0 +1,109 @@
+"""Fault injection for tests: a TCP proxy the test can cut, and Friedman data on disk.
+
+Traffic stays on loopback: the proxy listens on 127.0.0.1 and forwards to a broker
+on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import socket
+import threading
+from pathlib import Path
+
+from river import datasets, linear_model, preprocessing
+
+
+class TcpProxy:
+    """Forwards 127.0.0.1:<port> to a target port; :meth:`cut` drops every connection
+    and refuses new ones until :meth:`restore`."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target = ("127.0.0.1", target_port)
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._open = threading.Event()
+        self._open.set()
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []
+        self.accepted = 0
+        self.accepted_event = threading.Condition()
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            if not self._open.is_set():
+                client.close()
+                continue
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            upstream.settimeout(None)
+            with self._lock:
+                self._sockets += [client, upstream]
+            with self.accepted_event:
+                self.accepted += 1
+                self.accepted_event.notify_all()
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def cut(self) -> None:
+        """Drop every connection now, and refuse new ones."""
+        self._open.clear()
+        with self._lock:
+            sockets, self._sockets = self._sockets, []
+        for s in sockets:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+
+    def restore(self) -> None:
+        self._open.set()
+
+    def wait_accepted(self, count: int, timeout: float) -> bool:
+        with self.accepted_event:
+            return self.accepted_event.wait_for(lambda: self.accepted >= count, timeout)
+
+    def close(self) -> None:
+        self._closed = True
+        self.cut()
+        self._listener.close()
+
+
+def friedman_csv(path: Path, n: int, seed: int = 7) -> list[float]:
+    """Write ``n`` Friedman readings to ``path``; return River's offline predictions
+    (``StandardScaler | LinearRegression``, predict then learn) for them, by seq."""
+    model = preprocessing.StandardScaler() | linear_model.LinearRegression()
+    expected = []
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow([f"x{k}" for k in range(10)] + ["y"])
+        for x, y in datasets.synth.Friedman(seed=seed).take(n):
+            row = {f"x{k}": float(v) for k, v in x.items()}
+            # The file holds repr()s: what the edge reads back is bit-identical.
+            w.writerow([repr(row[f"x{k}"]) for k in range(10)] + [repr(float(y))])
+            expected.append(model.predict_one(row))
+            model.learn_one(row, float(y))
+    return expected

@@ -1,0 +1,345 @@
+"""Faults, against real Mosquitto processes: no reading lost or learned twice.
+
+Each test replays seeded Friedman readings and checks the predictions that arrive over
+MQTT against River's own offline predict-then-learn on the same data, seq by seq.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from conftest import Capture
+from faults import TcpProxy, friedman_csv
+
+from streampipe import codec
+from streampipe.broker import PrivateMosquitto
+from streampipe.edge import EdgeConfig, EdgeService
+from streampipe.readings import Batch, Reading
+from streampipe.state import CheckpointStore
+from streampipe.topics import Topics
+from streampipe.transport import BrokerURL, Connection
+
+STREAMPIPE = [sys.executable, "-m", "streampipe"]
+
+
+class PersistentCapture(Capture):
+    """A capture whose session the broker keeps across its own restarts."""
+
+    def __init__(self, url: BrokerURL, filters: list[str]) -> None:
+        self.messages = []
+        self._cond = threading.Condition()
+        self.conn = Connection(
+            url,
+            f"capture-{uuid.uuid4().hex[:8]}",
+            clean_start=False,
+            session_expiry=600,
+            on_message=self._on,
+        )
+        self.conn.connect()
+        self.conn.subscribe(filters, qos=1)
+
+
+def predictions(cap: Capture, topics: Topics) -> list[dict]:
+    return [p for body in cap.json(topics.predictions()) for p in body["predictions"]]
+
+
+def seqs(cap: Capture, topics: Topics) -> set[int]:
+    return {p["seq"] for p in predictions(cap, topics)}
+
+
+def onlines(cap: Capture, topics: Topics) -> int:
+    return sum(m.payload == b"online" for m in cap.on(topics.status()))
+
+
+def start_edge(url: str, topics: Topics, state_dir: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [
+            *STREAMPIPE,
+            "edge",
+            "--broker",
+            url,
+            "--stage-id",
+            "faults",
+            "--topic-root",
+            topics.root,
+            "--state-dir",
+            str(state_dir),
+            "--checkpoint-interval",
+            "0.2",
+            "--metrics-port",
+            "-1",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def start_replay(url: str, topics: Topics, path: Path, rate: int) -> subprocess.Popen:
+    return subprocess.Popen(
+        [
+            *STREAMPIPE,
+            "replay",
+            str(path),
+            "--broker",
+            url,
+            "--target",
+            "y",
+            "--topic-root",
+            topics.root,
+            "--rate",
+            str(rate),
+            "--batch",
+            "100",
+            "--linger",
+            "20",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def stop(proc: subprocess.Popen) -> str:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    return err
+
+
+def assert_exact(cap: Capture, topics: Topics, expected: list[float]) -> None:
+    """Every seq has a prediction, and every prediction (repeats included) is River's."""
+    got = predictions(cap, topics)
+    assert {p["seq"] for p in got} == set(range(len(expected)))
+    wrong = [p["seq"] for p in got if p["y_pred"] != expected[p["seq"]]]
+    assert not wrong, f"{len(wrong)} predictions differ from River's, first at seq {wrong[0]}"
+
+
+def test_edge_killed_mid_replay_resumes_from_its_checkpoint_exactly(
+    broker, topics, capture, tmp_path
+):
+    n = 50_000
+    expected = friedman_csv(tmp_path / "f.csv", n)
+    cap = capture([topics.predictions(), topics.status()])
+    url = f"mqtt://127.0.0.1:{broker.port}"
+    edge = start_edge(url, topics, tmp_path / "state")
+    replay = None
+    try:
+        assert cap.wait(lambda: onlines(cap, topics) == 1)
+        replay = start_replay(url, topics, tmp_path / "f.csv", rate=20_000)
+        assert cap.wait(lambda: len(seqs(cap, topics)) >= 10_000)
+        edge.kill()  # SIGKILL: no clean shutdown, no final checkpoint
+        edge.wait(10)
+        killed_at = len(seqs(cap, topics))
+        edge = start_edge(url, topics, tmp_path / "state")
+        assert cap.wait(lambda: onlines(cap, topics) == 2)
+        assert replay.wait(120) == 0, replay.stderr.read()
+        assert cap.wait(lambda: len(seqs(cap, topics)) == n, timeout=120)
+    finally:
+        if replay is not None and replay.poll() is None:
+            replay.kill()
+    stop(edge)
+    assert killed_at < n  # the kill really came mid-stream
+    assert_exact(cap, topics, expected)
+
+
+def test_broker_stopped_for_two_seconds_mid_replay_loses_nothing(tmp_path):
+    n = 20_000
+    expected = friedman_csv(tmp_path / "f.csv", n)
+    topics = Topics(f"t{uuid.uuid4().hex[:6]}")
+    with PrivateMosquitto(persistence=True) as broker:
+        url = f"mqtt://127.0.0.1:{broker.port}"
+        cap = PersistentCapture(broker.url, [topics.predictions(), topics.status()])
+        edge = start_edge(url, topics, tmp_path / "state")
+        replay = None
+        try:
+            assert cap.wait(lambda: onlines(cap, topics) >= 1)
+            replay = start_replay(url, topics, tmp_path / "f.csv", rate=5_000)
+            assert cap.wait(lambda: len(seqs(cap, topics)) >= 2_000)
+            broker.stop(signal.SIGTERM)  # saves its database: sessions and queued messages
+            time.sleep(2)  # the outage itself: nothing to wait for but time
+            broker.start()
+            assert replay.wait(120) == 0, replay.stderr.read()
+            assert cap.wait(lambda: len(seqs(cap, topics)) == n, timeout=120)
+        finally:
+            if replay is not None and replay.poll() is None:
+                replay.kill()
+            stop(edge)
+            cap.close()
+    assert_exact(cap, topics, expected)
+
+
+def test_broker_killed_loses_only_what_it_had_not_saved_and_counts_it_as_gaps(tmp_path):
+    n = 20_000
+    friedman_csv(tmp_path / "f.csv", n)
+    topics = Topics(f"t{uuid.uuid4().hex[:6]}")
+    with PrivateMosquitto(persistence=True) as broker:
+        url = f"mqtt://127.0.0.1:{broker.port}"
+        cap = PersistentCapture(
+            broker.url, [topics.predictions(), topics.status(), topics.metrics()]
+        )
+        edge = start_edge(url, topics, tmp_path / "state")
+        try:
+            assert cap.wait(lambda: onlines(cap, topics) >= 1)
+            replay = start_replay(url, topics, tmp_path / "f.csv", rate=5_000)
+            assert cap.wait(lambda: len(seqs(cap, topics)) >= 3_000)
+            broker.stop(signal.SIGKILL)  # whatever it had not saved is gone
+            broker.start()
+            assert replay.wait(120) == 0, replay.stderr.read()
+        finally:
+            stop(edge)  # publishes its final metrics
+        assert cap.wait(lambda: any(b["readings"] for b in cap.json(topics.metrics())))
+        final = cap.json(topics.metrics())[-1]
+        cap.close()
+    store = CheckpointStore(tmp_path / "state", "faults")
+    meta, devices = store.load()
+    store.close()
+    device = devices["f"]
+    assert device.seq >= n - 100  # the stream went on after the kill
+    # Every seq up to the last one learned was learned exactly once, or counted missing.
+    assert device.learned + final["sequence_gaps"] == device.seq + 1
+    assert final["predictions"] == device.learned == meta["metrics"].as_dict()["count"]
+
+
+def raw_publish(port: int, topic: str, payload: bytes, dup_count: int) -> None:
+    """Publish one QoS 1 message, then the same packet again with the DUP flag, as a
+    client that resends after a lost acknowledgement does (MQTT v5, raw packets)."""
+
+    def packet(kind: int, body: bytes) -> bytes:
+        n, length = len(body), b""
+        while True:
+            n, byte = divmod(n, 128)
+            length += bytes([byte | (0x80 if n else 0)])
+            if not n:
+                return bytes([kind]) + length + body
+
+    def utf8(s: str) -> bytes:
+        return struct.pack("!H", len(s.encode())) + s.encode()
+
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        connect = utf8("MQTT") + bytes([5, 0x02]) + struct.pack("!H", 30) + b"\x00"
+        s.sendall(packet(0x10, connect + utf8(f"dup-{uuid.uuid4().hex[:6]}")))
+        assert s.recv(4)[0] == 0x20  # CONNACK
+        body = utf8(topic) + struct.pack("!H", 7) + b"\x00" + payload
+        for i in range(1 + dup_count):
+            s.sendall(packet(0x32 | (0x08 if i else 0), body))  # QoS 1, DUP after the first
+        acks = b""
+        while len(acks) < 4 * (1 + dup_count):
+            acks += s.recv(64)
+
+
+def run_service(
+    broker: PrivateMosquitto, topics: Topics, **kwargs
+) -> tuple[EdgeService, threading.Thread]:
+    service = EdgeService(EdgeConfig(broker.url, "svc", topic_root=topics.root, **kwargs)).start()
+    thread = threading.Thread(target=service.run, daemon=True)
+    thread.start()
+    return service, thread
+
+
+def test_a_batch_delivered_three_times_is_learned_once(broker, topics, capture):
+    cap = capture([topics.predictions(), topics.deadletter()])
+    readings = [Reading("dev", s, float(s), {"a": float(s % 5)}, float(s)) for s in range(20)]
+    frame = codec.encode(Batch.from_readings(readings))
+    service, thread = run_service(broker, topics)
+    try:
+        raw_publish(broker.port, topics.readings("dev"), frame, dup_count=2)
+        assert cap.wait(lambda: len(cap.on(topics.deadletter())) == 2)
+    finally:
+        service.stop()
+        thread.join(30)
+    assert len(cap.on(topics.predictions())) == 1
+    assert service.stage.learner.devices["dev"].learned == 20
+    assert service.stats.rejected == {"duplicate": 40}
+
+
+def test_a_rebooted_sensor_starting_again_at_seq_zero_is_accepted(broker, topics, capture):
+    cap = capture([topics.predictions()])
+    service, thread = run_service(broker, topics)
+    pub = Connection(broker.url, f"reboot-{uuid.uuid4().hex[:6]}").connect()
+    try:
+        for epoch, count in ((1, 10), (2, 5)):  # the second boot starts at seq 0 again
+            rs = [Reading("dev", s, float(s), {"a": 1.0}, 2.0, epoch) for s in range(count)]
+            pub.publish(topics.readings("dev"), codec.encode(Batch.from_readings(rs)))
+        assert cap.wait(lambda: len(predictions(cap, topics)) == 15)
+    finally:
+        pub.close()
+        service.stop()
+        thread.join(30)
+    assert [p["seq"] for p in predictions(cap, topics)] == [*range(10), *range(5)]
+    assert service.stats.rejected == {}
+
+
+def test_network_cut_between_edge_and_broker_loses_nothing(broker, topics, capture, tmp_path):
+    n = 20_000
+    expected = friedman_csv(tmp_path / "f.csv", n)
+    cap = capture([topics.predictions()])
+    proxy = TcpProxy(broker.port)
+    service = EdgeService(
+        EdgeConfig(
+            BrokerURL("127.0.0.1", proxy.port),
+            "cut",
+            topic_root=topics.root,
+            state_dir=str(tmp_path / "state"),
+            checkpoint_interval=0.2,
+        )
+    ).start()
+    thread = threading.Thread(target=service.run, daemon=True)
+    thread.start()
+    url = f"mqtt://127.0.0.1:{broker.port}"
+    replay = start_replay(url, topics, tmp_path / "f.csv", rate=5_000)
+    try:
+        assert cap.wait(lambda: len(seqs(cap, topics)) >= 2_000)
+        proxy.cut()
+        time.sleep(2)  # the cut itself
+        restored = time.monotonic()
+        proxy.restore()
+        # paho retries with a delay that doubles from 1 s up to 30 s
+        assert proxy.wait_accepted(2, timeout=31)
+        reconnected_after = time.monotonic() - restored
+        assert replay.wait(120) == 0, replay.stderr.read()
+        assert cap.wait(lambda: len(seqs(cap, topics)) == n, timeout=120)
+    finally:
+        if replay.poll() is None:
+            replay.kill()
+        service.stop()
+        thread.join(30)
+        proxy.close()
+    assert reconnected_after < 31
+    assert service.conn.connects == 2 and service.conn.sessions_lost == 0
+    assert_exact(cap, topics, expected)
+
+
+def test_a_model_slower_than_the_keepalive_does_not_disconnect(broker, topics, capture):
+    cap = capture([topics.predictions(), topics.status()])
+    service = EdgeService(EdgeConfig(broker.url, "slow", topic_root=topics.root, keepalive=1))
+    handle = service.stage.handle
+
+    def slow_handle(topic: str, payload: bytes):
+        time.sleep(3.5)  # longer than 1.5 keepalives: the broker would drop a silent client
+        return handle(topic, payload)
+
+    service.stage.handle = slow_handle  # type: ignore[method-assign]
+    service.start()
+    thread = threading.Thread(target=service.run, daemon=True)
+    thread.start()
+    pub = Connection(broker.url, f"slow-{uuid.uuid4().hex[:6]}").connect()
+    try:
+        for s in range(2):
+            rs = [Reading("dev", s, float(s), {"a": 1.0}, 2.0)]
+            pub.publish(topics.readings("dev"), codec.encode(Batch.from_readings(rs)))
+        assert cap.wait(lambda: len(predictions(cap, topics)) == 2, timeout=30)
+    finally:
+        pub.close()
+        service.stop()
+        thread.join(30)
+    assert service.conn.connects == 1  # never reconnected
+    assert [m.payload for m in cap.on(topics.status())] == [b"online", b"offline"]
