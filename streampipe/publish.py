@@ -4,7 +4,13 @@ A :class:`ReadingPublisher` collects readings per device and sends a frame when 
 device has ``batch_size`` readings or its oldest reading has waited ``linger`` seconds.
 At most ``max_pending`` messages wait for the broker's acknowledgement; beyond that
 :meth:`~ReadingPublisher.add` blocks until the broker catches up, so a slow or absent
-broker costs time, never unbounded memory.
+broker costs time, never unbounded memory. paho resends what was not acknowledged
+once it has reconnected.
+
+A live source cannot wait: with ``overflow="drop_oldest"``, frames made while the
+broker is unreachable are kept in a backlog of at most ``max_backlog`` frames, sent
+in order on reconnection; beyond it the oldest are dropped and counted in
+``stats.dropped_readings`` (the edge sees them as a sequence gap of the same size).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ class PublisherStats:
     messages: int = 0
     bytes: int = 0
     acked_readings: int = 0
+    dropped_readings: int = 0  # overflowed the backlog while the broker was unreachable
 
 
 class ReadingPublisher:
@@ -44,10 +51,17 @@ class ReadingPublisher:
         batch_size: int = 100,
         linger: float = 0.05,
         max_pending: int = 1000,
+        overflow: str = "block",
+        max_backlog: int = 10_000,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if batch_size < 1:
             raise ValueError("batch size must be at least 1")
+        if overflow not in ("block", "drop_oldest"):
+            raise ValueError("overflow must be 'block' or 'drop_oldest'")
+        self.overflow = overflow
+        self.max_backlog = max_backlog
+        self._backlog: deque[tuple[str, bytes, int]] = deque()
         self.conn = conn
         self.topics = topics
         self.batch_size = batch_size
@@ -74,6 +88,7 @@ class ReadingPublisher:
 
     def flush_due(self) -> None:
         """Send every device's readings that have waited ``linger`` seconds or more."""
+        self.send_backlog()
         now = self.clock()
         for device in [d for d, t in self._since.items() if now - t >= self.linger]:
             self._flush_device(device)
@@ -107,13 +122,26 @@ class ReadingPublisher:
                 )
                 self._schemas_sent.add(schema_id)
         payload = codec.encode(batch, schema_id=small)
+        topic = self.topics.readings(batch.device)
+        self.stats.readings += len(batch)
+        if self.overflow == "drop_oldest" and (self._backlog or not self.conn.connected):
+            self._backlog.append((topic, payload, len(batch)))
+            while len(self._backlog) > self.max_backlog:
+                self.stats.dropped_readings += self._backlog.popleft()[2]
+            self.send_backlog()
+            return
+        self._publish(topic, payload, len(batch))
+
+    def send_backlog(self) -> None:
+        """Send what waited for the broker, oldest first, if it is reachable now."""
+        while self._backlog and self.conn.connected and len(self._pending) < self.max_pending:
+            self._publish(*self._backlog.popleft())
+
+    def _publish(self, topic: str, payload: bytes, n: int) -> None:
         while len(self._pending) >= self.max_pending:
             self._wait_oldest()
-        info = self.conn.publish(
-            self.topics.readings(batch.device), payload, qos=1, content_type=codec.CONTENT_TYPE
-        )
-        self._pending.append((info, len(batch)))
-        self.stats.readings += len(batch)
+        info = self.conn.publish(topic, payload, qos=1, content_type=codec.CONTENT_TYPE)
+        self._pending.append((info, n))
         self.stats.messages += 1
         self.stats.bytes += len(payload)
         self._reap()
@@ -141,6 +169,9 @@ class ReadingPublisher:
         """Flush, then wait until the broker acknowledged every reading sent."""
         self.flush()
         deadline = time.monotonic() + timeout
+        while self._backlog and time.monotonic() < deadline:
+            if self.conn.wait_connected(max(0.0, deadline - time.monotonic())):
+                self.send_backlog()
         while self._pending:
             if not self._wait_oldest(max(0.0, deadline - time.monotonic())):
                 return False

@@ -343,3 +343,30 @@ def test_a_model_slower_than_the_keepalive_does_not_disconnect(broker, topics, c
         thread.join(30)
     assert service.conn.connects == 1  # never reconnected
     assert [m.payload for m in cap.on(topics.status())] == [b"online", b"offline"]
+
+
+def test_a_live_publisher_keeps_a_bounded_backlog_while_the_broker_is_away(tmp_path):
+    from streampipe.publish import ReadingPublisher
+
+    topics = Topics(f"t{uuid.uuid4().hex[:6]}")
+    with PrivateMosquitto(persistence=True) as broker:
+        cap = PersistentCapture(broker.url, [topics.readings_filter()[0]])
+        conn = Connection(broker.url, f"live-{uuid.uuid4().hex[:6]}").connect()
+        pub = ReadingPublisher(conn, topics, batch_size=1, overflow="drop_oldest", max_backlog=20)
+        try:
+            broker.stop()
+            assert conn.wait_connected(0) is False
+            for s in range(50):  # one frame each, made while the broker is away
+                pub.add(Reading("dev", s, float(s), {"a": 1.0}, 2.0))
+            broker.start()
+            assert pub.wait_acked(30)
+            assert cap.wait(lambda: len(cap.messages) == 20)
+        finally:
+            conn.close()
+            cap.close()
+    assert pub.stats.dropped_readings == 30
+    schemas = codec.SchemaRegistry()
+    sid, frame = codec.schema_frame(Batch.from_readings([Reading("dev", 0, 0.0, {"a": 1.0}, 2.0)]))
+    schemas.add_frame(frame, schema_id=sid)
+    got = [codec.decode(m.payload, schemas).seq.tolist()[0] for m in cap.messages]
+    assert got == list(range(30, 50))  # the newest kept, in order; the oldest dropped

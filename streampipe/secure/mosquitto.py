@@ -156,10 +156,11 @@ require_certificate true
 set_tcp_nodelay true
 
 # Keep sessions, retained messages (stage status, schemas) and queued QoS 1 messages
-# across a restart; write them to disk every 10 s.
+# across a restart; save every second, since a crash loses what arrived since the last
+# save (edges count such losses as sequence gaps). See brokers/mosquitto.conf.
 persistence true
 persistence_location {files.data_dir}/
-autosave_interval 10
+autosave_interval 1
 
 max_queued_messages 100000
 max_inflight_messages 1000
