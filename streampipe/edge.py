@@ -200,6 +200,7 @@ class EdgeService:
                 ):
                     self._commit()
                 if time.monotonic() >= next_metrics:
+                    self._finish(*self.stage.expire_held())  # type: ignore[arg-type]
                     self._publish(self.stage.metrics_message())
                     next_metrics = time.monotonic() + self.config.metrics_interval
         finally:
@@ -216,21 +217,28 @@ class EdgeService:
 
     def _process(self, msg: Message) -> None:
         try:
-            outputs = self.stage.handle(msg.topic, msg.payload)
+            outputs, done = self.stage.handle_message(msg.topic, msg.payload, msg)
         except Exception as exc:  # a bug, not bad input: keep the stage alive, report it
             log.exception("internal error processing a message on %s", msg.topic)
             outputs = [self.stage.dead_letter(msg.topic, msg.payload, "internal_error", repr(exc))]
+            done = [msg]
+        self._finish(outputs, done)  # type: ignore[arg-type]
+
+    def _finish(self, outputs: list[Outgoing], done: list[Message]) -> None:
+        """Publish outputs; acknowledge the messages done with, now or at the next commit.
+        (A frame that waits for its schema is not done, so it is not acknowledged.)"""
         for out in outputs:
             info = self._publish(out)
             if self.checkpoints is not None:
                 self._outputs.append(info)
         if self.checkpoints is None:
-            # Nothing to make durable: the message is done once its outputs are handed on.
-            self.conn.ack(msg.mid, msg.qos)
+            # Nothing to make durable: a message is done once its outputs are handed on.
+            for msg in done:
+                self.conn.ack(msg.mid, msg.qos)
             return
-        if not self._uncommitted:
+        if done and not self._uncommitted:
             self._oldest_uncommitted = time.monotonic()
-        self._uncommitted.append(msg)
+        self._uncommitted += done
         if len(self._uncommitted) >= self._commit_every:
             self._commit()
 

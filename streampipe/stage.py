@@ -44,6 +44,9 @@ log = logging.getLogger(__name__)
 #: How much of a rejected payload a dead letter carries (base64), and how many readings.
 DEADLETTER_PREFIX_BYTES = 256
 DEADLETTER_MAX_READINGS = 100
+#: Frames that wait for their schema: at most this many, for at most this long.
+MAX_HELD = 1000
+HOLD_SECONDS = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,21 +95,39 @@ class EdgeStage:
         self.schemas = codec.SchemaRegistry()
         self.clock = clock
         self.on_latency = on_latency
+        # schema id -> frames waiting for it: (arrival time, topic, payload, token)
+        self._held: dict[str, list[tuple[float, str, bytes, object]]] = {}
+        self._held_count = 0
 
     # -- input ---------------------------------------------------------------------
 
     def handle(self, topic: str, payload: bytes) -> list[Outgoing]:
         """Process one message from a readings or schemas topic."""
+        return self.handle_message(topic, payload, None)[0]
+
+    def handle_message(
+        self, topic: str, payload: bytes, token: object
+    ) -> tuple[list[Outgoing], list[object]]:
+        """Process one message; return its outputs and the tokens of the messages now
+        done with (``token`` itself, unless the message waits for its schema; those
+        of waiting messages that a schema released)."""
         if topic.startswith(self.topics.schemas("")):
-            return self._handle_schema(topic, payload)
+            return self._handle_schema(topic, payload, token)
         self.stats.messages += 1
         device = self.topics.device_of_reading_topic(topic)
         if device is None:
-            return [self.dead_letter(topic, payload, "wrong_topic", "not a readings topic")]
+            return [self.dead_letter(topic, payload, "wrong_topic", "not a readings topic")], [
+                token
+            ]
         try:
             batch = codec.decode(payload, self.schemas)
         except codec.CodecError as exc:
-            return [self.dead_letter(topic, payload, exc.reason, str(exc))]
+            if exc.reason == "unknown_schema" and exc.schema_id is not None:
+                return self._hold(topic, payload, token, exc)
+            return [self.dead_letter(topic, payload, exc.reason, str(exc))], [token]
+        return self._checked(topic, payload, device, batch), [token]
+
+    def _checked(self, topic: str, payload: bytes, device: str, batch: Batch) -> list[Outgoing]:
         try:
             check_name(batch.device)
         except InvalidName as exc:
@@ -116,14 +137,58 @@ class EdgeStage:
             return [self.dead_letter(topic, payload, "device_mismatch", detail, len(batch))]
         return self._learn(topic, payload, batch)
 
-    def _handle_schema(self, topic: str, payload: bytes) -> list[Outgoing]:
+    # -- frames that arrive before their schema ---------------------------------------
+
+    def _hold(
+        self, topic: str, payload: bytes, token: object, exc: codec.CodecError
+    ) -> tuple[list[Outgoing], list[object]]:
+        """Keep a frame whose schema has not arrived yet (MQTT orders messages per
+        topic, not across the schema and readings topics), within bounds."""
+        if self._held_count >= MAX_HELD:
+            return [self.dead_letter(topic, payload, exc.reason, str(exc))], [token]
+        sid = exc.schema_id
+        assert sid is not None
+        self._held.setdefault(sid, []).append((self.clock(), topic, payload, token))
+        self._held_count += 1
+        self.stats.messages -= 1  # counted when it is processed
+        return [], []
+
+    def expire_held(self, max_age: float = HOLD_SECONDS) -> tuple[list[Outgoing], list[object]]:
+        """Dead-letter frames that waited more than ``max_age`` seconds for a schema."""
+        out: list[Outgoing] = []
+        done: list[object] = []
+        cutoff = self.clock() - max_age
+        for sid in list(self._held):
+            waiting = self._held[sid]
+            while waiting and waiting[0][0] <= cutoff:
+                _, topic, payload, token = waiting.pop(0)
+                self._held_count -= 1
+                self.stats.messages += 1
+                detail = f"schema {sid} did not arrive within {max_age:g} s of its frame"
+                out.append(self.dead_letter(topic, payload, "unknown_schema", detail))
+                done.append(token)
+            if not waiting:
+                del self._held[sid]
+        return out, done
+
+    def _handle_schema(
+        self, topic: str, payload: bytes, token: object
+    ) -> tuple[list[Outgoing], list[object]]:
         if not payload:  # a cleared retained schema
-            return []
+            return [], [token]
+        sid = topic.rsplit("/", 1)[-1]
         try:
-            self.schemas.add_frame(payload, schema_id=topic.rsplit("/", 1)[-1])
+            self.schemas.add_frame(payload, schema_id=sid)
         except codec.CodecError as exc:
-            return [self.dead_letter(topic, payload, exc.reason, str(exc))]
-        return []
+            return [self.dead_letter(topic, payload, exc.reason, str(exc))], [token]
+        out: list[Outgoing] = []
+        done = [token]
+        for _, held_topic, held_payload, held_token in self._held.pop(sid, []):
+            self._held_count -= 1
+            more, finished = self.handle_message(held_topic, held_payload, held_token)
+            out += more
+            done += finished
+        return out, done
 
     def _learn(self, topic: str, payload: bytes, batch: Batch) -> list[Outgoing]:
         stats = self.stats

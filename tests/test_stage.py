@@ -161,3 +161,28 @@ def test_minibatch_mode_learns_a_batch_with_missing_values_reading_by_reading():
 def test_minibatch_mode_refuses_a_model_that_cannot_learn_in_batches():
     with pytest.raises(ValueError, match="cannot learn in mini-batches"):
         EdgeStage("edge-1", ModelSpec.parse("tree.HoeffdingTreeRegressor"), mode="minibatch")
+
+
+def test_a_frame_that_arrives_before_its_schema_waits_for_it():
+    now = [100.0]
+    stage = EdgeStage("edge-1", clock=lambda: now[0])
+    batch = Batch.from_readings(readings("d1", 3))
+    sid, schema = codec.schema_frame(batch)
+    frame = codec.encode(batch, schema_id=True)
+    out, done = stage.handle_message(stage.topics.readings("d1"), frame, "frame")
+    assert (out, done) == ([], [])  # held: no dead letter, not done (not acknowledged)
+    out, done = stage.handle_message(stage.topics.schemas(sid), schema, "schema")
+    assert done == ["schema", "frame"]
+    assert [p["seq"] for p in bodies(out, "predictions")[0]["predictions"]] == [0, 1, 2]
+
+
+def test_a_frame_whose_schema_never_comes_is_dead_lettered_after_a_while():
+    now = [100.0]
+    stage = EdgeStage("edge-1", clock=lambda: now[0])
+    frame = codec.encode(Batch.from_readings(readings("d1", 3)), schema_id=True)
+    stage.handle_message(stage.topics.readings("d1"), frame, "frame")
+    assert stage.expire_held(10.0) == ([], [])
+    now[0] += 10.0
+    out, done = stage.expire_held(10.0)
+    assert done == ["frame"] and bodies(out, "deadletter")[0]["reason"] == "unknown_schema"
+    assert stage.stats.rejected == {"unknown_schema": 1}

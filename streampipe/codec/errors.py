@@ -36,11 +36,12 @@ class CodecError(ValueError):
     ('bad_magic', 'not a streampipe frame')
     """
 
-    def __init__(self, reason: str, message: str) -> None:
+    def __init__(self, reason: str, message: str, schema_id: str | None = None) -> None:
         if reason not in REASONS:
             raise AssertionError(f"unknown codec error reason {reason!r}")
         super().__init__(message)
         self.reason = reason
+        self.schema_id = schema_id  # for "unknown_schema": the id the frame refers to
 
     def __reduce__(self) -> tuple[type[CodecError], tuple[str, str]]:
         return CodecError, (self.reason, str(self))  # picklable across processes

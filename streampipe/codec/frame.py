@@ -210,7 +210,9 @@ def _decode(frame: memoryview, schemas: SchemaRegistry | None, limits: Limits) -
         sid = bytes(r.take(4)).hex()
         schema = schemas.get(sid) if schemas is not None else None
         if schema is None:
-            raise CodecError("unknown_schema", f"schema {sid} is unknown: no schema frame seen")
+            raise CodecError(
+                "unknown_schema", f"schema {sid} is unknown: no schema frame seen", schema_id=sid
+            )
         if schema.has_target != has_target:
             raise CodecError("malformed", f"frame and schema {sid} disagree about the target")
         features = schema.features
