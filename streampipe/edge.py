@@ -17,10 +17,14 @@ messages in flight to us than that. QoS 0 input that finds the queue full is cou
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import queue
+import socket
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 
 from paho.mqtt.client import MQTTMessageInfo
@@ -34,7 +38,7 @@ from streampipe.state import CheckpointStore
 from streampipe.topics import DEFAULT_ROOT, Topics
 from streampipe.transport import BrokerURL, Connection, Message, MQTTError, Will
 
-__all__ = ["EdgeConfig", "EdgeService", "TakenOver"]
+__all__ = ["AlreadyRunning", "EdgeConfig", "EdgeService", "TakenOver"]
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +70,10 @@ class TakenOver(MQTTError):
     """Another process connected with this stage's client id."""
 
 
+class AlreadyRunning(MQTTError):
+    """Another process runs this stage."""
+
+
 class EdgeService:
     """Runs one edge stage until :meth:`stop` (or SIGINT/SIGTERM via the CLI)."""
 
@@ -95,6 +103,8 @@ class EdgeService:
         self.stats.queue_capacity = config.queue_size
         self.ready = threading.Event()
         self._stop = threading.Event()
+        self.instance = uuid.uuid4().hex  # this process, in the stage's retained claim
+        self._instance_topic = self.topics.instance(config.stage_id)
         # Processed but not yet acknowledged input, and the outputs published for it.
         self._uncommitted: list[Message] = []
         self._outputs: list[MQTTMessageInfo] = []
@@ -152,6 +162,7 @@ class EdgeService:
                 log.info(
                     "resumed %d device models from %s", self.stats.devices, self.checkpoints.path
                 )
+        self._claim_stage()
         self.conn.connect()
         if saved is not None and not self.conn.session_present and cfg.session_expiry:
             self.conn.sessions_lost += 1
@@ -161,7 +172,12 @@ class EdgeService:
                 cfg.stage_id,
             )
         self.stats.sessions_lost = lambda: self.conn.sessions_lost
-        self.conn.subscribe([self.topics.schemas()], qos=1)
+        claim = json.dumps(
+            {"instance": self.instance, "host": socket.gethostname(), "pid": os.getpid(),
+             "since": time.time()}
+        ).encode()  # fmt: skip
+        self.conn.publish(self._instance_topic, claim, retain=True).wait_for_publish(10)
+        self.conn.subscribe([self._instance_topic, self.topics.schemas()], qos=1)
         self.conn.subscribe(self.topics.readings_filter(), qos=1)
         self.conn.publish(self.topics.status(cfg.stage_id), ONLINE, retain=True).wait_for_publish(
             10
@@ -169,6 +185,53 @@ class EdgeService:
         log.info("edge %s online at %s, model %s", cfg.stage_id, cfg.broker, self.stage.spec.text)
         self.ready.set()
         return self
+
+    def _claim_stage(self) -> None:
+        """Refuse to start while another process runs this stage.
+
+        The running one's status is ``online``; if it died without a word, the broker
+        publishes its will (``offline``) within 1.5 keepalives, so wait that long.
+        """
+        status_topic = self.topics.status(self.config.stage_id)
+        seen: dict[str, bytes] = {}
+        changed = threading.Condition()
+
+        def on_message(msg: Message) -> None:
+            with changed:
+                seen[msg.topic] = msg.payload
+                changed.notify_all()
+
+        probe = Connection(
+            self.config.broker, f"{self.conn.client_id}-probe-{self.instance[:8]}",
+            on_message=on_message,
+        )  # fmt: skip
+        probe.connect()
+        try:
+            marker = f"{self._instance_topic}/probe/{self.instance}"
+            probe.subscribe([status_topic, self._instance_topic, marker], qos=1)
+            # Retained messages come before anything published after subscribing.
+            probe.publish(marker, b"", qos=1)
+            limit = time.monotonic() + 10
+            with changed:
+                changed.wait_for(lambda: marker in seen, max(0.0, limit - time.monotonic()))
+                if seen.get(status_topic) != ONLINE:
+                    return
+                patience = 1.5 * self.config.keepalive
+                log.warning(
+                    "stage %s is online elsewhere (%s); waiting up to %.0f s for it to end",
+                    self.config.stage_id,
+                    seen.get(self._instance_topic, b"?").decode(errors="replace"),
+                    patience,
+                )
+                if changed.wait_for(lambda: seen.get(status_topic) != ONLINE, patience):
+                    return
+        finally:
+            probe.close()
+        raise AlreadyRunning(
+            f"stage {self.config.stage_id!r} is already running "
+            f"({seen.get(self._instance_topic, b'?').decode(errors='replace')}): stop it "
+            "first, or give this one another --stage-id"
+        )
 
     def stop(self) -> None:
         """Ask :meth:`run` to finish what it has and return."""
@@ -216,6 +279,9 @@ class EdgeService:
             self._process(msg)
 
     def _process(self, msg: Message) -> None:
+        if msg.topic == self._instance_topic:
+            self._check_claim(msg)
+            return
         try:
             outputs, done = self.stage.handle_message(msg.topic, msg.payload, msg)
         except Exception as exc:  # a bug, not bad input: keep the stage alive, report it
@@ -223,6 +289,17 @@ class EdgeService:
             outputs = [self.stage.dead_letter(msg.topic, msg.payload, "internal_error", repr(exc))]
             done = [msg]
         self._finish(outputs, done)  # type: ignore[arg-type]
+
+    def _check_claim(self, msg: Message) -> None:
+        try:
+            owner = json.loads(msg.payload).get("instance")
+        except (ValueError, AttributeError):
+            owner = None
+        self.conn.ack(msg.mid, msg.qos)
+        if owner is not None and owner != self.instance:
+            # Another process started as this stage and took our session over. Taking it
+            # back would make the two fight forever: this one stops.
+            self.conn.taken_over.set()
 
     def _finish(self, outputs: list[Outgoing], done: list[Message]) -> None:
         """Publish outputs; acknowledge the messages done with, now or at the next commit.

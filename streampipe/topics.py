@@ -138,3 +138,7 @@ class Topics:
 
     def status(self, stage_id: str = "+") -> str:
         return f"{self.root}/status/{stage_id}"
+
+    def instance(self, stage_id: str) -> str:
+        """Retained: which process runs a stage (one level below its status)."""
+        return f"{self.root}/status/{stage_id}/instance"

@@ -16,6 +16,7 @@ import time
 import uuid
 from pathlib import Path
 
+import pytest
 from conftest import Capture
 from faults import TcpProxy, friedman_csv
 
@@ -370,3 +371,104 @@ def test_a_live_publisher_keeps_a_bounded_backlog_while_the_broker_is_away(tmp_p
     schemas.add_frame(frame, schema_id=sid)
     got = [codec.decode(m.payload, schemas).seq.tolist()[0] for m in cap.messages]
     assert got == list(range(30, 50))  # the newest kept, in order; the oldest dropped
+
+
+def rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.slow
+def test_soak_steady_load_with_a_broker_restart_every_thirty_seconds(tmp_path):
+    """90 s of 20 sensors at 10 readings/s each; the broker restarts at 30 s and 60 s."""
+    topics = Topics(f"t{uuid.uuid4().hex[:6]}")
+    with PrivateMosquitto(persistence=True) as broker:
+        url = f"mqtt://127.0.0.1:{broker.port}"
+        cap = PersistentCapture(
+            broker.url, [topics.predictions(), topics.status(), topics.metrics()]
+        )
+        edge = start_edge(url, topics, tmp_path / "state")
+        try:
+            assert cap.wait(lambda: onlines(cap, topics) >= 1)
+            sensors = subprocess.Popen(
+                [*STREAMPIPE, "sensors", "--broker", url, "--topic-root", topics.root,
+                 "--devices", "20", "--rate", "10", "--duration", "90", "--batch", "5",
+                 "--linger", "200", "--no-faults"],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            )  # fmt: skip
+            started = time.monotonic()
+            rss = []
+            for restart_at in (30, 60):
+                time.sleep(max(0.0, started + restart_at - time.monotonic()))  # the schedule
+                rss.append(rss_kb(edge.pid))
+                broker.stop(signal.SIGTERM)
+                broker.start()
+            out, err = sensors.communicate(timeout=180)
+            assert sensors.returncode == 0, err
+            published = int(out.split()[1].replace(",", ""))
+            assert cap.wait(lambda: len(predictions(cap, topics)) >= published, timeout=120)
+            rss.append(rss_kb(edge.pid))
+        finally:
+            stop(edge)
+        assert cap.wait(lambda: len(cap.json(topics.metrics())) > 0)
+        final = cap.json(topics.metrics())[-1]
+        cap.close()
+    by_device: dict[str, set[int]] = {}
+    for body in cap.json(topics.predictions()):
+        by_device.setdefault(body["device"], set()).update(p["seq"] for p in body["predictions"])
+    assert len(by_device) == 20
+    for device, got in by_device.items():
+        assert got == set(range(len(got))), f"{device} is missing readings"
+    assert sum(len(s) for s in by_device.values()) == published  # nothing lost
+    assert final["predictions"] == published  # nothing learned twice
+    assert final["sequence_gaps"] == 0
+    assert max(m["queue_depth"] for m in cap.json(topics.metrics())) <= 1000
+    assert rss[-1] - rss[0] < 20_000, f"edge RSS grew from {rss[0]} kB to {rss[-1]} kB"
+
+
+def test_a_second_edge_with_the_same_stage_id_is_refused(broker, topics):
+    from streampipe.edge import AlreadyRunning
+
+    config = EdgeConfig(broker.url, "twin", topic_root=topics.root, keepalive=2)
+    first = EdgeService(config).start()
+    try:
+        with pytest.raises(AlreadyRunning, match="stage 'twin' is already running"):
+            EdgeService(config).start()  # waits 1.5 keepalives for a will, then refuses
+        assert first.conn.connected and first.conn.connects == 1
+    finally:
+        first.stop()
+        first.run()
+
+
+def test_an_edge_whose_session_is_taken_over_stops_instead_of_fighting_for_it(broker, topics):
+    from streampipe.edge import TakenOver
+
+    config = EdgeConfig(broker.url, "twin", topic_root=topics.root)
+    first = EdgeService(config).start()
+    failure: list[BaseException] = []
+
+    def run_first() -> None:
+        try:
+            first.run()
+        except TakenOver as exc:
+            failure.append(exc)
+
+    thread = threading.Thread(target=run_first, daemon=True)
+    thread.start()
+    second = EdgeService(config)
+    second._claim_stage = lambda: None  # type: ignore[method-assign]  # as if it raced
+    second.start()
+    try:
+        thread.join(30)
+        assert not thread.is_alive()
+        assert failure and "another process connected as stage 'twin'" in str(failure[0])
+        assert second.conn.wait_connected(10)
+        connects = second.conn.connects
+        # The first one's reconnect took the session back once; it then saw the second's
+        # claim and stopped, so the second is not kicked again.
+        assert not second.conn.taken_over.wait(3) and second.conn.connects == connects
+    finally:
+        second.stop()
+        second.run()

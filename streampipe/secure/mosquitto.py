@@ -98,7 +98,9 @@ topic read {root}/models/#
 topic write {root}/predictions/#
 topic write {root}/metrics/#
 topic write {root}/deadletter/#
-topic write {root}/status/#
+# Its status, and the retained claim that keeps a second process from running the
+# same stage (read back at start).
+topic readwrite {root}/status/#
 
 user operator
 topic readwrite {root}/#
