@@ -125,7 +125,7 @@ class EdgeService:
         if self.checkpoints is not None:
             saved = self.checkpoints.load()
             if saved is not None:
-                self.stage.learner.restore(saved)
+                self.stage.learner.restore(*saved)
                 log.info(
                     "resumed %d device models from %s", self.stats.devices, self.checkpoints.path
                 )
@@ -177,7 +177,8 @@ class EdgeService:
 
     def _checkpoint(self) -> None:
         if self.checkpoints is not None:
-            self.checkpoints.save(self.stage.learner.snapshot())
+            meta, devices = self.stage.learner.snapshot()
+            self.checkpoints.save(meta, devices, full=True)  # every device: changes untracked
 
     def _process(self, msg: Message) -> None:
         try:
@@ -207,6 +208,8 @@ class EdgeService:
             log.warning("clean shutdown incomplete: %s", exc)
         finally:
             self.conn.close()
+            if self.checkpoints is not None:
+                self.checkpoints.close()  # releases the stage's lock
             if self._http is not None:
                 self._http.shutdown()  # type: ignore[attr-defined]
             log.info("edge %s stopped", self.config.stage_id)

@@ -99,19 +99,20 @@ class OnlineLearner:
                 "predict_many): use --mode exact"
             )
 
-    def snapshot(self) -> dict[str, Any]:
-        """Models, watermarks and metrics, to be checkpointed as one piece."""
-        return {"spec": self.spec.text, "devices": self.devices, "metrics": self.metrics}
+    def snapshot(self) -> tuple[dict[str, Any], dict[str, DeviceState]]:
+        """``(meta, devices)`` to checkpoint: the spec and metrics, and each device's
+        model and watermark."""
+        return {"spec": self.spec.text, "metrics": self.metrics}, self.devices
 
-    def restore(self, snapshot: dict[str, Any]) -> None:
+    def restore(self, meta: dict[str, Any], devices: dict[str, DeviceState]) -> None:
         """Resume from :meth:`snapshot`; refuse one learned with another model spec."""
-        if snapshot.get("spec") != self.spec.text:
+        if meta.get("spec") != self.spec.text:
             raise ValueError(
-                f"the checkpoint holds models of {snapshot.get('spec')!r}, not "
+                f"the checkpoint holds models of {meta.get('spec')!r}, not "
                 f"{self.spec.text!r}: use the same --model or another --state-dir"
             )
-        self.devices = snapshot["devices"]
-        self.metrics = snapshot["metrics"]
+        self.devices = devices
+        self.metrics = meta["metrics"]
 
     def state(self, device: str) -> DeviceState:
         st = self.devices.get(device)
