@@ -189,6 +189,9 @@ class CheckpointStore:
             with _sqlite_errors(self.path, "cannot be opened"):
                 db.execute(f"PRAGMA journal_mode = {JOURNAL_MODE}")
                 db.execute("PRAGMA synchronous = FULL")
+                # The WAL is folded back at 1,000 pages; a bigger commit (a full save) grows
+                # it to that commit's size: give the disk back once it has been folded.
+                db.execute(f"PRAGMA journal_size_limit = {4 << 20}")
                 row = db.execute("SELECT commit_no FROM meta").fetchone()
                 names = {name for (name,) in db.execute("SELECT device FROM devices")}
         except BaseException:
