@@ -12,8 +12,8 @@ moved to another device or copied from another stage, or a file written with ano
 is refused with :class:`CheckpointError`; all HMACs are checked *before* a single byte is
 unpickled, so such a file never runs code. The stage row also vouches for the commit
 number and the number of device rows, so a deleted device row, or a stage row older than
-its devices, is refused too. (A device row put back from an *older copy of this very
-file* is not detected: each row is authenticated on its own, so is the whole file.)
+its devices, is refused too. Not detected: an older copy of this same checkpoint put
+back, whole or a device row at a time (each row is authenticated on its own).
 
 The key comes from ``$STREAMPIPE_CHECKPOINT_KEY`` (hex) or ``<state_dir>/checkpoint.key``,
 which is created with 32 random bytes and mode 0600 on first start. A store locks
