@@ -142,6 +142,18 @@ class EdgeService:
 
     def start(self) -> EdgeService:
         """Connect, subscribe, serve metrics and announce ``online``."""
+        try:
+            return self._start()
+        except BaseException:
+            # Refused (another process runs this stage, a checkpoint of another model, no
+            # broker): release what was taken, so the caller may try again.
+            if self._http is not None:
+                self._http.shutdown()  # type: ignore[attr-defined]
+            if self.checkpoints is not None:
+                self.checkpoints.close()
+            raise
+
+    def _start(self) -> EdgeService:
         cfg = self.config
         if cfg.metrics_port is not None and cfg.metrics_port >= 0:
             server = MetricsServer(
@@ -372,6 +384,6 @@ class EdgeService:
             self.conn.close()
             if self._http is not None:
                 self._http.shutdown()  # type: ignore[attr-defined]
-            if self.checkpoints is not None and hasattr(self.checkpoints, "close"):
+            if self.checkpoints is not None:
                 self.checkpoints.close()
             log.info("edge %s stopped", self.config.stage_id)
