@@ -15,8 +15,8 @@ Starts a private Mosquitto and measures, on River's ``datasets.synth.Friedman``
    → every prediction received by a subscriber, in exact and in mini-batch mode. Timed
    from the first reading's timestamp (stamped by replay as it reads the file) to the
    last prediction received; exact mode's predictions are checked against row 1's;
-4. latency: ``streampipe sensors`` with 100 devices at 50 readings/s each (5,000
-   readings/s offered) for ``--latency-seconds``, ``--linger 1``, in
+4. latency: ``streampipe sensors`` with 100 devices at 10, 25 and 50 readings/s each
+   (up to 5,000 readings/s offered) for ``--latency-seconds``, ``--linger 1``, in
    ``--sensor-processes`` processes: p50/p99/max of prediction-received time minus
    reading timestamp;
 5. the edge's peak RSS (VmHWM) after learning one model for each of 10,000 devices.
@@ -399,6 +399,12 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--latency-seconds", type=float, default=10.0)
     parser.add_argument("--sensor-processes", type=int, default=2, help="row 4's sensors")
+    parser.add_argument(
+        "--latency-rates",
+        type=lambda v: [float(x) for x in v.split(",")],
+        default=[10.0, 25.0, 50.0],
+        help="row 4: readings/s per device, comma-separated (10,25,50)",
+    )
     parser.add_argument("--devices", type=int, default=10_000, help="row 5's device count")
     parser.add_argument("--quick", action="store_true", help="small sizes, one run: a smoke test")
     args = parser.parse_args()
@@ -427,10 +433,12 @@ def main() -> None:
             runs["naive"].append(naive(broker, rows[: args.naive_readings]))
             runs["exact"].append(end_to_end(broker, path, len(rows), args.batch, "exact", offline))
             runs["mini"].append(end_to_end(broker, path, len(rows), args.batch, "minibatch", []))
-        print("# latency", file=sys.stderr)
-        p50, p99, worst, count = latency(
-            broker, 100, 50.0, args.latency_seconds, args.sensor_processes
-        )
+        lat_rows = []
+        for rate in args.latency_rates:
+            print(f"# latency at {rate:g} readings/s per device", file=sys.stderr)
+            lat_rows.append(
+                (rate, *latency(broker, 100, rate, args.latency_seconds, args.sensor_processes))
+            )
         print("# memory", file=sys.stderr)
         rss_idle, rss_peak = memory(broker, args.devices)
 
@@ -451,10 +459,9 @@ def main() -> None:
     row("2. naive pipeline: JSON per reading, QoS 1", nv)
     row("3a. streampipe end to end, exact", med["exact"])
     row("3b. streampipe end to end, mini-batch", med["mini"])
-    print(
-        f"{'4. latency at 5,000 readings/s offered (ms)':<52} "
-        f"p50 {p50:.1f}  p99 {p99:.1f}  max {worst:.1f}  ({count:,} readings)"
-    )
+    for rate, p50, p99, worst, count in lat_rows:
+        label = f"4. latency (ms), 100 devices x {rate:g}/s = {100 * rate:,.0f}/s"
+        print(f"{label:<52} p50 {p50:.1f}  p99 {p99:.1f}  max {worst:.1f}  ({count:,} readings)")
     print(
         f"{f'5. edge RSS, {args.devices:,} devices (MB)':<52} "
         f"peak {rss_peak:.0f}  (idle, before any device: {rss_idle:.0f})"

@@ -16,7 +16,10 @@ from streampipe.codec.errors import CodecError
 
 __all__ = ["compress", "inflate"]
 
-_LEVEL = 19  # columns are a few KiB: even zstd's strongest levels take well under 1 ms
+# zstd's default level. Measured on 1,000-reading frames: level 19 saved 0.4 % of the
+# bytes of random doubles (Friedman) and 5 % of simulated sensor decimals, for 9-14x
+# the encoding time, which made replay and sensors CPU-bound on compression.
+_LEVEL = 3
 _WINDOW = 1 << 23  # largest zstd window accepted: caps the decompressor's own memory
 _local = threading.local()  # zstd contexts are not thread-safe; make one per thread
 
