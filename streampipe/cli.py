@@ -21,7 +21,7 @@ from streampipe.learn import DEFAULT_MODEL_SPEC
 from streampipe.secure.certs import MissingCryptography
 from streampipe.sources.csv import CsvError
 from streampipe.state import CheckpointError
-from streampipe.topics import DEFAULT_ROOT, InvalidName, Topics
+from streampipe.topics import DEFAULT_ROOT, PARTITIONS, InvalidName, Topics
 from streampipe.transport import BrokerURL, InvalidBrokerURL, MQTTError, with_credentials
 
 __all__ = ["main"]
@@ -60,6 +60,24 @@ def _rate(value: str) -> float:
     if not rate > 0:
         raise argparse.ArgumentTypeError("rate must be positive")
     return rate
+
+
+def _partitions(value: str) -> tuple[int, ...]:
+    """``0-31`` or ``0,5,9-12``: a set of reading partitions.
+
+    >>> _partitions("0,5,9-11")
+    (0, 5, 9, 10, 11)
+    """
+    chosen: set[int] = set()
+    try:
+        for part in value.split(","):
+            low, _, high = part.strip().partition("-")
+            chosen.update(range(int(low), int(high or low) + 1))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a list like 0-31 or 0,5,9-12") from None
+    if not chosen or min(chosen) < 0 or max(chosen) >= PARTITIONS:
+        raise argparse.ArgumentTypeError(f"partitions are numbered 0 to {PARTITIONS - 1}")
+    return tuple(sorted(chosen))
 
 
 def _positive_int(value: str) -> int:
@@ -178,6 +196,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="with --state-dir: longest a processed message waits for the checkpoint that "
         "covers it before it is acknowledged to the broker (%(default)s)",
+    )
+    edge.add_argument(
+        "--partitions",
+        type=_partitions,
+        metavar="LIST",
+        help=f"serve only these reading partitions (0-{PARTITIONS - 1}), e.g. 0-31 or 0,5,9-12: "
+        "several edges split a fleet, each device staying with one (default: all)",
     )
     edge.add_argument(
         "--session-expiry",
@@ -334,6 +359,7 @@ def cmd_edge(args: argparse.Namespace) -> int:
             metrics_interval=args.metrics_interval,
             checkpoint_interval=args.checkpoint_interval,
             session_expiry=args.session_expiry,
+            partitions=args.partitions,
             window=args.window,
             queue_size=args.queue_size,
             mode=args.mode,

@@ -60,6 +60,7 @@ class EdgeConfig:
     metrics_interval: float = 5.0
     checkpoint_interval: float = 1.0  # longest a processed message waits for its commit
     session_expiry: int = 86_400  # seconds the broker keeps our session while we are away
+    partitions: tuple[int, ...] | None = None  # reading partitions to serve; None: all
     window: int = 1000
     mode: str = "exact"  # or "minibatch": see streampipe.learn.learner
     queue_size: int = 1000
@@ -190,7 +191,7 @@ class EdgeService:
         ).encode()  # fmt: skip
         self.conn.publish(self._instance_topic, claim, retain=True).wait_for_publish(10)
         self.conn.subscribe([self._instance_topic, self.topics.schemas()], qos=1)
-        self.conn.subscribe(self.topics.readings_filter(), qos=1)
+        self.conn.subscribe(self.topics.readings_filter(cfg.partitions), qos=1)
         self.conn.publish(self.topics.status(cfg.stage_id), ONLINE, retain=True).wait_for_publish(
             10
         )

@@ -7,12 +7,16 @@ import subprocess
 import sys
 import threading
 import urllib.request
+import uuid
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from streampipe import codec
 from streampipe.cli import main
 from streampipe.edge import EdgeConfig, EdgeService
+from streampipe.readings import Batch, Reading
+from streampipe.transport import Connection
 
 
 def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -172,3 +176,32 @@ def test_demo_without_mosquitto_says_how_to_install_it(monkeypatch, capsys):
     assert main(["demo", "--duration", "1"]) == 2
     err = capsys.readouterr().err
     assert "apt-get install -y mosquitto" in err and "Traceback" not in err
+
+
+def test_edges_with_disjoint_partitions_split_the_devices(broker, topics, capture):
+    from streampipe.topics import partition_of
+
+    devices = [f"dev-{i}" for i in range(12)]
+    low = tuple(range(32))
+    cap = capture([topics.predictions()])
+    services = [
+        EdgeService(EdgeConfig(broker.url, name, topic_root=topics.root, partitions=parts)).start()
+        for name, parts in (("low", low), ("high", tuple(range(32, 64))))
+    ]
+    threads = [threading.Thread(target=s.run, daemon=True) for s in services]
+    for t in threads:
+        t.start()
+    pub = Connection(broker.url, f"split-{uuid.uuid4().hex[:6]}").connect()
+    try:
+        for d in devices:
+            frame = codec.encode(Batch.from_readings([Reading(d, 0, 1.0, {"a": 1.0}, 2.0)]))
+            pub.publish(topics.readings(d), frame).wait_for_publish(10)
+        assert cap.wait(lambda: len(cap.on(topics.predictions())) == len(devices))
+    finally:
+        pub.close()
+        for s, t in zip(services, threads):
+            s.stop()
+            t.join(30)
+    served = [set(s.stage.learner.devices) for s in services]
+    assert served[0] == {d for d in devices if partition_of(d) in low}
+    assert served[1] == set(devices) - served[0] and served[0] and served[1]
