@@ -5,8 +5,9 @@
 Starts a private Mosquitto and measures, on River's ``datasets.synth.Friedman``
 (seed 42, 10 features) with ``StandardScaler | LinearRegression``:
 
-0. the broker alone: one client publishes 1-reading frames (QoS 1), another receives
-   them — the most small messages per second this broker passes on this machine;
+0. the broker alone, with Mosquitto's C clients: one ``mosquitto_pub -l`` publishes
+   40-byte messages (QoS 1), one ``mosquitto_sub`` receives them — the most small
+   messages per second this broker passes on this machine;
 1. River offline: a ``predict_one`` + ``learn_one`` loop over dicts in memory;
 2. a naive pipeline: one JSON message per reading (QoS 1, paho's defaults),
    ``predict_one``/``learn_one`` inside ``on_message``, one JSON prediction per
@@ -15,6 +16,8 @@ Starts a private Mosquitto and measures, on River's ``datasets.synth.Friedman``
    → every prediction received by a subscriber, in exact and in mini-batch mode. Timed
    from the first reading's timestamp (stamped by replay as it reads the file) to the
    last prediction received; exact mode's predictions are checked against row 1's;
+   exact mode also with ``--state-dir``, where input is acknowledged only after a
+   checkpoint covers it;
 4. latency: ``streampipe sensors`` with 100 devices at 10, 25 and 50 readings/s each
    (up to 5,000 readings/s offered) for ``--latency-seconds``, ``--linger 1``, in
    ``--sensor-processes`` processes: p50/p99/max of prediction-received time minus
@@ -34,6 +37,7 @@ import csv
 import json
 import multiprocessing
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -47,10 +51,8 @@ import numpy as np
 import paho.mqtt.client as paho
 from river import datasets, linear_model, preprocessing
 
-from streampipe import codec
 from streampipe.broker import PrivateMosquitto
 from streampipe.publish import ReadingPublisher
-from streampipe.readings import Batch, Reading
 from streampipe.sources.simulate import SensorFleet
 from streampipe.topics import Topics
 from streampipe.transport import BrokerURL, Connection, Message
@@ -173,29 +175,34 @@ def run_edge_case(
 
 
 def broker_alone(broker: PrivateMosquitto, n: int) -> float:
-    """1-reading frames, QoS 1, one publisher and one subscriber, no processing."""
-    frames = [
-        codec.encode(Batch.from_readings([Reading("d", i, 0.0, {"a": float(i)}, 1.0)]))
-        for i in range(n)
-    ]
-    got, done = [0], threading.Event()
+    """Messages/s through the broker alone: Mosquitto's own C clients, QoS 1, one
+    publisher (``mosquitto_pub -l``: a message per line) and one subscriber, 40-byte
+    payloads like a 1-reading frame. The ceiling for one message per reading."""
+    port = str(broker.port)
+    sub = subprocess.Popen(
+        ["stdbuf", "-oL", "mosquitto_sub", "-d", "-h", "127.0.0.1", "-p", port,
+         "-t", "bench/alone", "-q", "1", "-C", str(n)],
+        stdout=subprocess.PIPE,
+    )  # fmt: skip
+    assert sub.stdout is not None
+    subscribed = threading.Event()
 
-    def on(msg: Message) -> None:
-        got[0] += 1
-        if got[0] >= n:
-            done.set()
+    def read() -> None:  # -d prints the SUBACK, then a few lines per message
+        for line in sub.stdout:  # type: ignore[union-attr]
+            if b"SUBACK" in line:
+                subscribed.set()
 
-    sub = Connection(broker.url, "bench-sub", on_message=on).connect()
-    sub.subscribe("bench/alone")
-    pub = Connection(broker.url, "bench-pub", max_inflight=1000).connect()
+    threading.Thread(target=read, daemon=True).start()
+    if not subscribed.wait(10):
+        raise RuntimeError("mosquitto_sub did not subscribe")
     start = time.perf_counter()
-    for f in frames:
-        pub.publish("bench/alone", f, qos=1)
-    done.wait(300)
-    rate = got[0] / (time.perf_counter() - start)
-    pub.close()
-    sub.close()
-    return rate
+    subprocess.run(
+        ["mosquitto_pub", "-h", "127.0.0.1", "-p", port, "-t", "bench/alone", "-q", "1", "-l"],
+        input=(b"x" * 39 + b"\n") * n,
+        check=True,
+    )
+    sub.wait(300)
+    return n / (time.perf_counter() - start)
 
 
 # -- 2. the naive pipeline -------------------------------------------------------------
@@ -260,7 +267,15 @@ def naive(broker: PrivateMosquitto, rows: list) -> float:
 # -- 3. streampipe end to end ----------------------------------------------------------
 
 
-def end_to_end(broker, csv_path: Path, n: int, batch: int, mode: str, offline: list[float]):
+def end_to_end(
+    broker,
+    csv_path: Path,
+    n: int,
+    batch: int,
+    mode: str,
+    offline: list[float],
+    state_dir: Path | None = None,
+):
     def feed(url: str, topics: Topics) -> None:
         subprocess.run(
             [
@@ -282,7 +297,11 @@ def end_to_end(broker, csv_path: Path, n: int, batch: int, mode: str, offline: l
             check=True,
         )
 
-    col = run_edge_case(broker, n, mode == "exact", ["--mode", mode], feed)
+    extra = ["--mode", mode]
+    if state_dir is not None:  # checkpoints before acknowledgements (the commit protocol)
+        shutil.rmtree(state_dir, ignore_errors=True)
+        extra += ["--state-dir", str(state_dir)]
+    col = run_edge_case(broker, n, mode == "exact", extra, feed)
     rate = n / (col.last_received - col.first_ts)
     if mode == "exact":
         got = [col.y_pred[i] for i in range(n)]
@@ -416,7 +435,8 @@ def main() -> None:
         ({f"x{k}": v for k, v in x.items()}, y)
         for x, y in datasets.synth.Friedman(seed=42).take(args.readings)
     ]
-    runs: dict[str, list[float]] = {k: [] for k in ("broker", "offline", "naive", "exact", "mini")}
+    kinds = ("broker", "offline", "naive", "exact", "durable", "mini")
+    runs: dict[str, list[float]] = {k: [] for k in kinds}
     with tempfile.TemporaryDirectory() as tmp, PrivateMosquitto() as broker:
         path = Path(tmp) / "friedman.csv"
         with open(path, "w", newline="") as f:
@@ -432,6 +452,11 @@ def main() -> None:
             runs["offline"].append(rate)
             runs["naive"].append(naive(broker, rows[: args.naive_readings]))
             runs["exact"].append(end_to_end(broker, path, len(rows), args.batch, "exact", offline))
+            runs["durable"].append(
+                end_to_end(
+                    broker, path, len(rows), args.batch, "exact", offline, Path(tmp) / "state"
+                )
+            )
             runs["mini"].append(end_to_end(broker, path, len(rows), args.batch, "minibatch", []))
         lat_rows = []
         for rate in args.latency_rates:
@@ -454,11 +479,12 @@ def main() -> None:
     def row(label: str, value: float, unit: str = "readings/s") -> None:
         print(f"{label:<52} {value:>10,.0f} r/s {value / o:>8.2f} {value / nv:>8.1f}")
 
-    row("0. Mosquitto alone, 1-reading frames, QoS 1", med["broker"])
+    row("0. Mosquitto alone (C clients), 40 B messages, QoS 1", med["broker"])
     row("1. River offline predict_one + learn_one", o)
     row("2. naive pipeline: JSON per reading, QoS 1", nv)
     row("3a. streampipe end to end, exact", med["exact"])
-    row("3b. streampipe end to end, mini-batch", med["mini"])
+    row("3b. ... exact, with --state-dir (checkpointed acks)", med["durable"])
+    row("3c. streampipe end to end, mini-batch", med["mini"])
     for rate, p50, p99, worst, count in lat_rows:
         label = f"4. latency (ms), 100 devices x {rate:g}/s = {100 * rate:,.0f}/s"
         print(f"{label:<52} p50 {p50:.1f}  p99 {p99:.1f}  max {worst:.1f}  ({count:,} readings)")
