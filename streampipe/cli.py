@@ -1,4 +1,5 @@
-"""The ``streampipe`` command line: edge, replay, sensors, demo, broker init-secure."""
+"""The ``streampipe`` command line: edge, replay, sensors, demo, broker init-secure,
+keys init, deploy, export-model."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from streampipe.learn import DEFAULT_MODEL_SPEC
 from streampipe.secure.certs import MissingCryptography
 from streampipe.sources.csv import CsvError
 from streampipe.state import CheckpointError
-from streampipe.topics import DEFAULT_ROOT, PARTITIONS, InvalidName, Topics
+from streampipe.topics import DEFAULT_ROOT, PARTITIONS, InvalidName, Topics, check_name
 from streampipe.transport import BrokerURL, InvalidBrokerURL, MQTTError, with_credentials
 
 __all__ = ["main"]
@@ -237,6 +238,14 @@ def build_parser() -> argparse.ArgumentParser:
     edge.add_argument(
         "--queue-size", type=_positive_int, default=1000, help="messages held for processing"
     )
+    edge.add_argument(
+        "--deploy-key",
+        metavar="FILE",
+        default=os.environ.get("STREAMPIPE_DEPLOY_KEY"),
+        help="public key (deploy.pub from `streampipe keys init`): hot-swap to models "
+        "deployed on ROOT/models/<--model-name> and signed with its private key; refuse any "
+        "other ($STREAMPIPE_DEPLOY_KEY)",
+    )
 
     replay = sub.add_parser("replay", help="replay a CSV file as readings")
     replay.add_argument("file", help="CSV file with a header row")
@@ -280,6 +289,72 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--duration", type=float, help="seconds to run (default: until Ctrl-C)")
     demo.add_argument("--model", default=DEFAULT_MODEL_SPEC, metavar="SPEC")
     demo.add_argument("--metrics-port", type=int, default=0)
+
+    keys = sub.add_parser("keys", help="make the key pair that signs deployed models")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="COMMAND")
+    keys_init = keys_sub.add_parser(
+        "init",
+        help="make an Ed25519 key pair: DIR/deploy.key (private, 0600), DIR/deploy.pub",
+        description="Make an Ed25519 key pair for signing models: DIR/deploy.key, the "
+        "private key (mode 0600), for `streampipe deploy --signing-key`, kept on the "
+        "operator's machine; DIR/deploy.pub, the public key, for every `streampipe edge "
+        "--deploy-key`.",
+    )
+    keys_init.add_argument("dir", metavar="DIR", help="directory to write the two files in")
+    keys_init.add_argument("--force", action="store_true", help="replace an existing pair")
+
+    deploy = sub.add_parser(
+        "deploy",
+        help="sign a model and publish it for edges to hot-swap to, or roll back",
+        description="Sign MODEL_FILE (a pickled River model: from `export-model`, or "
+        "pickle.dump) and publish it, retained, on ROOT/models/NAME as the next version; "
+        "edges started with --deploy-key and --model-name NAME swap to it between two "
+        "messages. The artifact it replaces is kept on ROOT/models/NAME/previous. "
+        "MODEL_FILE is unpickled here to check it: deploy only files you made.",
+    )
+    deploy.add_argument("model_file", nargs="?", metavar="MODEL_FILE", help="pickled model")
+    _add_broker(deploy, DEFAULT_BROKER)
+    deploy.add_argument("--model", metavar="NAME", help="model name (the edges' --model-name)")
+    deploy.add_argument(
+        "--rollback",
+        metavar="NAME",
+        help="instead of MODEL_FILE: publish model NAME's previous version again, as a new "
+        "version (a second rollback undoes the first)",
+    )
+    deploy.add_argument(
+        "--signing-key",
+        metavar="FILE",
+        default=os.environ.get("STREAMPIPE_SIGNING_KEY"),
+        help="private key (deploy.key from `streampipe keys init`) ($STREAMPIPE_SIGNING_KEY)",
+    )
+    deploy.add_argument(
+        "--devices",
+        default="*",
+        metavar="PATTERN",
+        help="devices the model is for, an fnmatch pattern over device ids (default: all)",
+    )
+    deploy.add_argument(
+        "--version",
+        type=_positive_int,
+        metavar="N",
+        help="version number (default: the deployed version + 1; 2 for a first deployment)",
+    )
+    deploy.add_argument("--spec", metavar="SPEC", help="the model's spec, recorded in its header")
+    deploy.add_argument(
+        "--timeout", type=float, default=10.0, metavar="S", help="broker timeout (%(default)s)"
+    )
+
+    export = sub.add_parser(
+        "export-model",
+        help="write a device's learned model out of an edge checkpoint, for `deploy`",
+        description="Write the model that stage ID learned for device D, as of its last "
+        "checkpoint, to OUT as a pickle that `streampipe deploy` takes. The stage must "
+        "not be running (it holds its checkpoint).",
+    )
+    export.add_argument("out", metavar="OUT", help="file to write the pickled model to")
+    export.add_argument("--stage-id", required=True, help="the edge stage's --stage-id")
+    export.add_argument("--state-dir", required=True, help="the edge stage's --state-dir")
+    export.add_argument("--device", required=True, metavar="D", help="device id")
 
     broker = sub.add_parser("broker", help="set up a broker")
     broker_sub = broker.add_subparsers(dest="broker_command", required=True, metavar="COMMAND")
@@ -363,6 +438,7 @@ def cmd_edge(args: argparse.Namespace) -> int:
             window=args.window,
             queue_size=args.queue_size,
             mode=args.mode,
+            deploy_key=args.deploy_key,
         )
     )
     _on_signals(service.stop)
@@ -608,12 +684,89 @@ def cmd_broker(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys(args: argparse.Namespace) -> int:
+    from streampipe.models.keys import init_keys
+
+    pair = init_keys(args.dir, force=args.force)
+    q = shlex.quote
+    print(
+        f"Ed25519 key pair {pair.key_id} made:\n"
+        f"  {pair.private}  private (mode 0600): signs models; keep it on this machine\n"
+        f"  {pair.public}  public: give it to every edge\n\n"
+        "Next:\n"
+        f"  streampipe edge --deploy-key {q(str(pair.public))} --model-name NAME ...\n"
+        f"  streampipe deploy MODEL_FILE --model NAME --signing-key {q(str(pair.private))} ..."
+    )
+    return 0
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from streampipe.models.deploy import ModelPublisher, read_model_file
+    from streampipe.models.keys import load_signing_key
+
+    if (args.model_file is None) == (args.rollback is None):
+        raise ValueError("give MODEL_FILE (with --model NAME) or --rollback NAME")
+    if args.model_file is not None and not args.model:
+        raise ValueError("--model NAME is needed: the name edges run the model under")
+    if args.rollback is not None and (args.model or args.version or args.spec):
+        raise ValueError("--rollback takes no --model, --version or --spec")
+    if args.rollback is not None and args.devices != "*":
+        raise ValueError("--rollback keeps the previous version's --devices")
+    if not args.signing_key:
+        raise ValueError("--signing-key FILE is needed (make one with `streampipe keys init`)")
+    name = args.rollback or args.model
+    check_name(name, "model name")
+    key = load_signing_key(args.signing_key)
+    model = read_model_file(args.model_file) if args.model_file is not None else None
+    topics = Topics(args.topic_root)
+    with ModelPublisher(
+        args.broker, topics, timeout=args.timeout, client_id=_client_id("deploy")
+    ) as pub:
+        if model is None:
+            done = pub.rollback(name, key)
+        else:
+            data, kind = model
+            done = pub.deploy(
+                data,
+                kind,
+                name=name,
+                key=key,
+                version=args.version,
+                devices=args.devices,
+                spec=args.spec,
+            )
+    h = done.header
+    what = "rolled back" if model is None else "deployed"
+    print(f"{what}: {h.describe()}, {done.size:,} bytes retained on {topics.models(name)}")
+    if done.replaced is not None:
+        print(
+            f"version {done.replaced.version} kept on {topics.previous_model(name)} "
+            f"(`streampipe deploy --rollback {name}` goes back to it)"
+        )
+    return 0
+
+
+def cmd_export_model(args: argparse.Namespace) -> int:
+    from streampipe.models.export import export_model
+
+    done = export_model(args.state_dir, args.stage_id, args.device, args.out)
+    print(
+        f"exported device {done.device}'s model from stage {args.stage_id} to {done.path} "
+        f"({done.size:,} bytes): {done.spec or 'model'} version {done.version}, "
+        f"{done.learned:,} readings learned, up to seq {done.seq} of epoch {done.epoch}"
+    )
+    return 0
+
+
 COMMANDS = {
     "edge": cmd_edge,
     "replay": cmd_replay,
     "sensors": cmd_sensors,
     "demo": cmd_demo,
     "broker": cmd_broker,
+    "keys": cmd_keys,
+    "deploy": cmd_deploy,
+    "export-model": cmd_export_model,
 }
 
 

@@ -9,6 +9,10 @@ Threads and their jobs:
   prediction is handed to the broker;
 - an HTTP thread serves ``/metrics`` and ``/healthz`` (:mod:`streampipe.http`).
 
+With a deploy key, model artifacts (``ROOT/models/<name>``) come through the same queue
+and are handled by the worker like readings (:mod:`streampipe.models.receive`), so a
+hot swap falls between two messages and is committed with them.
+
 The queue cannot overflow with QoS 1 input: the stage announces a *Receive Maximum*
 equal to the queue's capacity, and the broker never has more unacknowledged
 messages in flight to us than that. QoS 0 input that finds the queue full is counted
@@ -33,9 +37,11 @@ from prometheus_client import CollectorRegistry
 from streampipe.http import Health, MetricsServer
 from streampipe.learn.spec import DEFAULT_MODEL_SPEC, ModelSpec
 from streampipe.metrics import LatencyHistogram, StageCollector, StageStats
+from streampipe.models.keys import load_verify_key
+from streampipe.models.receive import ModelReceiver
 from streampipe.stage import EdgeStage, Outgoing
 from streampipe.state import CheckpointStore
-from streampipe.topics import DEFAULT_ROOT, Topics
+from streampipe.topics import DEFAULT_ROOT, InvalidName, Topics, check_name
 from streampipe.transport import BrokerURL, Connection, Message, MQTTError, Will
 
 __all__ = ["AlreadyRunning", "EdgeConfig", "EdgeService", "TakenOver"]
@@ -65,6 +71,7 @@ class EdgeConfig:
     mode: str = "exact"  # or "minibatch": see streampipe.learn.learner
     queue_size: int = 1000
     keepalive: int = 30
+    deploy_key: str | None = None  # public key file: accept signed models on ROOT/models/<name>
 
 
 class TakenOver(MQTTError):
@@ -95,6 +102,14 @@ class EdgeService:
             on_latency=latency.observe_many,
             mode=config.mode,
         )
+        self.receiver: ModelReceiver | None = None
+        if config.deploy_key is not None:
+            name = self.stats.model_name
+            try:
+                check_name(name, "model name")
+            except InvalidName as exc:
+                raise InvalidName(f"{exc}: give the stage a --model-name to deploy to") from None
+            self.receiver = ModelReceiver(self.stage, load_verify_key(config.deploy_key), name)
         self.checkpoints = (
             CheckpointStore(config.state_dir, config.stage_id) if config.state_dir else None
         )
@@ -172,6 +187,7 @@ class EdgeService:
             saved = self.checkpoints.load()
             if saved is not None:
                 self.stage.learner.restore(*saved)
+                self.stats.model_version = self.stage.learner.version
                 log.info(
                     "resumed %d device models from %s", self.stats.devices, self.checkpoints.path
                 )
@@ -190,12 +206,23 @@ class EdgeService:
              "since": time.time()}
         ).encode()  # fmt: skip
         self.conn.publish(self._instance_topic, claim, retain=True).wait_for_publish(10)
+        if self.receiver is not None:
+            # First, so that a stage starting afresh runs the deployed model from its
+            # first reading: the retained artifact is queued ahead of new readings.
+            self.conn.subscribe([self.receiver.topic], qos=1)
         self.conn.subscribe([self._instance_topic, self.topics.schemas()], qos=1)
         self.conn.subscribe(self.topics.readings_filter(cfg.partitions), qos=1)
         self.conn.publish(self.topics.status(cfg.stage_id), ONLINE, retain=True).wait_for_publish(
             10
         )
         log.info("edge %s online at %s, model %s", cfg.stage_id, cfg.broker, self.stage.spec.text)
+        if self.receiver is not None:
+            log.info(
+                "accepting models signed by key %s on %s (running version %d)",
+                self.receiver.key.key_id,
+                self.receiver.topic,
+                self.stats.model_version,
+            )
         self.ready.set()
         return self
 
@@ -295,8 +322,12 @@ class EdgeService:
         if msg.topic == self._instance_topic:
             self._check_claim(msg)
             return
+        receiver = self.receiver
         try:
-            outputs, done = self.stage.handle_message(msg.topic, msg.payload, msg)
+            if receiver is not None and msg.topic == receiver.topic:
+                outputs, done = receiver.handle(msg.topic, msg.payload), [msg]
+            else:
+                outputs, done = self.stage.handle_message(msg.topic, msg.payload, msg)
         except Exception as exc:  # a bug, not bad input: keep the stage alive, report it
             log.exception("internal error processing a message on %s", msg.topic)
             outputs = [self.stage.dead_letter(msg.topic, msg.payload, "internal_error", repr(exc))]

@@ -57,6 +57,7 @@ class StageStats:
         self.queue_depth: Callable[[], int] = lambda: 0
         self.sessions_lost: Callable[[], int] = lambda: 0
         self.commits = 0  # checkpoints that made processed input durable, then acknowledged it
+        self.swaps = 0  # deployed models hot-swapped in
         self.queue_capacity = 0
         self._rejected: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -101,6 +102,7 @@ class StageStats:
             "devices": self.devices,
             "queue_depth": self.queue_depth(),
             "commits": self.commits,
+            "model_swaps": self.swaps,
             "sessions_lost": self.sessions_lost(),
             "metrics": self.model_metrics(),
         }
@@ -205,6 +207,7 @@ class StageCollector(Collector):
             "Reconnects or restarts that found no MQTT session kept by the broker.",
             s.sessions_lost(),
         )
+        yield counter("model_swaps", "Deployed models hot-swapped in.", s.swaps)
         yield gauge("devices", "Devices with a model on this stage.", s.devices)
         yield gauge("queue_depth", "Messages waiting to be processed.", s.queue_depth())
         yield gauge("queue_capacity", "Capacity of the message queue.", s.queue_capacity)

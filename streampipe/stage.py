@@ -238,7 +238,7 @@ class EdgeStage:
         body = {
             "device": device,
             "model": self.stats.model_name,
-            "version": self.stats.model_version,
+            "version": result.version,
             "predictions": [
                 {"seq": s, "ts": t, "y_pred": p, "y_true": y}
                 for s, t, p, y in zip(seqs, ts.tolist(), result.y_pred, ys)

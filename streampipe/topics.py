@@ -9,6 +9,8 @@ Every topic starts with a root (``streampipe`` unless told otherwise):
 ``ROOT/metrics/<stage_id>``             JSON rolling metrics of a stage
 ``ROOT/deadletter/<stage_id>``          JSON, one message per rejected input message
 ``ROOT/status/<stage_id>``              retained ``online`` / ``offline`` (last will)
+``ROOT/models/<name>``                  retained, signed model artifact: what edges run
+``ROOT/models/<name>/previous``         retained, the artifact it replaced (rollback)
 =====================================  ==============================================
 
 The ``<partition>`` level (``p00`` … ``p63``, a fixed hash of the device id) lets several
@@ -142,3 +144,11 @@ class Topics:
     def instance(self, stage_id: str) -> str:
         """Retained: which process runs a stage (one level below its status)."""
         return f"{self.root}/status/{stage_id}/instance"
+
+    def models(self, name: str) -> str:
+        """Where the artifact of model ``name`` is retained; edges subscribe to it."""
+        return f"{self.root}/models/{name}"
+
+    def previous_model(self, name: str) -> str:
+        """Where the artifact that ``models(name)`` replaced is kept, for a rollback."""
+        return f"{self.root}/models/{name}/previous"

@@ -9,6 +9,10 @@ the watermark has been learned already and is refused as a ``duplicate``, so a
 redelivered message changes no model. A sensor that reboots starts a new, larger epoch
 and its sequence numbers start again; a smaller epoch is ``stale_epoch``.
 
+Each device's model has a *version*: 1 is what the stage's spec builds. :meth:`OnlineLearner.deploy`
+hot-swaps a deployed model in between two batches: every matching device continues
+from its own copy of it, watermark unchanged, and devices seen later start from it.
+
 In ``minibatch`` mode each batch is predicted with ``predict_many`` and then learned
 with ``learn_many``: much faster, but a reading's prediction no longer comes from a
 model that has learned its predecessors in the same batch, so it is *not* River's
@@ -29,7 +33,9 @@ from __future__ import annotations
 
 import bisect
 import math
+import pickle
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from typing import Any
 
 import numpy as np
@@ -38,7 +44,14 @@ from streampipe.learn.scores import DEFAULT_WINDOW, Scores, scores_for
 from streampipe.learn.spec import ModelSpec
 from streampipe.validate import Validated
 
-__all__ = ["MODES", "DeviceState", "LearnResult", "OnlineLearner", "supports_minibatch"]
+__all__ = [
+    "MODES",
+    "Deployed",
+    "DeviceState",
+    "LearnResult",
+    "OnlineLearner",
+    "supports_minibatch",
+]
 
 #: ``exact``: predict, score and learn reading by reading (River's progressive
 #: validation). ``minibatch``: ``predict_many`` then ``learn_many`` per batch.
@@ -53,6 +66,31 @@ class DeviceState:
     epoch: int = -1
     seq: int = -1  # highest sequence number learned in ``epoch``
     learned: int = 0
+    version: int = 1  # of the model this one was built or deployed as, then learned on
+
+    def __setstate__(self, state: tuple[None, dict[str, Any]]) -> None:
+        self.version = 1  # checkpoints from before deployments did not record it
+        for name, value in state[1].items():
+            setattr(self, name, value)
+
+
+@dataclass(frozen=True, slots=True)
+class Deployed:
+    """A deployed model that matching devices start from: its version, the fnmatch
+    pattern of device ids it applies to, its pickle (verified before it got here) and
+    the SHA-256 its artifact stated, to recognise that artifact when it comes again."""
+
+    version: int
+    devices: str
+    model: bytes
+    sha256: str = ""
+
+    def matches(self, device: str) -> bool:
+        return fnmatchcase(device, self.devices)
+
+    def build(self) -> Any:
+        """A new copy of the deployed model, learned state included (a deep copy)."""
+        return pickle.loads(self.model)  # signed and verified by streampipe.models
 
 
 @dataclass(slots=True)
@@ -70,6 +108,7 @@ class LearnResult:
     stale: list[int] = field(default_factory=list)
     gap: int = 0  # readings missing before or inside this batch (sequence numbers skipped)
     non_finite: int = 0  # predictions that were not finite numbers (published as null)
+    version: int = 1  # of the device's model that made the predictions
 
 
 def supports_minibatch(model: Any) -> bool:
@@ -93,6 +132,10 @@ class OnlineLearner:
         #: Devices whose state changed since the last :meth:`snapshot`.
         self.dirty: set[str] = set()
         self.metrics: Scores = scores_for(self.kind, window)
+        #: The newest model version this stage runs: 1 until a model is deployed.
+        self.version = 1
+        #: Deployed models that new devices start from, oldest first (the newest match wins).
+        self.deployed: list[Deployed] = []
         if mode == "minibatch":
             _need_pandas()
         if mode == "minibatch" and not supports_minibatch(spec.build()):
@@ -106,7 +149,13 @@ class OnlineLearner:
         since the last snapshot (all of them when ``everything``)."""
         changed = self.devices if everything else {d: self.devices[d] for d in self.dirty}
         self.dirty = set()
-        return {"spec": self.spec.text, "metrics": self.metrics}, changed
+        meta = {
+            "spec": self.spec.text,
+            "metrics": self.metrics,
+            "version": self.version,
+            "deployed": self.deployed,  # pickles as bytes: cheap to checkpoint every time
+        }
+        return meta, changed
 
     def restore(self, meta: dict[str, Any], devices: dict[str, DeviceState]) -> None:
         """Resume from a checkpoint; refuse one learned with another model spec."""
@@ -117,18 +166,64 @@ class OnlineLearner:
             )
         self.devices = dict(devices)
         self.metrics = meta["metrics"]
+        self.version = meta.get("version", 1)
+        self.deployed = list(meta.get("deployed", ()))
         self.dirty = set()
+
+    def deploy(self, version: int, model: bytes, devices: str = "*", sha256: str = "") -> int:
+        """Hot swap to a deployed model (``model`` is its verified pickle); return how
+        many devices swapped.
+
+        Every device whose id matches the fnmatch pattern ``devices`` continues from a
+        copy of the deployed model with its watermark unchanged, so no reading is
+        skipped or learned twice; matching devices seen later start from it too.
+        Call it between two batches, on the thread that calls :meth:`process`.
+
+        >>> import pickle
+        >>> from river import linear_model
+        >>> from streampipe.learn.spec import ModelSpec
+        >>> learner = OnlineLearner(ModelSpec.parse("linear_model.LinearRegression"))
+        >>> trained = linear_model.LinearRegression()
+        >>> trained.learn_one({"a": 1.0}, 5.0)
+        >>> learner.deploy(2, pickle.dumps(trained), "boiler-*")
+        0
+        >>> learner.state("boiler-1").version, learner.state("pump-1").version
+        (2, 1)
+        >>> learner.state("boiler-1").model.predict_one({"a": 1.0}) > 0
+        True
+        """
+        if version <= self.version:
+            raise ValueError(f"version {version} is not newer than {self.version}")
+        new = Deployed(version, devices, model, sha256)
+        # A deployment hides older ones of the same pattern (all of them, for "*").
+        self.deployed = [d for d in self.deployed if devices != "*" and d.devices != devices]
+        self.deployed.append(new)
+        self.version = version
+        swapped = 0
+        for device, st in self.devices.items():
+            if new.matches(device):
+                st.model, st.version = new.build(), version
+                self.dirty.add(device)
+                swapped += 1
+        return swapped
 
     def state(self, device: str) -> DeviceState:
         st = self.devices.get(device)
         if st is None:
-            st = self.devices[device] = DeviceState(self.spec.build())
+            st = self.devices[device] = self._new_state(device)
         return st
+
+    def _new_state(self, device: str) -> DeviceState:
+        for deployed in reversed(self.deployed):
+            if deployed.matches(device):
+                return DeviceState(deployed.build(), version=deployed.version)
+        return DeviceState(self.spec.build())
 
     def process(self, batch: Validated) -> LearnResult:
         """Predict, score, then learn each new reading of one device's batch, in order."""
         out = LearnResult()
         st = self.state(batch.batch.device)
+        out.version = st.version
         epoch = batch.batch.epoch
         seqs = batch.seqs
         if epoch < st.epoch:
