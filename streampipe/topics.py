@@ -9,6 +9,10 @@ Every topic starts with a root (``streampipe`` unless told otherwise):
 ``ROOT/metrics/<stage_id>``             JSON rolling metrics of a stage
 ``ROOT/deadletter/<stage_id>``          JSON, one message per rejected input message
 ``ROOT/status/<stage_id>``              retained ``online`` / ``offline`` (last will)
+``ROOT/events/<stage_id>``              JSON, one message per event: anomaly, drift,
+                                        promotion
+``ROOT/control/<stage_id>``             JSON commands to a stage, e.g.
+                                        ``{"promote": "challenger"}``
 =====================================  ==============================================
 
 The ``<partition>`` level (``p00`` … ``p63``, a fixed hash of the device id) lets several
@@ -138,3 +142,9 @@ class Topics:
 
     def status(self, stage_id: str = "+") -> str:
         return f"{self.root}/status/{stage_id}"
+
+    def events(self, stage_id: str = "+") -> str:
+        return f"{self.root}/events/{stage_id}"
+
+    def control(self, stage_id: str = "+") -> str:
+        return f"{self.root}/control/{stage_id}"
