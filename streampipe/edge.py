@@ -27,6 +27,7 @@ from paho.mqtt.client import MQTTMessageInfo
 from prometheus_client import CollectorRegistry
 
 from streampipe.http import Health, MetricsServer
+from streampipe.learn.challenger import PromotionRule
 from streampipe.learn.spec import DEFAULT_MODEL_SPEC, ModelSpec
 from streampipe.metrics import LatencyHistogram, StageCollector, StageStats
 from streampipe.stage import EdgeStage, Outgoing
@@ -60,6 +61,14 @@ class EdgeConfig:
     mode: str = "exact"  # or "minibatch": see streampipe.learn.learner
     queue_size: int = 1000
     keepalive: int = 30
+    # Evaluation beyond the rolling metrics (see streampipe.stage); all off by default.
+    anomaly_threshold: float | None = None
+    drift: str | None = None  # "adwin" or "page-hinkley"
+    on_drift: str = "alert"  # or "reset"
+    challenger: str | None = None  # a model spec
+    challenger_name: str | None = None
+    promote_if_better: float | None = None  # percent
+    promote_after: int = 1000  # scored readings
 
 
 class TakenOver(MQTTError):
@@ -85,6 +94,14 @@ class EdgeService:
             window=config.window,
             on_latency=latency.observe_many,
             mode=config.mode,
+            anomaly_threshold=config.anomaly_threshold,
+            drift=config.drift,
+            on_drift=config.on_drift,
+            challenger=ModelSpec.parse(config.challenger) if config.challenger else None,
+            challenger_name=config.challenger_name,
+            promote=None
+            if config.promote_if_better is None
+            else PromotionRule(config.promote_if_better, config.promote_after),
         )
         self.checkpoints = (
             CheckpointStore(config.state_dir, config.stage_id) if config.state_dir else None
@@ -148,7 +165,7 @@ class EdgeService:
         if self.checkpoints is not None:
             saved = self.checkpoints.load()
             if saved is not None:
-                self.stage.learner.restore(*saved)
+                self.stage.restore(*saved)
                 log.info(
                     "resumed %d device models from %s", self.stats.devices, self.checkpoints.path
                 )
@@ -161,7 +178,7 @@ class EdgeService:
                 cfg.stage_id,
             )
         self.stats.sessions_lost = lambda: self.conn.sessions_lost
-        self.conn.subscribe([self.topics.schemas()], qos=1)
+        self.conn.subscribe([self.topics.schemas(), self.topics.control(cfg.stage_id)], qos=1)
         self.conn.subscribe(self.topics.readings_filter(), qos=1)
         self.conn.publish(self.topics.status(cfg.stage_id), ONLINE, retain=True).wait_for_publish(
             10
@@ -263,8 +280,8 @@ class EdgeService:
 
     def _checkpoint(self) -> None:
         if self.checkpoints is not None:
-            meta, changed = self.stage.learner.snapshot()
-            self.checkpoints.save(meta, changed)
+            meta, changed, full = self.stage.snapshot()
+            self.checkpoints.save(meta, changed, full=full)
 
     def _publish(self, out: Outgoing) -> MQTTMessageInfo:
         return self.conn.publish(
