@@ -167,7 +167,11 @@ def _not_label(y: np.ndarray, labels: str) -> np.ndarray:
 
 def _all_labels(batch: Batch, labels: str) -> bool:
     y = batch.target
-    return y is None or batch.target_present is not None or not _not_label(y, labels).any()
+    if y is None:
+        return True
+    if batch.target_present is not None:  # absent targets' slots hold anything: ask the rules
+        return False
+    return not _not_label(y, labels).any()
 
 
 def _apply_rules(batch: Batch, max_abs: float, labels: str | None = None) -> Validated:
