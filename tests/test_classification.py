@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from prometheus_client import CollectorRegistry
 from replaying import replay_through_edge, write_csv
 from river import datasets, linear_model, metrics, preprocessing, tree
@@ -127,3 +128,24 @@ def test_a_multiclass_model_learns_whole_numbers_as_int_labels_and_reports_macro
     m = stage.stats.snapshot()["metrics"]
     assert set(m["progressive"]) == {"accuracy", "macro_f1"}
     assert m["progressive"]["macro_f1"] == macro.get() > 0.8
+
+
+def test_minibatch_mode_classifies_with_rivers_many_api():
+    pd = pytest.importorskip("pandas")
+    rows = list(datasets.Phishing())[:200]
+    stage = EdgeStage("m", ModelSpec.parse(LOGISTIC), mode="minibatch")
+    readings = [
+        Reading("d", i, float(i), x, None if i % 7 == 0 else float(y))
+        for i, (x, y) in enumerate(rows)
+    ]
+    model = preprocessing.StandardScaler() | linear_model.LogisticRegression()
+    for i in range(0, len(readings), 50):
+        part = readings[i : i + 50]
+        out = stage.handle(stage.topics.readings("d"), codec.encode(Batch.from_readings(part)))
+        got = [(p["y_pred"], p["proba"]) for p in bodies(out, "predictions")[0]["predictions"]]
+        X = pd.DataFrame([r.x for r in part])
+        P = model.predict_proba_many(X)
+        assert got == list(zip(model.predict_many(X).tolist(), P.max(axis="columns").tolist()))
+        known = [r.y is not None for r in part]
+        labels = pd.Series([r.y == 1.0 for r in part], index=X.index)[known]
+        model.learn_many(X[known], labels)

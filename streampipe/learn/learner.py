@@ -295,6 +295,8 @@ class OnlineLearner:
             y_pred = model.predict_many(X).tolist()
         y = pd.Series(ys, dtype=float if self.labels is None else object)
         has = y.notna()
+        if self.labels is not None:  # labels as River's numpy code needs them, not objects
+            y = y.where(has, 0).astype(bool if self.labels == "binary" else np.int64)
         if has.all():
             model.learn_many(X, y)
         elif has.any():
