@@ -87,10 +87,16 @@ def _r2(sse: float, sst: float, n: int) -> float:
     return 1.0 - sse / sst
 
 
-class RegressionScores:
-    """MAE, RMSE and R², progressive and over the last ``window`` scored pairs."""
+class _Shared:
+    """A scoreboard the worker updates and a scrape reads, under a lock; checkpointed
+    (pickled) with what is pending scored first, and without the lock."""
 
-    def __getstate__(self) -> dict[str, Any]:  # checkpointed: a lock does not pickle
+    _lock: threading.Lock
+
+    def _flush(self) -> None:
+        """Score what waits to be scored (nothing, unless a subclass batches)."""
+
+    def __getstate__(self) -> dict[str, Any]:
         with self._lock:
             self._flush()
             state = self.__dict__.copy()
@@ -100,6 +106,10 @@ class RegressionScores:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._lock = threading.Lock()
+
+
+class RegressionScores(_Shared):
+    """MAE, RMSE and R², progressive and over the last ``window`` scored pairs."""
 
     def __init__(self, window: int = DEFAULT_WINDOW) -> None:
         if window < 1:
@@ -191,7 +201,7 @@ class RegressionScores:
         }
 
 
-class BinaryScores:
+class BinaryScores(_Shared):
     """River's Accuracy, F1 and ROCAUC of a binary model, progressive and rolling.
 
     ``update_many(y_true, y_pred, p_true)`` takes labels (``True`` is the positive
@@ -230,17 +240,6 @@ class BinaryScores:
         self._next = 0
         self._pending: list[tuple[Any, Any, Any]] = []
         self._lock = threading.Lock()  # the worker updates, a scrape reads
-
-    def __getstate__(self) -> dict[str, Any]:  # checkpointed: a lock does not pickle
-        with self._lock:
-            self._flush()
-            state = self.__dict__.copy()
-        del state["_lock"]
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._lock = threading.Lock()
 
     def update_many(
         self, y_true: Sequence[Any], y_pred: Sequence[Any], p_true: Sequence[Any]
@@ -365,7 +364,7 @@ def _rocauc(roc: np.ndarray, positives: int, negatives: int) -> float:
     return float(-integrate.trapezoid(x=fprs, y=tprs))
 
 
-class ClassificationScores:
+class ClassificationScores(_Shared):
     """River's Accuracy and MacroF1 since start and over the last ``window`` scored
     pairs, for multiclass models (labels of any number of classes)."""
 
@@ -382,16 +381,6 @@ class ClassificationScores:
             name: utils.Rolling(make, window_size=window) for name, make in self.FACTORIES.items()
         }
         self._lock = threading.Lock()  # the worker updates, a scrape reads
-
-    def __getstate__(self) -> dict[str, Any]:
-        with self._lock:
-            state = self.__dict__.copy()
-        del state["_lock"]
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._lock = threading.Lock()
 
     def update_many(
         self, y_true: Sequence[Any], y_pred: Sequence[Any], p_true: Sequence[Any] | None = None
