@@ -356,7 +356,9 @@ def _add_evaluation(edge: argparse.ArgumentParser) -> None:
         metavar="SPEC",
         help="a second model learning the same readings, evaluated beside the served one",
     )
-    g.add_argument("--challenger-name", help="its name in metrics (default: derived)")
+    g.add_argument(
+        "--challenger-name", metavar="NAME", help="its name in metrics (default: derived)"
+    )
     g.add_argument(
         "--promote-if-better",
         type=_percent,
