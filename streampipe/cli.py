@@ -1,5 +1,5 @@
-"""The ``streampipe`` command line: edge, replay, sensors, demo, broker init-secure,
-keys init, deploy, export-model."""
+"""The ``streampipe`` command line: edge, replay, sensors, demo, promote, broker
+init-secure, keys init, deploy, export-model."""
 
 from __future__ import annotations
 
@@ -246,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
         "deployed on ROOT/models/<--model-name> and signed with its private key; refuse any "
         "other ($STREAMPIPE_DEPLOY_KEY)",
     )
+    _add_evaluation(edge)
 
     replay = sub.add_parser("replay", help="replay a CSV file as readings")
     replay.add_argument("file", help="CSV file with a header row")
@@ -281,6 +282,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="no dropouts and spikes (by default 0.5%% of readings miss a value, 0.2%% spike)",
     )
     _add_batching(sensors, batch=10, linger_ms=1000)
+
+    promote = sub.add_parser(
+        "promote",
+        help="promote an edge stage's challenger to serve",
+        description='Publish {"promote": "challenger"} on ROOT/control/STAGE_ID. The stage '
+        "answers with a promotion event on ROOT/events/STAGE_ID, or a dead letter if it has "
+        "no challenger.",
+    )
+    _add_broker(promote, DEFAULT_BROKER)
+    promote.add_argument("--stage-id", required=True, help="the stage whose challenger serves")
 
     demo = sub.add_parser("demo", help="run broker, sensors and an edge stage; watch it learn")
     _add_broker(demo)
@@ -405,6 +416,65 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _percent(value: str) -> float:
+    try:
+        pct = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+    if not 0 <= pct < 100:
+        raise argparse.ArgumentTypeError("a percentage from 0 up to 100")
+    return pct
+
+
+def _add_evaluation(edge: argparse.ArgumentParser) -> None:
+    g = edge.add_argument_group(
+        "evaluation",
+        "What the stage watches beyond its rolling metrics; events go to ROOT/events/STAGE_ID.",
+    )
+    g.add_argument(
+        "--anomaly-threshold",
+        type=float,
+        metavar="X",
+        help="for an anomaly detector without River's QuantileFilter/ThresholdFilter: publish "
+        "an event for every reading whose score is X or more",
+    )
+    g.add_argument(
+        "--drift",
+        choices=("off", "adwin", "page-hinkley"),
+        default="off",
+        help="drift detector on each device's prediction errors (default: %(default)s)",
+    )
+    g.add_argument(
+        "--on-drift",
+        choices=("alert", "reset"),
+        default="alert",
+        help="alert: publish the event only (default); reset: also replace the device's "
+        "model by a fresh one",
+    )
+    g.add_argument(
+        "--challenger",
+        metavar="SPEC",
+        help="a second model learning the same readings, evaluated beside the served one",
+    )
+    g.add_argument(
+        "--challenger-name", metavar="NAME", help="its name in metrics (default: derived)"
+    )
+    g.add_argument(
+        "--promote-if-better",
+        type=_percent,
+        metavar="PCT",
+        help="promote the challenger once its mean error over the last --promote-after "
+        "scored readings is PCT %% below the served model's",
+    )
+    g.add_argument(
+        "--promote-after",
+        type=_positive_int,
+        default=1000,
+        metavar="N",
+        help="readings the promotion rule compares over (%(default)s)",
+    )
+
+
 def _on_signals(stop: Callable[[], None]) -> None:
     def handler(signum: int, frame: Any) -> None:
         log.info("received %s, stopping", signal.Signals(signum).name)
@@ -439,6 +509,13 @@ def cmd_edge(args: argparse.Namespace) -> int:
             queue_size=args.queue_size,
             mode=args.mode,
             deploy_key=args.deploy_key,
+            anomaly_threshold=args.anomaly_threshold,
+            drift=None if args.drift == "off" else args.drift,
+            on_drift=args.on_drift,
+            challenger=args.challenger,
+            challenger_name=args.challenger_name,
+            promote_if_better=args.promote_if_better,
+            promote_after=args.promote_after,
         )
     )
     _on_signals(service.stop)
@@ -635,6 +712,25 @@ def cmd_sensors(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_promote(args: argparse.Namespace) -> int:
+    import orjson
+
+    from streampipe.transport import Connection
+
+    topic = Topics(args.topic_root).control(check_name(args.stage_id, "stage id"))
+    conn = Connection(args.broker, _client_id("promote")).connect()
+    try:
+        command = orjson.dumps({"promote": "challenger"})
+        info = conn.publish(topic, command, qos=1, content_type="application/json")
+        info.wait_for_publish(30)
+    finally:
+        conn.close()
+    if not info.is_published():
+        raise MQTTError(f"the broker did not acknowledge the command on {topic}")
+    print(f"asked stage {args.stage_id} to promote its challenger ({topic})")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from streampipe.demo import run_demo
 
@@ -763,6 +859,7 @@ COMMANDS = {
     "replay": cmd_replay,
     "sensors": cmd_sensors,
     "demo": cmd_demo,
+    "promote": cmd_promote,
     "broker": cmd_broker,
     "keys": cmd_keys,
     "deploy": cmd_deploy,

@@ -35,6 +35,7 @@ from paho.mqtt.client import MQTTMessageInfo
 from prometheus_client import CollectorRegistry
 
 from streampipe.http import Health, MetricsServer
+from streampipe.learn.challenger import PromotionRule
 from streampipe.learn.spec import DEFAULT_MODEL_SPEC, ModelSpec
 from streampipe.metrics import LatencyHistogram, StageCollector, StageStats
 from streampipe.models.keys import load_verify_key
@@ -72,6 +73,14 @@ class EdgeConfig:
     queue_size: int = 1000
     keepalive: int = 30
     deploy_key: str | None = None  # public key file: accept signed models on ROOT/models/<name>
+    # Evaluation beyond the rolling metrics (see streampipe.stage); all off by default.
+    anomaly_threshold: float | None = None
+    drift: str | None = None  # "adwin" or "page-hinkley"
+    on_drift: str = "alert"  # or "reset"
+    challenger: str | None = None  # a model spec
+    challenger_name: str | None = None
+    promote_if_better: float | None = None  # percent
+    promote_after: int = 1000  # scored readings
 
 
 class TakenOver(MQTTError):
@@ -101,6 +110,14 @@ class EdgeService:
             window=config.window,
             on_latency=latency.observe_many,
             mode=config.mode,
+            anomaly_threshold=config.anomaly_threshold,
+            drift=config.drift,
+            on_drift=config.on_drift,
+            challenger=ModelSpec.parse(config.challenger) if config.challenger else None,
+            challenger_name=config.challenger_name,
+            promote=None
+            if config.promote_if_better is None
+            else PromotionRule(config.promote_if_better, config.promote_after),
         )
         self.receiver: ModelReceiver | None = None
         if config.deploy_key is not None:
@@ -186,7 +203,7 @@ class EdgeService:
         if self.checkpoints is not None:
             saved = self.checkpoints.load()
             if saved is not None:
-                self.stage.learner.restore(*saved)
+                self.stage.restore(*saved)
                 self.stats.model_version = self.stage.learner.version
                 log.info(
                     "resumed %d device models from %s", self.stats.devices, self.checkpoints.path
@@ -210,7 +227,10 @@ class EdgeService:
             # First, so that a stage starting afresh runs the deployed model from its
             # first reading: the retained artifact is queued ahead of new readings.
             self.conn.subscribe([self.receiver.topic], qos=1)
-        self.conn.subscribe([self._instance_topic, self.topics.schemas()], qos=1)
+        self.conn.subscribe(
+            [self._instance_topic, self.topics.schemas(), self.topics.control(cfg.stage_id)],
+            qos=1,
+        )
         self.conn.subscribe(self.topics.readings_filter(cfg.partitions), qos=1)
         self.conn.publish(self.topics.status(cfg.stage_id), ONLINE, retain=True).wait_for_publish(
             10
@@ -392,8 +412,8 @@ class EdgeService:
 
     def _checkpoint(self) -> None:
         if self.checkpoints is not None:
-            meta, changed = self.stage.learner.snapshot()
-            self.checkpoints.save(meta, changed)
+            meta, changed, full = self.stage.snapshot()
+            self.checkpoints.save(meta, changed, full=full)
 
     def _publish(self, out: Outgoing) -> MQTTMessageInfo:
         return self.conn.publish(

@@ -36,6 +36,16 @@ from streampipe import __version__
 __all__ = ["LatencyHistogram", "StageCollector", "StageStats"]
 
 NAMESPACE = "streampipe"
+#: How River calls the metrics in help texts.
+_TITLES = {
+    "mae": "MAE",
+    "rmse": "RMSE",
+    "r2": "R2",
+    "accuracy": "Accuracy",
+    "f1": "F1 (positive class True)",
+    "macro_f1": "MacroF1",
+    "rocauc": "ROCAUC",
+}
 
 #: Seconds from a reading's timestamp to its prediction's publication.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
@@ -64,6 +74,11 @@ class StageStats:
         self.model: Any = None  # the OnlineLearner, for its River metrics
         self.model_name = ""
         self.model_version = 0
+        self.challenger: Any = None  # the challenger's OnlineLearner, if any
+        self.challenger_name = ""
+        self.anomalies = 0  # anomaly events published
+        self.promotions = 0
+        self._drifts: dict[str, int] = {}  # by model name: bounded (champion, challenger)
 
     @property
     def devices(self) -> int:
@@ -79,8 +94,25 @@ class StageStats:
         with self._lock:
             return dict(self._rejected)
 
+    def count_drift(self, model: str) -> None:
+        with self._lock:
+            self._drifts[model] = self._drifts.get(model, 0) + 1
+
+    @property
+    def drifts(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._drifts)
+
     def model_metrics(self) -> dict[str, Any]:
         return self.model.metrics.as_dict() if self.model is not None else {}
+
+    def evaluated(self) -> list[tuple[str, dict[str, Any]]]:
+        """``(model name, metrics)`` of the served model, then of the challenger."""
+        models = [(self.model_name, self.model_metrics())]
+        challenger = self.challenger
+        if challenger is not None:
+            models.append((self.challenger_name, challenger.metrics.as_dict()))
+        return models
 
     def snapshot(self) -> dict[str, Any]:
         """Everything, as the JSON published on ``ROOT/metrics/<stage_id>``."""
@@ -105,7 +137,26 @@ class StageStats:
             "model_swaps": self.swaps,
             "sessions_lost": self.sessions_lost(),
             "metrics": self.model_metrics(),
+            **self._evaluation(),
         }
+
+    def _evaluation(self) -> dict[str, Any]:
+        """The parts of the snapshot that only some stages have."""
+        extra: dict[str, Any] = {}
+        models = self.evaluated()
+        if len(models) > 1:
+            name, metrics = models[1]
+            extra["challenger"] = {"model": name, "metrics": metrics}
+        kind = getattr(self.model, "kind", None)
+        if kind == "anomaly":
+            extra["anomalies"] = self.anomalies
+        drifts = self.drifts
+        if drifts:
+            extra["drifts"] = sum(drifts.values())
+            extra["drifts_by_model"] = drifts
+        if self.promotions:
+            extra["promotions"] = self.promotions
+        return extra
 
 
 class LatencyHistogram(Collector):
@@ -218,17 +269,30 @@ class StageCollector(Collector):
         )
         info.add_metric([s.model_name, str(s.model_version)], 1)
         yield info
-        m = s.model_metrics()
+        models = s.evaluated()
+        m = models[0][1]
         for name in m.get("progressive") or {}:
             g = GaugeMetricFamily(
                 f"{NAMESPACE}_model_{name}",
-                f"River {name.upper()} of the served model's predictions (since start, or "
-                f"over the last {m.get('window')} scored predictions).",
+                f"River {_TITLES.get(name, name)} of the served model's predictions (and a "
+                f"challenger's) since start, or over the last {m.get('window')} scored "
+                "predictions.",
                 labels=["model", "window"],
             )
-            for window in ("progressive", "rolling"):
-                value = m[window].get(name)
-                if value is not None:
-                    g.add_metric([s.model_name, window], value)
+            for model, metrics in models:
+                for window in ("progressive", "rolling"):
+                    value = (metrics.get(window) or {}).get(name)
+                    if value is not None:
+                        g.add_metric([model, window], value)
             yield g
         yield gauge("model_scored", "Predictions scored against a target.", m.get("count", 0))
+        drifts = CounterMetricFamily(
+            f"{NAMESPACE}_drifts",
+            "Rises of a device's error seen by the drift detector, by model.",
+            labels=["model"],
+        )
+        for model, n in sorted(s.drifts.items()):
+            drifts.add_metric([model], float(n))
+        yield drifts
+        yield counter("anomalies", "Readings published as anomaly events.", s.anomalies)
+        yield counter("promotions", "Challengers promoted to serve.", s.promotions)

@@ -6,6 +6,13 @@ Everything a message can do wrong ends here as a dead letter with a reason and a
 count in ``streampipe_rejected_total{reason=...}``; nothing raises out of
 :meth:`EdgeStage.handle`.
 
+Besides the served model (the *champion*), a stage may evaluate what it serves further,
+each part opt-in: anomaly events (an anomaly detector's scores against a threshold),
+drift detection on each device's errors (:mod:`streampipe.learn.drift`), and a
+*challenger* model learning the same readings, promoted by a rule or a command
+(:mod:`streampipe.learn.challenger`). What they find is published on
+``ROOT/events/<stage_id>`` (:mod:`streampipe.events`).
+
 >>> from streampipe import codec
 >>> from streampipe.readings import Batch, Reading
 >>> stage = EdgeStage("edge-1")
@@ -28,10 +35,15 @@ from typing import Any
 
 import numpy as np
 import orjson
+from river import base
 
 from streampipe import codec
+from streampipe.events import anomaly_event, drift_event, promotion_event
+from streampipe.learn.challenger import Duel, PromotionRule
+from streampipe.learn.drift import DriftMonitor
+from streampipe.learn.labels import stricter
 from streampipe.learn.learner import LearnResult, OnlineLearner
-from streampipe.learn.spec import DEFAULT_MODEL_SPEC, ModelSpec
+from streampipe.learn.spec import DEFAULT_MODEL_SPEC, ModelSpec, _final_step
 from streampipe.metrics import StageStats
 from streampipe.readings import Batch
 from streampipe.topics import InvalidName, Topics, check_name
@@ -47,6 +59,11 @@ DEADLETTER_MAX_READINGS = 100
 #: Frames that wait for their schema: at most this many, for at most this long.
 MAX_HELD = 1000
 HOLD_SECONDS = 10.0
+#: What ``--on-drift`` may do: publish the event only, or also replace the device's model.
+ON_DRIFT = ("alert", "reset")
+#: Checkpoint keys of a challenger's device states: "challenger/<device>" (a device id
+#: never holds a "/", so these cannot collide with the champion's).
+CHALLENGER = "challenger"
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +98,12 @@ class EdgeStage:
         model_name: str | None = None,
         clock: Callable[[], float] = time.time,
         on_latency: Callable[[np.ndarray], None] | None = None,
+        anomaly_threshold: float | None = None,
+        drift: str | None = None,
+        on_drift: str = "alert",
+        challenger: ModelSpec | None = None,
+        challenger_name: str | None = None,
+        promote: PromotionRule | None = None,
     ) -> None:
         self.stage_id = check_name(stage_id, "stage id")
         self.spec = spec or ModelSpec.parse(DEFAULT_MODEL_SPEC)
@@ -93,11 +116,70 @@ class EdgeStage:
         self.stats.model_name = model_name or self.spec.name
         self.stats.model_version = 1
         self.schemas = codec.SchemaRegistry()
+        self._control_topic = self.topics.control(self.stage_id)
         self.clock = clock
         self.on_latency = on_latency
         # schema id -> frames waiting for it: (arrival time, topic, payload, token)
         self._held: dict[str, list[tuple[float, str, bytes, object]]] = {}
         self._held_count = 0
+        kind = self.learner.kind
+        self.anomaly_threshold = anomaly_threshold
+        if anomaly_threshold is not None and kind != "anomaly":
+            raise ValueError("--anomaly-threshold is for anomaly detectors (River's anomaly.*)")
+        if anomaly_threshold is not None and isinstance(
+            _final_step(self.spec.build()), base.AnomalyFilter
+        ):
+            raise ValueError(
+                f"{self.spec.text} ends in an anomaly filter, which sets its own threshold: "
+                "drop --anomaly-threshold"
+            )
+        if on_drift not in ON_DRIFT:
+            raise ValueError(f"--on-drift must be one of {', '.join(ON_DRIFT)}, not {on_drift!r}")
+        self.on_drift = on_drift
+        if drift is not None and kind == "anomaly":
+            raise ValueError(
+                "drift detection watches a model's errors; anomaly detectors have none"
+            )
+        #: Drift monitors by role ("champion", "challenger").
+        self.monitors: dict[str, DriftMonitor] = {}
+        if drift is not None:
+            self.monitors["champion"] = DriftMonitor(drift)
+        self.challenger: OnlineLearner | None = None
+        self.duel: Duel | None = None
+        if challenger is not None:
+            self._add_challenger(challenger, challenger_name, drift, promote, mode, kwargs)
+        elif promote is not None:
+            raise ValueError("--promote-if-better needs a --challenger to promote")
+        self.labels = stricter(
+            self.learner.labels, self.challenger.labels if self.challenger else None
+        )
+        self._full_snapshot = False  # after a promotion, the next checkpoint is whole
+
+    def _add_challenger(
+        self,
+        spec: ModelSpec,
+        name: str | None,
+        drift: str | None,
+        promote: PromotionRule | None,
+        mode: str,
+        kwargs: dict[str, Any],
+    ) -> None:
+        kind = self.learner.kind
+        if kind == "anomaly":
+            raise ValueError("a challenger is judged by its errors: for regressors and classifiers")
+        challenger = OnlineLearner(spec, mode=mode, **kwargs)
+        if challenger.kind != kind:
+            raise ValueError(f"the challenger must be a {kind}, like the served model")
+        name = name or spec.name
+        if name == self.stats.model_name:  # the model label must tell them apart
+            name += "-challenger"
+        self.challenger = challenger
+        self.stats.challenger = challenger
+        self.stats.challenger_name = name
+        if drift is not None:
+            self.monitors["challenger"] = DriftMonitor(drift)
+        if promote is not None:
+            self.duel = Duel(promote)
 
     # -- input ---------------------------------------------------------------------
 
@@ -113,6 +195,8 @@ class EdgeStage:
         of waiting messages that a schema released)."""
         if topic.startswith(self.topics.schemas("")):
             return self._handle_schema(topic, payload, token)
+        if topic == self._control_topic:
+            return self._handle_control(topic, payload), [token]
         self.stats.messages += 1
         device = self.topics.device_of_reading_topic(topic)
         if device is None:
@@ -190,11 +274,28 @@ class EdgeStage:
             done += finished
         return out, done
 
+    def _handle_control(self, topic: str, payload: bytes) -> list[Outgoing]:
+        """A command: ``{"promote": "challenger"}`` is the only one so far."""
+        if not payload:  # a cleared retained command
+            return []
+        try:
+            command = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            return [self.dead_letter(topic, payload, "bad_command", "not JSON")]
+        if command != {"promote": "challenger"}:
+            detail = 'unknown command; the stage knows {"promote": "challenger"}'
+            return [self.dead_letter(topic, payload, "bad_command", detail)]
+        if self.challenger is None:
+            return [self.dead_letter(topic, payload, "bad_command", "no challenger to promote")]
+        return [self.promote("command")]
+
     def _learn(self, topic: str, payload: bytes, batch: Batch) -> list[Outgoing]:
         stats = self.stats
         stats.readings += len(batch)
-        checked = validate(batch, self.max_abs)
+        checked = validate(batch, self.max_abs, self.labels)
         stats.cleaned += checked.cleaned
+        if self.challenger is not None:
+            self._keep_in_step(batch.device)
         result = self.learner.process(checked)
         rejected = checked.rejected
         if result.duplicates or result.stale:
@@ -208,6 +309,13 @@ class EdgeStage:
         out: list[Outgoing] = []
         if result.y_pred:
             out.append(self._predictions(checked, result))
+            if (
+                self.challenger is not None
+                or self.monitors
+                or result.anomalies is not None
+                or self.anomaly_threshold is not None
+            ):
+                out += self._evaluate(checked, result)
         if rejected:
             for r in rejected:
                 stats.reject(r.reason)
@@ -223,26 +331,186 @@ class EdgeStage:
             )
         return out
 
+    def _keep_in_step(self, device: str) -> None:
+        """A challenger new to a device starts from the champion's watermark (one
+        restored from a checkpoint, say), so both learn exactly the same readings."""
+        if self.challenger is not None and device not in self.challenger.devices:
+            champion = self.learner.devices.get(device)
+            if champion is not None:
+                st = self.challenger.state(device)
+                st.epoch, st.seq = champion.epoch, champion.seq
+
+    # -- evaluation ----------------------------------------------------------------
+
+    def _evaluate(self, checked: Validated, result: LearnResult) -> list[Outgoing]:
+        """Anomalies, the challenger, drift and promotion, for one predicted batch."""
+        device = checked.batch.device
+        start = result.skipped
+        seqs, ts = checked.seqs[start:], checked.timestamps[start:].tolist()
+        events: list[dict[str, Any]] = []
+        if self.learner.kind == "anomaly":
+            events += self._anomalies(device, seqs, ts, result)
+        results = {"champion": (self.learner, result)}
+        if self.challenger is not None:
+            results["challenger"] = (self.challenger, self.challenger.process(checked))
+        classifier = self.learner.kind == "classifier"
+        for role, monitor in self.monitors.items():
+            learner, res = results[role]
+            name = self.stats.model_name if role == "champion" else self.stats.challenger_name
+            found = monitor.update(device, res.y_true, res.y_pred, seqs, ts, classifier=classifier)
+            for drift in found:
+                self.stats.count_drift(name)
+                events.append(
+                    drift_event(
+                        self.stage_id,
+                        name,
+                        role,
+                        monitor.detector,
+                        drift,
+                        classifier=classifier,
+                        action=self.on_drift,
+                    )
+                )
+            if found and self.on_drift == "reset":  # after the batch its old model predicted
+                learner.reset_model(device)
+                monitor.reset(device)
+        out = [Outgoing(self.topics.events(self.stage_id), _json(e)) for e in events]
+        if self.duel is not None and "challenger" in results:
+            self.duel.update(
+                result.y_true, result.y_pred, results["challenger"][1].y_pred, classifier=classifier
+            )
+            verdict = self.duel.verdict()
+            if verdict is not None:
+                out.append(
+                    self.promote(
+                        "rule",
+                        readings=self.duel.rule.after,
+                        better_by_pct=self.duel.rule.better_by,
+                        error="error_rate" if classifier else "mae",
+                        champion_error=verdict[0],
+                        challenger_error=verdict[1],
+                    )
+                )
+        return out
+
+    def _anomalies(
+        self, device: str, seqs: list[int], ts: list[float], result: LearnResult
+    ) -> list[dict[str, Any]]:
+        """Events for the readings whose score reached the threshold: the filter's
+        verdicts when the model ends in one, else ``--anomaly-threshold``."""
+        scores = result.y_pred
+        if result.anomalies is not None:
+            flags, thresholds = result.anomalies, result.thresholds or []
+        elif self.anomaly_threshold is not None:
+            limit = self.anomaly_threshold
+            flags = [s is not None and s >= limit for s in scores]
+            thresholds = [limit] * len(scores)
+        else:
+            return []
+        name = self.stats.model_name
+        events = [
+            anomaly_event(self.stage_id, name, device, seqs[i], ts[i], scores[i], thresholds[i])
+            for i, flag in enumerate(flags)
+            if flag
+        ]
+        self.stats.anomalies += len(events)
+        return events
+
+    def promote(self, reason: str, **evidence: Any) -> Outgoing:
+        """Make the challenger the champion for every device; the old one retires.
+
+        Its models, metrics and drift monitor become the served ones, the model version
+        goes up by one, and the next checkpoint is written whole.
+        """
+        if self.challenger is None:
+            raise ValueError("no challenger to promote")
+        stats = self.stats
+        old = (stats.model_name, stats.model_version)
+        version = max(stats.model_version, self.learner.version) + 1
+        self.learner, self.challenger, self.duel = self.challenger, None, None
+        self.learner.promoted(version)  # predictions carry the version that made them
+        self.spec = self.learner.spec
+        stats.model, stats.model_name = self.learner, stats.challenger_name
+        stats.model_version = version
+        stats.challenger, stats.challenger_name = None, ""
+        self.monitors.pop("champion", None)
+        if "challenger" in self.monitors:
+            self.monitors["champion"] = self.monitors.pop("challenger")
+        self._full_snapshot = True
+        if reason != "checkpoint":
+            stats.promotions += 1
+            log.warning("promoted %s over %s (%s)", stats.model_name, old[0], reason)
+        body = promotion_event(
+            self.stage_id,
+            old,
+            (stats.model_name, stats.model_version),
+            reason,
+            now=self.clock(),
+            **evidence,
+        )
+        return Outgoing(self.topics.events(self.stage_id), _json(body))
+
+    # -- checkpoints ---------------------------------------------------------------
+
+    def snapshot(self) -> tuple[dict[str, Any], dict[Any, Any], bool]:
+        """What a checkpoint needs: stage-wide state, the device states that changed
+        (a challenger's under ``challenger/<device>``), and whether it must replace
+        the previous checkpoint whole (after a promotion)."""
+        full, self._full_snapshot = self._full_snapshot, False
+        meta, changed = self.learner.snapshot(everything=full)
+        if self.challenger is not None:
+            challenger_meta, challenger_changed = self.challenger.snapshot(everything=full)
+            meta = {**meta, CHALLENGER: challenger_meta}
+            changed = {
+                **changed,
+                **{f"{CHALLENGER}/{d}": st for d, st in challenger_changed.items()},
+            }
+        return meta, changed, full
+
+    def restore(self, meta: dict[str, Any], devices: dict[Any, Any]) -> None:
+        """Resume from a checkpoint; one written after a promotion resumes promoted."""
+        if (
+            self.challenger is not None
+            and CHALLENGER not in meta
+            and meta.get("spec") == self.challenger.spec.text
+        ):
+            self.promote("checkpoint")
+        self.learner.restore(meta, {d: s for d, s in devices.items() if "/" not in d})
+        saved = meta.get(CHALLENGER)
+        if self.challenger is not None and saved and saved.get("spec") == self.challenger.spec.text:
+            prefix = f"{CHALLENGER}/"
+            self.challenger.restore(
+                saved,
+                {d[len(prefix) :]: s for d, s in devices.items() if d.startswith(prefix)},
+            )
+
     # -- output --------------------------------------------------------------------
 
     def _predictions(self, checked: Validated, result: LearnResult) -> Outgoing:
         """One message with the predictions of a batch, in the topic contract's shape."""
         start = result.skipped
-        seqs, ts, ys = checked.seqs, checked.timestamps, checked.targets()
+        seqs, ts, ys = checked.seqs, checked.timestamps, result.y_true
         if start:
-            seqs, ts, ys = seqs[start:], ts[start:], ys[start:]
+            seqs, ts = seqs[start:], ts[start:]
         self.stats.predictions += len(seqs)
         if self.on_latency is not None:
             self.on_latency(self.clock() - ts)
         device = checked.batch.device
+        if result.proba is None:
+            predictions = [
+                {"seq": s, "ts": t, "y_pred": p, "y_true": y}
+                for s, t, p, y in zip(seqs, ts.tolist(), result.y_pred, ys)
+            ]
+        else:  # a classifier: the class and its probability
+            predictions = [
+                {"seq": s, "ts": t, "y_pred": p, "proba": q, "y_true": y}
+                for s, t, p, q, y in zip(seqs, ts.tolist(), result.y_pred, result.proba, ys)
+            ]
         body = {
             "device": device,
             "model": self.stats.model_name,
             "version": result.version,
-            "predictions": [
-                {"seq": s, "ts": t, "y_pred": p, "y_true": y}
-                for s, t, p, y in zip(seqs, ts.tolist(), result.y_pred, ys)
-            ],
+            "predictions": predictions,
         }
         return Outgoing(self.topics.predictions(device), _json(body))
 

@@ -11,6 +11,10 @@ Every topic starts with a root (``streampipe`` unless told otherwise):
 ``ROOT/status/<stage_id>``              retained ``online`` / ``offline`` (last will)
 ``ROOT/models/<name>``                  retained, signed model artifact: what edges run
 ``ROOT/models/<name>/previous``         retained, the artifact it replaced (rollback)
+``ROOT/events/<stage_id>``              JSON, one message per event: anomaly, drift,
+                                        promotion
+``ROOT/control/<stage_id>``             JSON commands to a stage, e.g.
+                                        ``{"promote": "challenger"}``
 =====================================  ==============================================
 
 The ``<partition>`` level (``p00`` … ``p63``, a fixed hash of the device id) lets several
@@ -152,3 +156,9 @@ class Topics:
     def previous_model(self, name: str) -> str:
         """Where the artifact that ``models(name)`` replaced is kept, for a rollback."""
         return f"{self.root}/models/{name}/previous"
+
+    def events(self, stage_id: str = "+") -> str:
+        return f"{self.root}/events/{stage_id}"
+
+    def control(self, stage_id: str = "+") -> str:
+        return f"{self.root}/control/{stage_id}"

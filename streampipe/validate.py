@@ -14,7 +14,10 @@ does not cost its neighbours:
 - a non-finite or negative timestamp rejects the reading (``invalid_timestamp``);
 - a negative sequence number, or one not above its predecessor in the batch, rejects
   the reading (``invalid_sequence``);
-- a reading left with no features rejects (``no_features``).
+- a reading left with no features rejects (``no_features``);
+- for a model that learns labels (see :mod:`streampipe.learn.labels`), a target that is
+  not a label rejects the reading (``invalid_label``): ``binary`` labels are 0 or 1,
+  ``integer`` labels whole numbers.
 
 >>> from streampipe.readings import Batch, Reading
 >>> batch = Batch.from_readings([
@@ -36,10 +39,12 @@ import numpy as np
 
 from streampipe.readings import Batch, Reading
 
-__all__ = ["DEFAULT_MAX_ABS", "Rejection", "Validated", "validate"]
+__all__ = ["DEFAULT_MAX_ABS", "LABELS", "Rejection", "Validated", "validate"]
 
 #: Largest accepted magnitude. 1e15² = 1e30, so variances and dot products stay finite.
 DEFAULT_MAX_ABS = 1e15
+#: What a target must be for a model that learns labels: 0/1, or a whole number.
+LABELS = ("binary", "integer")
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +121,20 @@ class Validated:
         has = b.target_present[self._take].tolist()
         return [y if h else None for y, h in zip(ys, has)]
 
+    def labels(self, kind: str) -> list[bool | int | None]:
+        """Each accepted reading's target as a label: ``binary`` 0/1 as False/True,
+        ``integer`` as an int; None where it has none. :func:`validate` with the same
+        ``labels`` has refused every target that is not one."""
+        b = self.batch
+        if b.target is None:
+            return [None] * len(self.index)
+        y = b.target[self._take]
+        ys = (y == 1.0).tolist() if kind == "binary" else y.astype(np.int64).tolist()
+        if b.target_present is None:
+            return ys
+        has = b.target_present[self._take].tolist()
+        return [v if h else None for v, h in zip(ys, has)]
+
     @property
     def readings(self) -> list[Reading]:
         """The accepted readings as :class:`Reading` objects (for tests and tools)."""
@@ -128,14 +147,34 @@ class Validated:
         ]
 
 
-def validate(batch: Batch, max_abs: float = DEFAULT_MAX_ABS) -> Validated:
-    """Split a batch into clean readings and per-reading rejections."""
-    if _all_clean(batch, max_abs):
+def validate(
+    batch: Batch, max_abs: float = DEFAULT_MAX_ABS, labels: str | None = None
+) -> Validated:
+    """Split a batch into clean readings and per-reading rejections; ``labels`` (one of
+    :data:`LABELS`) also refuses targets that are not labels of that kind."""
+    if _all_clean(batch, max_abs) and (labels is None or _all_labels(batch, labels)):
         return Validated(batch, np.arange(len(batch)), [], 0, None)
-    return _apply_rules(batch, max_abs)
+    return _apply_rules(batch, max_abs, labels)
 
 
-def _apply_rules(batch: Batch, max_abs: float) -> Validated:
+def _not_label(y: np.ndarray, labels: str) -> np.ndarray:
+    if labels == "binary":
+        return (y != 0.0) & (y != 1.0)
+    if labels == "integer":
+        return y != np.round(y)
+    raise ValueError(f"labels must be one of {', '.join(LABELS)}, not {labels!r}")
+
+
+def _all_labels(batch: Batch, labels: str) -> bool:
+    y = batch.target
+    if y is None:
+        return True
+    if batch.target_present is not None:  # absent targets' slots hold anything: ask the rules
+        return False
+    return not _not_label(y, labels).any()
+
+
+def _apply_rules(batch: Batch, max_abs: float, labels: str | None = None) -> Validated:
     n = len(batch)
     values = batch.values
     present = batch.present
@@ -166,6 +205,8 @@ def _apply_rules(batch: Batch, max_abs: float) -> Validated:
         bad.append((has_y & ~finite_y, "non_finite_target"))
         with np.errstate(invalid="ignore"):
             bad.append((has_y & finite_y & (np.abs(y) > max_abs), "value_out_of_range"))
+            if labels is not None:
+                bad.append((has_y & finite_y & _not_label(y, labels), "invalid_label"))
     if keep is not None:
         bad.append((~keep.any(axis=1), "no_features"))
     elif values.shape[1] == 0:
@@ -205,4 +246,6 @@ _DETAILS = {
     "value_out_of_range": f"a value's magnitude exceeds the limit ({DEFAULT_MAX_ABS:g} by default)",
     "non_finite_target": "target is NaN or infinite",
     "no_features": "no finite feature values",
+    "invalid_label": "target is not a label of this model (0 or 1 for a binary one, "
+    "a whole number for a multiclass one)",
 }

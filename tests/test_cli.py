@@ -37,6 +37,13 @@ def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         (["edge", "--stage-id", "e", "--broker", "http://x"], "mqtt://"),
         (["edge", "--stage-id", "e", "--broker", "mqtt://127.0.0.1:1"], "cannot reach broker"),
         (["replay", "/nonexistent.csv", "--target", "y"], "no such file"),
+        (["edge", "--stage-id", "e", "--promote-if-better", "10"], "needs a --challenger"),
+        (["edge", "--stage-id", "e", "--anomaly-threshold", "0.9"], "for anomaly detectors"),
+        (
+            ["edge", "--stage-id", "e", "--challenger", "linear_model.LogisticRegression"],
+            "challenger must be a regressor",
+        ),
+        (["promote", "--stage-id", "a/b", "--broker", "mqtt://127.0.0.1:1"], "stage id"),
     ],
 )
 def test_user_errors_are_one_clear_line_not_a_traceback(args, message):

@@ -184,6 +184,7 @@ def exported_families() -> list[Any]:
     """What an edge serves on /metrics, with a rejection so that every family has samples."""
     service = EdgeService(EdgeConfig(BrokerURL("127.0.0.1", 1), "names"))
     service.stats.reject("malformed")
+    service.stats.count_drift(service.stats.model_name)
     return list(text_string_to_metric_families(generate_latest(service.registry).decode()))
 
 
@@ -196,6 +197,7 @@ def test_metric_label_sets_are_the_documented_bounded_ones():
     assert labels.pop("streampipe_rejected") == {"reason"}
     assert labels.pop("streampipe_model_info") == {"model", "version"}
     assert labels.pop("streampipe_build_info") == {"version"}
+    assert labels.pop("streampipe_drifts") == {"model"}
     for name in ("mae", "rmse", "r2"):
         assert labels.pop(f"streampipe_model_{name}") == {"model", "window"}
     assert all(keys == set() for keys in labels.values()), labels

@@ -253,13 +253,23 @@ def test_a_batch_delivered_three_times_is_learned_once(broker, topics, capture):
     service, thread = run_service(broker, topics)
     try:
         raw_publish(broker.port, topics.readings("dev"), frame, dup_count=2)
-        assert cap.wait(lambda: len(cap.on(topics.deadletter())) == 2)
+        # Mosquitto sometimes forwards a QoS 1 resend with DUP only once, not twice. All
+        # three were acknowledged, so they are routed: a reading published after them
+        # is processed after every copy the stage gets.
+        marker = codec.encode(Batch.from_readings([Reading("marker", 0, 1.0, {"a": 1.0})]))
+        conn = Connection(broker.url, f"marker-{topics.root[-6:]}").connect()
+        conn.publish(topics.readings("marker"), marker).wait_for_publish(10)
+        conn.close()
+        assert cap.wait(lambda: cap.on(topics.predictions("marker")))
     finally:
         service.stop()
         thread.join(30)
-    assert len(cap.on(topics.predictions())) == 1
+    copies = service.stats.messages - 1  # the marker's message aside
+    assert copies >= 2, "no copy was delivered again: nothing was tested"
+    assert len(cap.on(topics.predictions("dev"))) == 1
+    assert len(cap.on(topics.deadletter())) == copies - 1
     assert service.stage.learner.devices["dev"].learned == 20
-    assert service.stats.rejected == {"duplicate": 40}
+    assert service.stats.rejected == {"duplicate": 20 * (copies - 1)}
 
 
 def test_a_rebooted_sensor_starting_again_at_seq_zero_is_accepted(broker, topics, capture):

@@ -134,8 +134,13 @@ def _publish(conn: Connection, topic: str, payload: bytes) -> None:
             [ROOT.readings("boiler-2"), f"{ROOT.root}/models/default", ROOT.predictions(SENSOR)],
             ROOT.readings(SENSOR),
         ),
-        ("gateway", [f"{ROOT.root}/models/default", ROOT.status("edge-1")], ROOT.readings("x")),
+        (
+            "gateway",
+            [f"{ROOT.root}/models/default", ROOT.status("edge-1"), ROOT.control("edge-1")],
+            ROOT.readings("x"),
+        ),
         ("edge", [f"{ROOT.root}/models/default", ROOT.readings("x")], ROOT.predictions("x")),
+        ("edge", [ROOT.control("edge-1")], ROOT.events("edge-1")),
         ("operator", [], f"{ROOT.root}/models/default"),
     ],
 )

@@ -124,6 +124,9 @@ def test_classifier_spec_publishes_classes():
     out = stage.handle(stage.topics.readings("d"), frame(data))
     preds = bodies(out, "predictions")[0]["predictions"]
     assert len(preds) == 20
+    # LogisticRegression is binary: 0/1 targets become River's bools, both ways.
+    assert {type(p["y_pred"]) for p in preds} == {type(p["y_true"]) for p in preds} == {bool}
+    assert all(0.5 <= p["proba"] <= 1 for p in preds)
 
 
 def test_minibatch_mode_predicts_each_batch_then_learns_it_with_rivers_many_api():

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from streampipe.readings import Batch, Reading
-from streampipe.validate import DEFAULT_MAX_ABS, _apply_rules, validate
+from streampipe.validate import DEFAULT_MAX_ABS, LABELS, _apply_rules, validate
 
 NAN, INF = float("nan"), float("inf")
 
@@ -85,18 +85,51 @@ def test_clean_readings_pass_unchanged():
             st.lists(
                 st.sampled_from([1.0, -2.5, 1e16, math.nan, -math.inf]), min_size=2, max_size=2
             ),
-            st.sampled_from([None, 3.0, math.nan, 1e16]),
+            st.sampled_from([None, 3.0, math.nan, 1e16, 0.0, 1.0, 0.5]),
         ),
         min_size=1,
         max_size=6,
-    )
+    ),
+    st.sampled_from([None, *LABELS]),
 )
-def test_the_fast_path_agrees_with_the_rules(rows):
+def test_the_fast_path_agrees_with_the_rules(rows, labels):
     """validate() skips the rules when a batch is clean; it must never skip a bad one."""
     batch = Batch.from_readings(
         [Reading("d", seq, ts, {"a": a, "b": b}, y) for seq, ts, (a, b), y in rows]
     )
-    fast, rules = validate(batch), _apply_rules(batch, DEFAULT_MAX_ABS)
+    fast, rules = validate(batch, labels=labels), _apply_rules(batch, DEFAULT_MAX_ABS, labels)
     assert fast.index.tolist() == rules.index.tolist()
     assert fast.rejected == rules.rejected and fast.cleaned == rules.cleaned
     assert fast.readings == rules.readings
+
+
+@pytest.mark.parametrize(
+    ("labels", "targets", "refused", "kept"),
+    [
+        ("binary", [0.0, 1.0, 2.0, -1.0, 0.5, None], [2, 3, 4], [False, True, None]),
+        ("integer", [0.0, 3.0, -2.0, 0.5, None], [3], [0, 3, -2, None]),
+    ],
+)
+def test_a_target_that_is_not_a_label_is_refused_and_labels_come_out_typed(
+    labels, targets, refused, kept
+):
+    readings = [Reading("d", i, 1.0, {"a": 1.0}, y) for i, y in enumerate(targets)]
+    out = validate(Batch.from_readings(readings), labels=labels)
+    assert [(r.seq, r.reason) for r in out.rejected] == [(s, "invalid_label") for s in refused]
+    got = out.labels(labels)
+    assert got == kept and [type(v) for v in got] == [type(v) for v in kept]
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(st.sampled_from([None, 0.0, 1.0, 2.0, 0.5, -3.0]), min_size=1, max_size=6),
+    st.sampled_from(LABELS),
+)
+def test_the_fast_path_agrees_with_the_rules_on_labels(targets, labels):
+    """Clean readings but for their targets: only the label rule can refuse them."""
+    batch = Batch.from_readings(
+        [Reading("d", i, 1.0, {"a": 1.0}, y) for i, y in enumerate(targets)]
+    )
+    fast, rules = validate(batch, labels=labels), _apply_rules(batch, DEFAULT_MAX_ABS, labels)
+    assert fast.index.tolist() == rules.index.tolist()
+    assert fast.rejected == rules.rejected

@@ -18,6 +18,18 @@ with ``learn_many``: much faster, but a reading's prediction no longer comes fro
 model that has learned its predecessors in the same batch, so it is *not* River's
 progressive validation. A batch with missing values is learned reading by reading.
 
+What "predict" means depends on the model's kind (see :mod:`streampipe.learn.labels`
+for what its targets become):
+
+- a regressor: ``predict_one``;
+- a classifier: ``predict_proba_one``, and the predicted class is the most probable
+  one, as River's own ``predict_one`` picks it (a model that overrides ``predict_one``
+  is asked both); ``proba`` is the probability of the predicted class;
+- an anomaly detector: ``score_one``, then ``learn_one(x)``: its target is a label to
+  evaluate it with, never learned. When the model ends in one of River's anomaly
+  filters (``QuantileFilter``, ``ThresholdFilter``) the filter's ``classify`` says,
+  before the reading is learned, whether the reading is an anomaly.
+
 >>> from streampipe.learn.spec import ModelSpec
 >>> from streampipe.readings import Batch, Reading
 >>> from streampipe.validate import validate
@@ -39,9 +51,11 @@ from fnmatch import fnmatchcase
 from typing import Any
 
 import numpy as np
+from river import base
 
+from streampipe.learn.labels import label_kind
 from streampipe.learn.scores import DEFAULT_WINDOW, Scores, scores_for
-from streampipe.learn.spec import ModelSpec
+from streampipe.learn.spec import ModelSpec, _final_step
 from streampipe.validate import Validated
 
 __all__ = [
@@ -109,6 +123,15 @@ class LearnResult:
     gap: int = 0  # readings missing before or inside this batch (sequence numbers skipped)
     non_finite: int = 0  # predictions that were not finite numbers (published as null)
     version: int = 1  # of the device's model that made the predictions
+    #: The predicted readings' targets as the model saw them (labels for a classifier).
+    y_true: list[Any] = field(default_factory=list)
+    #: A classifier's probability of each predicted class (None where it has none).
+    proba: list[float | None] | None = None
+    #: A binary classifier's probability of True, as River's ROCAUC reads it.
+    p_true: list[float] | None = None
+    #: An anomaly filter's verdict on each reading, and the threshold it compared with.
+    anomalies: list[bool] | None = None
+    thresholds: list[float | None] | None = None
 
 
 def supports_minibatch(model: Any) -> bool:
@@ -131,14 +154,34 @@ class OnlineLearner:
         self.devices: dict[str, DeviceState] = {}
         #: Devices whose state changed since the last :meth:`snapshot`.
         self.dirty: set[str] = set()
-        self.metrics: Scores = scores_for(self.kind, window)
+        model = spec.build()
+        #: What targets must be and become: None (numbers), "binary" or "integer".
+        self.labels = label_kind(model)
+        final = _final_step(model)
+        if self.kind == "anomaly" and final._supervised:
+            raise ValueError(
+                f"{spec.text} is a supervised anomaly detector, which scores the target "
+                "itself; an edge stage runs unsupervised ones (the target is a label)"
+            )
+        # River's classifiers predict the most probable class unless they say otherwise.
+        own = type(final)
+        self._argmax = getattr(own, "predict_one", None) is base.Classifier.predict_one
+        self._has_proba = getattr(own, "predict_proba_one", None) not in (
+            None,
+            base.Classifier.predict_proba_one,
+        )
+        self.metrics: Scores = scores_for(self.kind, window, self.labels)
+        if mode == "minibatch" and self.kind == "anomaly":
+            raise ValueError("anomaly detectors learn reading by reading: use --mode exact")
         #: The newest model version this stage runs: 1 until a model is deployed.
         self.version = 1
+        #: The version of models built from the spec (a promoted challenger's is higher).
+        self.spec_version = 1
         #: Deployed models that new devices start from, oldest first (the newest match wins).
         self.deployed: list[Deployed] = []
         if mode == "minibatch":
             _need_pandas()
-        if mode == "minibatch" and not supports_minibatch(spec.build()):
+        if mode == "minibatch" and not supports_minibatch(model):
             raise ValueError(
                 f"{spec.text} cannot learn in mini-batches (a step lacks learn_many or "
                 "predict_many): use --mode exact"
@@ -153,6 +196,7 @@ class OnlineLearner:
             "spec": self.spec.text,
             "metrics": self.metrics,
             "version": self.version,
+            "spec_version": self.spec_version,
             "deployed": self.deployed,  # pickles as bytes: cheap to checkpoint every time
         }
         return meta, changed
@@ -167,6 +211,7 @@ class OnlineLearner:
         self.devices = dict(devices)
         self.metrics = meta["metrics"]
         self.version = meta.get("version", 1)
+        self.spec_version = meta.get("spec_version", 1)
         self.deployed = list(meta.get("deployed", ()))
         self.dirty = set()
 
@@ -217,7 +262,19 @@ class OnlineLearner:
         for deployed in reversed(self.deployed):
             if deployed.matches(device):
                 return DeviceState(deployed.build(), version=deployed.version)
-        return DeviceState(self.spec.build())
+        return DeviceState(self.spec.build(), version=self.spec_version)
+
+    def promoted(self, version: int) -> None:
+        """These models now serve as ``version`` (a challenger promoted to champion)."""
+        self.version = self.spec_version = version
+        for st in self.devices.values():
+            st.version = version
+
+    def reset_model(self, device: str) -> None:
+        """Replace a device's model by a fresh one of the spec; its watermark stays."""
+        st = self.state(device)
+        st.model, st.version = self.spec.build(), self.spec_version
+        self.dirty.add(device)
 
     def process(self, batch: Validated) -> LearnResult:
         """Predict, score, then learn each new reading of one device's batch, in order."""
@@ -238,18 +295,31 @@ class OnlineLearner:
         if start == len(seqs):
             return out
         out.gap = seqs[-1] - st.seq - (len(seqs) - start)
-        ys = batch.targets()
+        ys = batch.targets() if self.labels is None else batch.labels(self.labels)
         if start:
             ys = ys[start:]
         if self.mode == "minibatch" and batch.complete:
-            y_pred = self._learn_many(st.model, batch, start, ys)
+            y_pred = self._learn_many(st.model, batch, start, ys, out)
         else:
             xs = batch.features()
-            y_pred = self._learn_one_by_one(st.model, xs[start:] if start else xs, ys)
-        if self.kind != "classifier":
+            if start:
+                xs = xs[start:]
+            if self.kind == "regressor":
+                y_pred = self._learn_one_by_one(st.model, xs, ys)
+            elif self.kind == "classifier":
+                y_pred = self._classify_one_by_one(st.model, xs, ys, out)
+            else:
+                y_pred = self._score_one_by_one(st.model, xs, out)
+        if self.kind == "regressor":
             out.non_finite = _null_non_finite(y_pred)
-        self.metrics.update_many(ys, y_pred)
+            self.metrics.update_many(ys, y_pred)
+        elif self.kind == "classifier":
+            self.metrics.update_many(ys, y_pred, out.p_true)  # type: ignore[call-arg]
+        else:
+            out.non_finite = _null_non_finite(y_pred)
+            self.metrics.update_many(ys, y_pred)
         out.y_pred = y_pred
+        out.y_true = ys
         st.seq = seqs[-1]
         st.learned += len(y_pred)
         self.dirty.add(batch.batch.device)
@@ -268,19 +338,86 @@ class OnlineLearner:
                 learn(x, y)
         return y_pred
 
+    def _classify_one_by_one(
+        self, model: Any, xs: list[dict], ys: list[Any], out: LearnResult
+    ) -> list[Any]:
+        # Predict the class and its probability, then learn.
+        predict, learn = model.predict_one, model.learn_one
+        proba_of = model.predict_proba_one if self._has_proba else lambda x: {}
+        argmax = self._argmax and self._has_proba
+        y_pred: list[Any] = []
+        proba: list[float | None] = []
+        p_true: list[float] = []
+        for x, y in zip(xs, ys):
+            p = proba_of(x)
+            # River's Classifier.predict_one, unless the model has its own
+            c = (max(p, key=p.get) if p else None) if argmax else predict(x)
+            y_pred.append(c)
+            proba.append(p.get(c))
+            p_true.append(p.get(True, 0.0) if p else float(c is True))
+            if y is not None:
+                learn(x, y)
+        out.proba, out.p_true = proba, p_true
+        return y_pred
+
     @staticmethod
-    def _learn_many(model: Any, batch: Validated, start: int, ys: list[Any]) -> list[Any]:
+    def _score_one_by_one(model: Any, xs: list[dict], out: LearnResult) -> list[Any]:
+        # River's order for anomaly detectors: score, then learn; the target is never
+        # learned. A filter classifies the score before the reading changes it.
+        score, learn = model.score_one, model.learn_one
+        scores: list[Any] = []
+        final = _final_step(model)
+        if not isinstance(final, base.AnomalyFilter):
+            for x in xs:
+                scores.append(score(x))
+                learn(x)
+            return scores
+        classify, threshold = final.classify, _threshold_of(final)
+        flags: list[bool] = []
+        thresholds: list[float | None] = []
+        for x in xs:
+            s = score(x)
+            scores.append(s)
+            thresholds.append(threshold())
+            flags.append(bool(classify(s)))
+            learn(x)
+        out.anomalies, out.thresholds = flags, thresholds
+        return scores
+
+    def _learn_many(
+        self, model: Any, batch: Validated, start: int, ys: list[Any], out: LearnResult
+    ) -> list[Any]:
         import pandas as pd  # River's mini-batch API takes DataFrames
 
         X = pd.DataFrame(batch.values[start:], columns=list(batch.batch.features))
-        y_pred = model.predict_many(X).tolist()
-        y = pd.Series(ys, dtype=float)
+        if self.kind == "classifier":
+            # River's predict_many for classifiers: the column of the largest probability.
+            P = model.predict_proba_many(X)
+            y_pred = P.idxmax(axis="columns").tolist() if not P.empty else [None] * len(X)
+            out.proba = P.max(axis="columns").tolist() if not P.empty else [None] * len(X)
+            p_true = P[True] if True in P.columns else pd.Series(0.0, index=P.index)
+            out.p_true = p_true.tolist()
+        else:
+            y_pred = model.predict_many(X).tolist()
+        y = pd.Series(ys, dtype=float if self.labels is None else object)
         has = y.notna()
+        if self.labels is not None:  # labels as River's numpy code needs them, not objects
+            y = y.where(has, 0).astype(bool if self.labels == "binary" else np.int64)
         if has.all():
             model.learn_many(X, y)
         elif has.any():
             model.learn_many(X[has.to_numpy()], y[has])
         return y_pred
+
+
+def _threshold_of(anomaly_filter: Any) -> Any:
+    """A function giving the threshold a River anomaly filter compares scores with now."""
+    quantile = getattr(anomaly_filter, "quantile", None)
+    if quantile is not None:  # QuantileFilter: score >= quantile (inf before any score)
+        return lambda: quantile.get() or math.inf
+    if hasattr(anomaly_filter, "threshold"):  # ThresholdFilter
+        return lambda: anomaly_filter.threshold
+    return lambda: None
 
 
 def _need_pandas() -> None:

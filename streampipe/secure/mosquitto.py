@@ -36,8 +36,8 @@ SALT_BYTES = 12
 #: The accounts every secured broker has, besides one per sensor, and what they may do.
 ROLES = {
     "operator": "reads everything; the only account that may publish models",
-    "edge": "edge stages: read readings, schemas and models; write predictions, "
-    "metrics, dead letters and status",
+    "edge": "edge stages: read readings, schemas, models and control; write predictions, "
+    "metrics, dead letters, status and events",
     "gateway": "publishes readings of any device: the simulator, CSV replays, "
     "gateways that forward for many devices",
 }
@@ -74,8 +74,8 @@ def acl_text(root: str) -> str:
 #
 #   <device id>  a sensor: publishes only its own readings (and schemas)
 #   gateway      publishes the readings of any device (simulator, replays, gateways)
-#   edge         reads readings, schemas, models; writes predictions, metrics,
-#                dead letters and status
+#   edge         reads readings, schemas, models, control; writes predictions,
+#                metrics, dead letters, status and events
 #   operator     reads and writes everything: the only account that publishes models
 
 # Patterns apply to every user. %u is the user name Mosquitto authenticated; the
@@ -95,12 +95,14 @@ user edge
 topic read {root}/readings/#
 topic read {root}/schemas/#
 topic read {root}/models/#
+topic read {root}/control/#
 topic write {root}/predictions/#
 topic write {root}/metrics/#
 topic write {root}/deadletter/#
 # Its status, and the retained claim that keeps a second process from running the
 # same stage (read back at start).
 topic readwrite {root}/status/#
+topic write {root}/events/#
 
 user operator
 topic readwrite {root}/#
