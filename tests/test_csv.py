@@ -54,3 +54,20 @@ def test_batches_hold_one_device_each_with_missing_cells_marked():
 def test_bad_files_get_clear_errors(text, kwargs, message):
     with pytest.raises(CsvError, match=message):
         CsvSource.from_text(text, **kwargs)
+
+
+def test_plain_numeric_chunks_and_the_csv_path_read_the_same_values():
+    """numpy reads plain numeric chunks; empty cells, words or quotes send a chunk
+    (after a quote: the rest of the file) through csv. Both give float()'s values."""
+    lines = ["0.1,2,3", "1e-7,-0.0,5", "7,,9", "nan,inf,11", '"12.5",13,14', "15,16,17"]
+    text = "a,b,y\n" + "\n".join(lines) + "\n"
+    src = CsvSource.from_text(text, target="y", device_id="d", clock=lambda: 0.0)
+    got = [(r.seq, r.x, r.y) for b in src.batches(2) for r in b.readings()]
+    expected = []
+    for seq, line in enumerate(lines):
+        a, b, y = (c.strip('"') for c in line.split(","))
+        x = {k: float(v) for k, v in (("a", a), ("b", b)) if v}
+        expected.append((seq, x, float(y)))
+    assert [(s, {k: repr(v) for k, v in x.items()}, y) for s, x, y in got] == [
+        (s, {k: repr(v) for k, v in x.items()}, y) for s, x, y in expected
+    ]

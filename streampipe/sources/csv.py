@@ -65,6 +65,17 @@ def parse_time(cell: str) -> float:
     return dt.timestamp()
 
 
+def _numeric_table(lines: list[str], columns: list[int]) -> np.ndarray | None:
+    """``columns`` of comma-separated lines when every cell there is a number (numpy
+    reads them exactly as ``float()`` does), else None: an empty cell, a word, a short
+    row."""
+    try:
+        table = np.loadtxt(lines, delimiter=",", usecols=columns, dtype=np.float64, ndmin=2)
+    except ValueError:
+        return None
+    return table if len(table) else None
+
+
 @dataclass
 class CsvSource:
     """Iterates a CSV file's rows as readings, numbering each device's readings from 0."""
@@ -146,11 +157,33 @@ class CsvSource:
         width = len(self.header)
         seqs: dict[str, int] = {}
         with self.open_text() as f:
-            reader = csv.reader(f)
-            next(reader)
+            next(csv.reader(f))  # the header, checked when the source was made
+            lines: Iterator[str] = f
+            # One device, no time column: numpy's C reader parses plain numeric lines,
+            # twice as fast as csv + float(); any other chunk takes the csv path.
+            plain = dj is None and tj is None
+            reader = None if plain else csv.reader(lines)
             while True:
-                chunk = [row for row in itertools.islice(reader, rows) if row]
+                if reader is None:
+                    text = list(itertools.islice(lines, rows))
+                    if not text:
+                        break
+                    if any('"' in line for line in text):
+                        # Quoted cells may span lines: csv from here to the end.
+                        reader = csv.reader(itertools.chain(text, lines))
+                        continue
+                    table = _numeric_table(text, [*cols, yj])
+                    if table is not None:
+                        first = seqs.get(self.device_id, 0)
+                        seqs[self.device_id] = first + len(table)
+                        yield self._table_batch(first, table)
+                        continue
+                    chunk = [row for row in csv.reader(text) if row]
+                else:
+                    chunk = [row for row in itertools.islice(reader, rows) if row]
                 if not chunk:
+                    if reader is None:
+                        continue  # blank lines only
                     break
                 for row in chunk:
                     if len(row) < width:
@@ -166,6 +199,19 @@ class CsvSource:
                     first = seqs.get(device, 0)
                     seqs[device] = first + len(group)
                     yield self._batch(device, first, group, cols, yj, tj, now)
+
+    def _table_batch(self, first: int, table: np.ndarray) -> Batch:
+        """A batch of fully numeric rows: features, then the target, as numpy read them."""
+        n = len(table)
+        return Batch(
+            device=self.device_id,
+            epoch=self.epoch,
+            seq=np.arange(first, first + n, dtype=np.int64),
+            ts=np.full(n, self.clock()),
+            features=self.features,
+            values=np.ascontiguousarray(table[:, :-1]),
+            target=np.ascontiguousarray(table[:, -1]),
+        )
 
     def _batch(
         self,
