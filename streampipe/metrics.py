@@ -208,6 +208,14 @@ class LatencyHistogram(Collector):
         )
 
 
+def counts_by(name: str, doc: str, label: str, counts: dict[str, int]) -> CounterMetricFamily:
+    """A counter with one series per value of ``label`` (a bounded vocabulary)."""
+    family = CounterMetricFamily(f"{NAMESPACE}_{name}", doc, labels=[label])
+    for value, n in sorted(counts.items()):
+        family.add_metric([value], float(n))
+    return family
+
+
 class StageCollector(Collector):
     """Exports :class:`StageStats` and River's metric values at scrape time."""
 
@@ -240,14 +248,12 @@ class StageCollector(Collector):
             "Predictions that were not finite numbers (published as null).",
             s.non_finite_predictions,
         )
-        rejected = CounterMetricFamily(
-            f"{NAMESPACE}_rejected",
+        yield counts_by(
+            "rejected",
             "Readings or messages refused before reaching a model, by reason.",
-            labels=["reason"],
+            "reason",
+            s.rejected,
         )
-        for reason, n in sorted(s.rejected.items()):
-            rejected.add_metric([reason], float(n))
-        yield rejected
         yield counter(
             "commits",
             "Checkpoints after which processed input was acknowledged to the broker.",
@@ -286,13 +292,11 @@ class StageCollector(Collector):
                         g.add_metric([model, window], value)
             yield g
         yield gauge("model_scored", "Predictions scored against a target.", m.get("count", 0))
-        drifts = CounterMetricFamily(
-            f"{NAMESPACE}_drifts",
+        yield counts_by(
+            "drifts",
             "Rises of a device's error seen by the drift detector, by model.",
-            labels=["model"],
+            "model",
+            s.drifts,
         )
-        for model, n in sorted(s.drifts.items()):
-            drifts.add_metric([model], float(n))
-        yield drifts
         yield counter("anomalies", "Readings published as anomaly events.", s.anomalies)
         yield counter("promotions", "Challengers promoted to serve.", s.promotions)
