@@ -7,11 +7,11 @@ on 127.0.0.1.
 from __future__ import annotations
 
 import contextlib
-import csv
 import socket
 import threading
 from pathlib import Path
 
+from replaying import write_csv
 from river import datasets, linear_model, preprocessing
 
 
@@ -96,14 +96,13 @@ def friedman_csv(path: Path, n: int, seed: int = 7) -> list[float]:
     """Write ``n`` Friedman readings to ``path``; return River's offline predictions
     (``StandardScaler | LinearRegression``, predict then learn) for them, by seq."""
     model = preprocessing.StandardScaler() | linear_model.LinearRegression()
+    rows = [
+        ({f"x{k}": float(v) for k, v in x.items()}, float(y))
+        for x, y in datasets.synth.Friedman(seed=seed).take(n)
+    ]
+    write_csv(path, rows)  # repr()s: what the edge reads back is bit-identical
     expected = []
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow([f"x{k}" for k in range(10)] + ["y"])
-        for x, y in datasets.synth.Friedman(seed=seed).take(n):
-            row = {f"x{k}": float(v) for k, v in x.items()}
-            # The file holds repr()s: what the edge reads back is bit-identical.
-            w.writerow([repr(row[f"x{k}"]) for k in range(10)] + [repr(float(y))])
-            expected.append(model.predict_one(row))
-            model.learn_one(row, float(y))
+    for x, y in rows:
+        expected.append(model.predict_one(x))
+        model.learn_one(x, y)
     return expected
