@@ -64,7 +64,7 @@ class Validated:
     takes them as arrays, a per-reading learner asks for :meth:`features` dicts.
     """
 
-    __slots__ = ("_keep", "_take", "batch", "cleaned", "complete", "index", "rejected")
+    __slots__ = ("_keep", "_seqs", "_take", "batch", "cleaned", "complete", "index", "rejected")
 
     def __init__(
         self,
@@ -78,6 +78,7 @@ class Validated:
         self.index = index
         self.rejected = rejected
         self.cleaned = cleaned  # non-finite feature values dropped
+        self._seqs: list[int] | None = None
         self._keep = keep  # per-value mask of what is present and finite; None: all are
         # Where every reading is accepted, the batch's own arrays serve as they are.
         self._take: slice | np.ndarray = slice(None) if len(index) == len(batch) else index
@@ -90,7 +91,10 @@ class Validated:
 
     @property
     def seqs(self) -> list[int]:
-        return self.batch.seq[self._take].tolist()
+        """The accepted readings' sequence numbers (made once: learner and stage read them)."""
+        if self._seqs is None:
+            self._seqs = self.batch.seq[self._take].tolist()
+        return self._seqs
 
     @property
     def timestamps(self) -> np.ndarray:
