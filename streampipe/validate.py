@@ -33,6 +33,8 @@ does not cost its neighbours:
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -232,6 +234,16 @@ def _all_clean(batch: Batch, max_abs: float) -> bool:
     """True when no rule below applies to any reading: the common case, in a few
     whole-array comparisons (each false for NaN), which matters for small batches."""
     seq, ts, y = batch.seq, batch.ts, batch.target
+    if len(seq) == 1:  # one reading: plain Python, numpy's per-call cost would dominate
+        m = max_abs
+        return (
+            batch.present is None
+            and batch.values.shape[1] > 0
+            and all(-m <= v <= m for v in batch.values[0].tolist())
+            and seq[0] >= 0
+            and 0 <= ts[0] < math.inf
+            and (y is None or -m <= y[0] <= m)
+        )
     return (
         seq.size > 0
         and batch.present is None

@@ -112,6 +112,15 @@ class Reader:
 
     def uvarint(self) -> int:
         buf, start = self.buf, self.pos
+        if start + 1 < len(buf):  # the common cases, one or two bytes, without the loop
+            b = buf[start]
+            if b < 0x80:
+                self.pos = start + 1
+                return b
+            c = buf[start + 1]
+            if c < 0x80:
+                self.pos = start + 2
+                return (b & 0x7F) | c << 7
         pos, end = start, min(start + 10, len(buf))
         v = shift = 0
         while pos < end:

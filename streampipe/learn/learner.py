@@ -432,14 +432,23 @@ def _need_pandas() -> None:
 
 def _null_non_finite(y_pred: list[Any]) -> int:
     """Replace non-finite predictions by None in place; return how many there were."""
-    try:
-        finite = np.isfinite(np.asarray(y_pred, dtype=float))
-    except (TypeError, ValueError):  # None or a non-number among them
-        bad = [i for i, p in enumerate(y_pred) if isinstance(p, float) and not math.isfinite(p)]
-    else:
-        if finite.all():
-            return 0
-        bad = np.flatnonzero(~finite).tolist()
+    bad: list[int] | None = None
+    if len(y_pred) > 8:  # for fewer, numpy's per-call cost exceeds the work
+        try:
+            values = np.asarray(y_pred)  # not dtype=float: that would make None a NaN
+        except (TypeError, ValueError):
+            values = np.empty(0, dtype=object)
+        if values.dtype.kind in "biuf":  # all numbers; else (None among them) see below
+            finite = np.isfinite(values)
+            if finite.all():
+                return 0
+            bad = np.flatnonzero(~finite).tolist()
+    if bad is None:
+        bad = [
+            i
+            for i, p in enumerate(y_pred)
+            if isinstance(p, (float, np.floating)) and not math.isfinite(p)
+        ]
     for i in bad:
         y_pred[i] = None
     return len(bad)
