@@ -1,6 +1,6 @@
 """The pipeline against River offline, a naive JSON pipeline and the broker, in one run.
 
-    python benchmarks/pipeline.py [--readings 100000] [--repeat 3] [--quick]
+    python benchmarks/pipeline.py [--readings 100000] [--repeat 3] [--quick] [--only mini]
 
 Starts a private Mosquitto and measures, on River's ``datasets.synth.Friedman``
 (seed 42, 10 features) with ``StandardScaler | LinearRegression``:
@@ -25,6 +25,8 @@ Starts a private Mosquitto and measures, on River's ``datasets.synth.Friedman``
 5. the edge's peak RSS (VmHWM) after learning one model for each of 10,000 devices.
 
 Throughput rows are medians of ``--repeat`` runs; ratios are taken within the run.
+``--only`` runs some rows only (``--only mini``, ``--only exact,durable``); the ratios
+need rows 1 and 2, so they are printed only when those ran.
 Every stage runs in its own process, as it would in use: this machine has two cores,
 which the replay, the broker, the edge and the subscriber share.
 """
@@ -48,14 +50,21 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
+import orjson
 import paho.mqtt.client as paho
 from river import datasets, linear_model, preprocessing
 
-from streampipe.broker import PrivateMosquitto
-from streampipe.publish import ReadingPublisher
-from streampipe.sources.simulate import SensorFleet
-from streampipe.topics import Topics
-from streampipe.transport import BrokerURL, Connection, Message
+# The streampipe of this checkout, here and in the subprocesses (an installed one may
+# be another checkout's).
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+
+from streampipe.broker import PrivateMosquitto  # noqa: E402
+from streampipe.publish import ReadingPublisher  # noqa: E402
+from streampipe.sources.simulate import SensorFleet  # noqa: E402
+from streampipe.topics import Topics  # noqa: E402
+from streampipe.transport import BrokerURL, Connection, Message  # noqa: E402
 
 STREAMPIPE = [sys.executable, "-m", "streampipe"]
 
@@ -104,7 +113,9 @@ class Collector:
             if msg.payload == b"online":
                 self.online.set()
             return
-        preds = json.loads(msg.payload)["predictions"]
+        # orjson: parsing every prediction with json cost this process, which shares the
+        # machine's two cores with the pipeline, four times as much CPU.
+        preds = orjson.loads(msg.payload)["predictions"]
         ts = np.fromiter((p["ts"] for p in preds), float, len(preds))
         self.latencies.append(now - ts)
         self.first_ts = min(self.first_ts, float(ts.min()))
@@ -409,6 +420,17 @@ def _status_kb(pid: int, field: str) -> float:
 
 # -- main --------------------------------------------------------------------------------
 
+#: The throughput rows, by the name ``--only`` knows them by.
+THROUGHPUT = {
+    "broker": "0. Mosquitto alone (C clients), 40 B messages, QoS 1",
+    "offline": "1. River offline predict_one + learn_one",
+    "naive": "2. naive pipeline: JSON per reading, QoS 1",
+    "exact": "3a. streampipe end to end, exact",
+    "durable": "3b. ... exact, with --state-dir (checkpointed acks)",
+    "mini": "3c. streampipe end to end, mini-batch",
+}
+ROWS = (*THROUGHPUT, "latency", "memory")
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -426,7 +448,16 @@ def main() -> None:
     )
     parser.add_argument("--devices", type=int, default=10_000, help="row 5's device count")
     parser.add_argument("--quick", action="store_true", help="small sizes, one run: a smoke test")
+    parser.add_argument(
+        "--only",
+        type=lambda v: set(v.split(",")),
+        default=set(ROWS),
+        metavar="ROWS",
+        help=f"comma-separated rows to run, of {','.join(ROWS)} (default: all)",
+    )
     args = parser.parse_args()
+    if unknown := args.only - set(ROWS):
+        parser.error(f"--only: no row {', '.join(sorted(unknown))} (rows: {', '.join(ROWS)})")
     if args.quick:
         args.readings, args.naive_readings, args.repeat = 5_000, 1_000, 1
         args.latency_seconds, args.devices = 2.0, 500
@@ -435,8 +466,8 @@ def main() -> None:
         ({f"x{k}": v for k, v in x.items()}, y)
         for x, y in datasets.synth.Friedman(seed=42).take(args.readings)
     ]
-    kinds = ("broker", "offline", "naive", "exact", "durable", "mini")
-    runs: dict[str, list[float]] = {k: [] for k in kinds}
+    only = args.only
+    runs: dict[str, list[float]] = {k: [] for k in THROUGHPUT if k in only}
     with tempfile.TemporaryDirectory() as tmp, PrivateMosquitto() as broker:
         path = Path(tmp) / "friedman.csv"
         with open(path, "w", newline="") as f:
@@ -445,30 +476,43 @@ def main() -> None:
             w.writerow([*names, "y"])
             for x, y in rows:
                 w.writerow([repr(x[k]) for k in names] + [repr(y)])
-        for i in range(args.repeat):
+        for i in range(args.repeat if runs else 0):
             print(f"# run {i + 1} of {args.repeat}", file=sys.stderr)
-            runs["broker"].append(broker_alone(broker, min(args.readings, 50_000)))
-            rate, offline = river_offline(rows)
-            runs["offline"].append(rate)
-            runs["naive"].append(naive(broker, rows[: args.naive_readings]))
-            runs["exact"].append(end_to_end(broker, path, len(rows), args.batch, "exact", offline))
-            runs["durable"].append(
-                end_to_end(
-                    broker, path, len(rows), args.batch, "exact", offline, Path(tmp) / "state"
+            if "broker" in only:
+                runs["broker"].append(broker_alone(broker, min(args.readings, 50_000)))
+            offline: list[float] = []
+            if only & {"offline", "exact", "durable"}:  # exact mode is checked against it
+                rate, offline = river_offline(rows)
+                if "offline" in only:
+                    runs["offline"].append(rate)
+            if "naive" in only:
+                runs["naive"].append(naive(broker, rows[: args.naive_readings]))
+            if "exact" in only:
+                runs["exact"].append(
+                    end_to_end(broker, path, len(rows), args.batch, "exact", offline)
                 )
-            )
-            runs["mini"].append(end_to_end(broker, path, len(rows), args.batch, "minibatch", []))
+            if "durable" in only:
+                runs["durable"].append(
+                    end_to_end(
+                        broker, path, len(rows), args.batch, "exact", offline, Path(tmp) / "state"
+                    )
+                )
+            if "mini" in only:
+                runs["mini"].append(
+                    end_to_end(broker, path, len(rows), args.batch, "minibatch", [])
+                )
         lat_rows = []
-        for rate in args.latency_rates:
+        for rate in args.latency_rates if "latency" in only else []:
             print(f"# latency at {rate:g} readings/s per device", file=sys.stderr)
             lat_rows.append(
                 (rate, *latency(broker, 100, rate, args.latency_seconds, args.sensor_processes))
             )
-        print("# memory", file=sys.stderr)
-        rss_idle, rss_peak = memory(broker, args.devices)
+        if "memory" in only:
+            print("# memory", file=sys.stderr)
+            rss_idle, rss_peak = memory(broker, args.devices)
 
     med = {k: statistics.median(v) for k, v in runs.items()}
-    o, nv = med["offline"], med["naive"]
+    o, nv = med.get("offline"), med.get("naive")
     print(
         f"# {len(rows):,} Friedman readings (naive: {args.naive_readings:,}), batch "
         f"{args.batch}, median of {args.repeat}; Python {sys.version.split()[0]}, "
@@ -476,22 +520,21 @@ def main() -> None:
     )
     print(f"{'what':<52} {'value':>14} {'÷ row 1':>8} {'÷ row 2':>8}")
 
-    def row(label: str, value: float, unit: str = "readings/s") -> None:
-        print(f"{label:<52} {value:>10,.0f} r/s {value / o:>8.2f} {value / nv:>8.1f}")
+    def ratio(value: float, base: float | None, fmt: str) -> str:
+        return f"{value / base:>8{fmt}}" if base else f"{'':>8}"
 
-    row("0. Mosquitto alone (C clients), 40 B messages, QoS 1", med["broker"])
-    row("1. River offline predict_one + learn_one", o)
-    row("2. naive pipeline: JSON per reading, QoS 1", nv)
-    row("3a. streampipe end to end, exact", med["exact"])
-    row("3b. ... exact, with --state-dir (checkpointed acks)", med["durable"])
-    row("3c. streampipe end to end, mini-batch", med["mini"])
+    for kind, label in THROUGHPUT.items():
+        if kind in med:
+            v = med[kind]
+            print(f"{label:<52} {v:>10,.0f} r/s {ratio(v, o, '.2f')} {ratio(v, nv, '.1f')}")
     for rate, p50, p99, worst, count in lat_rows:
         label = f"4. latency (ms), 100 devices x {rate:g}/s = {100 * rate:,.0f}/s"
         print(f"{label:<52} p50 {p50:.1f}  p99 {p99:.1f}  max {worst:.1f}  ({count:,} readings)")
-    print(
-        f"{f'5. edge RSS, {args.devices:,} devices (MB)':<52} "
-        f"peak {rss_peak:.0f}  (idle, before any device: {rss_idle:.0f})"
-    )
+    if "memory" in only:
+        print(
+            f"{f'5. edge RSS, {args.devices:,} devices (MB)':<52} "
+            f"peak {rss_peak:.0f}  (idle, before any device: {rss_idle:.0f})"
+        )
     print(
         "# per-run readings/s: "
         + "; ".join(f"{k} " + ", ".join(f"{v:,.0f}" for v in vs) for k, vs in runs.items())

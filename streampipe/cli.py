@@ -4,6 +4,7 @@ init-secure, keys init, deploy, export-model."""
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import math
 import os
@@ -520,6 +521,10 @@ def cmd_edge(args: argparse.Namespace) -> int:
     )
     _on_signals(service.stop)
     service.start()
+    # What exists now (River, NumPy, pandas, the models so far) lives as long as the
+    # process: frozen, the collector's full collections no longer scan it again and
+    # again while readings stream in (one took ~100 ms in a 0.6 s benchmark run).
+    gc.freeze()
     if service.metrics_port is not None:
         log.info(
             "Prometheus metrics on http://%s:%d/metrics, health on /healthz",

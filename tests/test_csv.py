@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import math
+import struct
 
+import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from streampipe.sources import csv as csv_source
 from streampipe.sources.csv import CsvError, CsvSource
 
 
@@ -71,3 +76,63 @@ def test_plain_numeric_chunks_and_the_csv_path_read_the_same_values():
     assert [(s, {k: repr(v) for k, v in x.items()}, y) for s, x, y in got] == [
         (s, {k: repr(v) for k, v in x.items()}, y) for s, x, y in expected
     ]
+
+
+def _bits(values) -> list[bytes]:
+    return [struct.pack("<d", v) for v in values]
+
+
+@pytest.mark.parametrize(
+    "cell",
+    ["-0", "-0.0", "0", "1e-0", "1E5", "-1e-5", " 2.5", "3 ", "18446744073709551615",
+     "123456789012345678901234567890", "9007199254740993", "4.9e-324", "1e-400",
+     "1.7976931348623157e308", "1e999", "1.", ".5", "+1", "01", "nan"],
+)  # fmt: skip
+def test_every_numeric_path_reads_a_cell_as_float_does(cell):
+    """orjson reads plain chunks; what JSON reads otherwise (a bare -0 is the integer 0
+    to it) or not at all goes to numpy or csv. Every path gives float()'s double."""
+    text = f"a,b,y\n1.5,{cell},2\n{cell},0.25,3\r\n"
+    src = CsvSource.from_text(text, target="y", device_id="d", clock=lambda: 0.0)
+    (batch,) = src.batches(10)
+    want = np.array([[1.5, float(cell)], [float(cell), 0.25]])
+    assert _bits(batch.values.ravel().tolist()) == _bits(want.ravel().tolist())
+    assert batch.target.tolist() == [2.0, 3.0]
+
+
+def test_the_json_path_refuses_rows_of_another_width_and_non_numbers():
+    width = 3
+    assert csv_source._json_table(["1,2,3\n", "4,5\n"], width) is None
+    assert csv_source._json_table(["1,2,3\n", "4,5,6,7\n"], width) is None
+    assert csv_source._json_table(["1,2,\n"], width) is None  # an empty cell
+    assert csv_source._json_table(["1,[2],3\n"], width) is None
+    assert csv_source._json_table(["1,true,3\n"], width) is None
+    assert csv_source._json_table(["1,-0,3\n"], width) is None  # the integer 0 to JSON
+    got = csv_source._json_table(["1,2e3,-3.5\r\n", "4,5,6"], width)
+    assert got is not None and got.tolist() == [[1.0, 2000.0, -3.5], [4.0, 5.0, 6.0]]
+
+
+_FORMATS = [repr, "{:.17e}".format, "{:.25g}".format, "{:.3f}".format, lambda v: str(int(v))]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.floats(allow_nan=False, allow_infinity=False, width=64),
+            st.integers(0, len(_FORMATS) - 1),
+        ),
+        min_size=3,
+        max_size=60,
+    )
+)
+def test_replayed_values_are_float_of_the_cells(cells):
+    """Whatever the spelling of a number, replay sends float(cell), bit for bit."""
+    texts = []
+    for v, f in cells:
+        cell = _FORMATS[f](v) if f != 4 or abs(v) < 1e300 else repr(v)
+        texts.append(cell)
+    rows = [texts[i : i + 3] for i in range(0, len(texts) - len(texts) % 3, 3)]
+    text = "a,b,y\n" + "".join(",".join(r) + "\n" for r in rows)
+    src = CsvSource.from_text(text, target="y", device_id="d", clock=lambda: 0.0)
+    got = [v for b in src.batches(7) for v in np.column_stack([b.values, b.target]).ravel()]
+    assert _bits(got) == _bits([float(c) for r in rows for c in r])

@@ -147,6 +147,28 @@ def test_minibatch_mode_predicts_each_batch_then_learns_it_with_rivers_many_api(
     assert stage.stats.predictions == 30 and stage.stats.rejected == {"duplicate": 10}
 
 
+def test_minibatch_mode_learns_only_the_readings_that_carry_a_target():
+    """Readings without a target are predicted with their batch, then left out of
+    learn_many; a batch without any target is predicted and learns nothing."""
+    pd = pytest.importorskip("pandas")
+    stage = EdgeStage("edge-1", mode="minibatch")
+    data = [
+        Reading(r.device, r.seq, r.ts, r.x, None if r.seq % 3 == 1 or r.seq >= 20 else r.y)
+        for r in readings("d1", 30)
+    ]
+    model = preprocessing.StandardScaler() | linear_model.LinearRegression()
+    for part in (data[:10], data[10:20], data[20:]):
+        out = stage.handle(stage.topics.readings("d1"), frame(part))
+        got = [p["y_pred"] for b in bodies(out, "predictions") for p in b["predictions"]]
+        X = pd.DataFrame([r.x for r in part])
+        assert got == model.predict_many(X).tolist()
+        known = [r.y is not None for r in part]
+        if any(known):
+            model.learn_many(X[known], pd.Series([r.y for r in part], dtype=float)[known])
+    assert [p["y_true"] for p in bodies(out, "predictions")[0]["predictions"]] == [None] * 10
+    assert stage.stats.predictions == 30
+
+
 def test_minibatch_mode_learns_a_batch_with_missing_values_reading_by_reading():
     pytest.importorskip("pandas")
     stage = EdgeStage("edge-1", mode="minibatch")

@@ -399,14 +399,19 @@ class OnlineLearner:
             out.p_true = p_true.tolist()
         else:
             y_pred = model.predict_many(X).tolist()
-        y = pd.Series(ys, dtype=float if self.labels is None else object)
-        has = y.notna()
-        if self.labels is not None:  # labels as River's numpy code needs them, not objects
-            y = y.where(has, 0).astype(bool if self.labels == "binary" else np.int64)
+        if self.labels is None:  # numbers: an absent target is NaN (validate refuses NaN)
+            target = np.array(ys, dtype=float)
+            has = ~np.isnan(target)
+            y = pd.Series(target)
+        else:  # labels as River's numpy code needs them, not objects
+            y = pd.Series(ys, dtype=object)
+            present = y.notna()
+            y = y.where(present, 0).astype(bool if self.labels == "binary" else np.int64)
+            has = present.to_numpy()
         if has.all():
             model.learn_many(X, y)
         elif has.any():
-            model.learn_many(X[has.to_numpy()], y[has])
+            model.learn_many(X[has], y[has])
         return y_pred
 
 

@@ -20,6 +20,7 @@ import csv
 import io
 import itertools
 import math
+import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import TextIO
 
 import numpy as np
+import orjson
 
 from streampipe.readings import Batch, Reading
 
@@ -65,15 +67,40 @@ def parse_time(cell: str) -> float:
     return dt.timestamp()
 
 
-def _numeric_table(lines: list[str], columns: list[int]) -> np.ndarray | None:
-    """``columns`` of comma-separated lines when every cell there is a number (numpy
-    reads them exactly as ``float()`` does), else None: an empty cell, a word, a short
-    row."""
+#: Bytes of a chunk that can only be numbers to JSON (no true/false/null, no brackets).
+_NUMERIC_BYTES = b"0123456789.eE+-, \t\r\n"
+#: A bare ``-0`` is the integer 0 to JSON, but -0.0 to ``float()``.
+_BARE_MINUS_ZERO = re.compile(rb"-0(?![0-9.eE])")
+
+
+def _numeric_table(lines: list[str], columns: list[int], width: int) -> np.ndarray | None:
+    """``columns`` of comma-separated lines when every cell there is a number (read
+    exactly as ``float()`` reads it), else None: an empty cell, a word, a short row."""
+    table = _json_table(lines, width)
+    if table is not None:
+        return table[:, columns]
     try:
         table = np.loadtxt(lines, delimiter=",", usecols=columns, dtype=np.float64, ndmin=2)
     except ValueError:
         return None
     return table if len(table) else None
+
+
+def _json_table(lines: list[str], width: int) -> np.ndarray | None:
+    """Lines of exactly ``width`` numbers each, parsed as one JSON array by orjson
+    (correctly rounded, so the same doubles as ``float()``, at a quarter of
+    ``np.loadtxt``'s cost), else None: let numpy or csv read anything else."""
+    if not lines or set(map(str.count, lines, itertools.repeat(","))) != {width - 1}:
+        return None
+    data = "".join(lines).encode()
+    if data.translate(None, _NUMERIC_BYTES) or _BARE_MINUS_ZERO.search(data):
+        return None
+    try:
+        flat = orjson.loads(b"[" + data.replace(b"\n", b",").rstrip(b", \t\r") + b"]")
+        table = np.array(flat, dtype=np.float64)
+    except (orjson.JSONDecodeError, ValueError, TypeError, OverflowError):
+        return None  # "1.", ".5", "+1", "1e999", an empty cell: numpy decides
+    return table.reshape(len(lines), width) if table.size == len(lines) * width else None
 
 
 @dataclass
@@ -159,8 +186,8 @@ class CsvSource:
         with self.open_text() as f:
             next(csv.reader(f))  # the header, checked when the source was made
             lines: Iterator[str] = f
-            # One device, no time column: numpy's C reader parses plain numeric lines,
-            # twice as fast as csv + float(); any other chunk takes the csv path.
+            # One device, no time column: orjson (or numpy) parses plain numeric lines,
+            # several times faster than csv + float(); any other chunk takes the csv path.
             plain = dj is None and tj is None
             reader = None if plain else csv.reader(lines)
             while True:
@@ -172,7 +199,7 @@ class CsvSource:
                         # Quoted cells may span lines: csv from here to the end.
                         reader = csv.reader(itertools.chain(text, lines))
                         continue
-                    table = _numeric_table(text, [*cols, yj])
+                    table = _numeric_table(text, [*cols, yj], width)
                     if table is not None:
                         first = seqs.get(self.device_id, 0)
                         seqs[self.device_id] = first + len(table)
