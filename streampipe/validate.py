@@ -34,7 +34,6 @@ does not cost its neighbours:
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
 
 import numpy as np

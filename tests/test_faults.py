@@ -332,13 +332,15 @@ def test_network_cut_between_edge_and_broker_loses_nothing(broker, topics, captu
 def test_a_model_slower_than_the_keepalive_does_not_disconnect(broker, topics, capture):
     cap = capture([topics.predictions(), topics.status()])
     service = EdgeService(EdgeConfig(broker.url, "slow", topic_root=topics.root, keepalive=1))
-    handle = service.stage.handle
+    handle = service.stage.handle_message
+    slow_calls = []
 
-    def slow_handle(topic: str, payload: bytes):
+    def slow_handle(topic: str, payload: bytes, token: object):
+        slow_calls.append(topic)
         time.sleep(3.5)  # longer than 1.5 keepalives: the broker would drop a silent client
-        return handle(topic, payload)
+        return handle(topic, payload, token)
 
-    service.stage.handle = slow_handle  # type: ignore[method-assign]
+    service.stage.handle_message = slow_handle  # type: ignore[method-assign]
     service.start()
     thread = threading.Thread(target=service.run, daemon=True)
     thread.start()
@@ -352,6 +354,7 @@ def test_a_model_slower_than_the_keepalive_does_not_disconnect(broker, topics, c
         pub.close()
         service.stop()
         thread.join(30)
+    assert len(slow_calls) == 2  # the stage really was that slow
     assert service.conn.connects == 1  # never reconnected
     assert [m.payload for m in cap.on(topics.status())] == [b"online", b"offline"]
 
