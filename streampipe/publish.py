@@ -72,7 +72,7 @@ class ReadingPublisher:
         self._buffers: dict[str, list[Reading]] = {}
         self._since: dict[str, float] = {}
         self._pending: deque[tuple[object, int]] = deque()
-        self._schemas_sent: set[str] = set()
+        self._schemas_sent: set[tuple[tuple[str, ...], bool]] = set()
 
     def add(self, reading: Reading) -> None:
         buf = self._buffers.get(reading.device)
@@ -111,8 +111,9 @@ class ReadingPublisher:
         """Publish one batch now (QoS 1), waiting if too many await acknowledgement."""
         small = len(batch) < SCHEMA_ID_BELOW
         if small:
-            schema_id, schema_frame = codec.schema_frame(batch)
-            if schema_id not in self._schemas_sent:
+            key = (batch.features, batch.target is not None)  # what a schema is made of
+            if key not in self._schemas_sent:
+                schema_id, schema_frame = codec.schema_frame(batch)
                 self.conn.publish(
                     self.topics.schemas(schema_id),
                     schema_frame,
@@ -120,7 +121,7 @@ class ReadingPublisher:
                     retain=True,
                     content_type=codec.SCHEMA_CONTENT_TYPE,
                 )
-                self._schemas_sent.add(schema_id)
+                self._schemas_sent.add(key)
         payload = codec.encode(batch, schema_id=small)
         topic = self.topics.readings(batch.device)
         self.stats.readings += len(batch)

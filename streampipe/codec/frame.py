@@ -99,18 +99,23 @@ def encode(batch: Batch, *, schema_id: bool = False) -> bytes:
             flags |= h.TARGET_MASK
             body.append(_bitmap(tpresent, n > 1))
 
-    columns = [ts] + [
-        values[:, j] if present is None else values[present[:, j], j] for j in range(f)
-    ]
-    if target is not None:
-        columns.append(target if tpresent is None else target[tpresent])
-
-    if n == 1:
-        single, negative = _encode_single(int(seq[0]), columns, 1 + f + (target is not None))
+    if n == 1:  # one value per column: plain Python floats, None where absent
+        row = values[0].tolist()
+        if present is not None:
+            row = [v if p else None for v, p in zip(row, present[0].tolist())]
+        cells = [ts.item(), *row]
+        if target is not None:
+            cells.append(target.item() if tpresent is None or tpresent[0] else None)
+        single, negative = _encode_single(int(seq[0]), cells)
         if negative:
             flags |= h.SIGNS
         payload = b"".join(body) + single
     else:
+        columns = [ts] + [
+            values[:, j] if present is None else values[present[:, j], j] for j in range(f)
+        ]
+        if target is not None:
+            columns.append(target if tpresent is None else target[tpresent])
         body.append(encode_int_column(seq))
         body += [encode_float_column(c) for c in columns]
         payload = b"".join(body)
@@ -133,15 +138,15 @@ def _mask(m: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray | None:
     return None if m.all() else m
 
 
-def _encode_single(seq: int, columns: list[np.ndarray], k: int) -> tuple[bytes, bool]:
+def _encode_single(seq: int, cells: list[float | None]) -> tuple[bytes, bool]:
     """Compact layout of one reading: 3-bit codes, optional sign bits, varints."""
+    k = len(cells)
     codes = 0
     signs = 0
     data = [uvarint(zigzag(seq))]
-    for i, col in enumerate(columns):
-        if len(col) == 0:
+    for i, x in enumerate(cells):
+        if x is None:
             continue  # absent: its code stays 0 and nothing is written
-        x = float(col[0])
         e = scalar_exponent(x, _SINGLE_RAW - 1)
         if e is None:
             codes |= _SINGLE_RAW << (3 * i)

@@ -21,6 +21,10 @@ from streampipe.readings import Batch
 __all__ = ["Schema", "SchemaRegistry", "schema_frame", "unpack_names"]
 
 
+#: Ids of schemas seen, bounded.
+_IDS: dict[Schema, bytes] = {}
+
+
 @dataclass(frozen=True, slots=True)
 class Schema:
     """The field names of a batch: its features and whether it has a target.
@@ -50,7 +54,12 @@ class Schema:
 
     @property
     def raw_id(self) -> bytes:
-        return hashlib.blake2b(self._packed(), digest_size=4).digest()
+        rid = _IDS.get(self)  # a sensor names the same few schemas in every frame
+        if rid is None:
+            rid = hashlib.blake2b(self._packed(), digest_size=4).digest()
+            if len(_IDS) < 1024:
+                _IDS[self] = rid
+        return rid
 
     def _packed(self) -> bytes:
         return msgpack.packb([list(self.features), self.has_target], use_bin_type=True)
