@@ -28,6 +28,27 @@ def write_csv(path: Path, rows: Iterable[tuple[dict, Any]], target: str = "y") -
             w.writerow([repr(x[n]) for n in names] + [repr(int(y) if isinstance(y, bool) else y)])
 
 
+def start_replay(url: str, topics: Any, path: Path, *options: str) -> subprocess.Popen:
+    """``streampipe replay path`` of target column ``y`` to ``url`` in the background,
+    with ``options`` (e.g. ``--rate``, ``--batch``); its output is piped, as text."""
+    return subprocess.Popen(
+        streampipe(
+            "replay",
+            str(path),
+            "--broker",
+            url,
+            "--target",
+            "y",
+            "--topic-root",
+            topics.root,
+            *options,
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 @dataclass
 class Replayed:
     predictions: dict[int, dict]  # by seq

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from faults import friedman_csv
+from replaying import start_replay
 from river import datasets, linear_model, preprocessing, tree
 
 from streampipe.edge import EdgeConfig, EdgeService
@@ -144,29 +145,11 @@ def test_a_model_deployed_mid_replay_is_swapped_in_between_two_messages_exactly(
     cap = capture([topics.predictions(), topics.metrics()])
     url = f"mqtt://127.0.0.1:{broker.port}"
     with running_edge(broker, topics, keys, state_dir=str(tmp_path / "state")) as edge:
-        replay = subprocess.Popen(
-            [
-                *STREAMPIPE,
-                "replay",
-                str(tmp_path / "f.csv"),
-                "--broker",
-                url,
-                "--target",
-                "y",
-                "--topic-root",
-                topics.root,
-                "--device-id",
-                "fried",
-                "--rate",
-                "1000",
-                "--batch",
-                "10",
-                "--linger",
-                "10",
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
+        replay = start_replay(
+            url,
+            topics,
+            tmp_path / "f.csv",
+            *("--device-id", "fried", "--rate", "1000", "--batch", "10", "--linger", "10"),
         )
         try:
             assert cap.wait(lambda: len(predictions(cap, topics)) >= 300), "replay never started"
@@ -258,23 +241,17 @@ def test_rollback_publishes_the_previous_model_as_a_newer_version(
     cap = capture([topics.predictions(), topics.metrics()])
     url = f"mqtt://127.0.0.1:{broker.port}"
     with running_edge(broker, topics, keys) as edge:
-        deploy = subprocess.run(
-            [
-                *STREAMPIPE,
-                "deploy",
-                str(tmp_path / "first.pkl"),
-                "--broker",
-                url,
-                "--topic-root",
-                topics.root,
-                "--model",
-                NAME,
-                "--signing-key",
-                str(keys.private),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
+        deploy = run_cli(
+            "deploy",
+            str(tmp_path / "first.pkl"),
+            "--broker",
+            url,
+            "--topic-root",
+            topics.root,
+            "--model",
+            NAME,
+            "--signing-key",
+            str(keys.private),
         )
         assert deploy.returncode == 0, deploy.stderr
         assert f"model {NAME} version 2" in deploy.stdout
@@ -284,22 +261,16 @@ def test_rollback_publishes_the_previous_model_as_a_newer_version(
                 == 3
             )
         assert cap.wait(lambda: runs_version(cap, topics, 3))
-        rollback = subprocess.run(
-            [
-                *STREAMPIPE,
-                "deploy",
-                "--rollback",
-                NAME,
-                "--broker",
-                url,
-                "--topic-root",
-                topics.root,
-                "--signing-key",
-                str(keys.private),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
+        rollback = run_cli(
+            "deploy",
+            "--rollback",
+            NAME,
+            "--broker",
+            url,
+            "--topic-root",
+            topics.root,
+            "--signing-key",
+            str(keys.private),
         )
         assert rollback.returncode == 0, rollback.stderr
         assert "version 4" in rollback.stdout and "restoring version 2's model" in rollback.stdout
@@ -346,21 +317,15 @@ def test_an_exported_model_deployed_to_another_stage_carries_on_from_its_learned
         assert cap_a.wait(lambda: len(predictions(cap_a, topics)) == len(learned_rows))
     # Stopped cleanly: its last checkpoint covers every reading.
     out = tmp_path / "boiler.pkl"
-    export = subprocess.run(
-        [
-            *STREAMPIPE,
-            "export-model",
-            "--stage-id",
-            "learner",
-            "--state-dir",
-            str(state),
-            "--device",
-            "boiler",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
+    export = run_cli(
+        "export-model",
+        "--stage-id",
+        "learner",
+        "--state-dir",
+        str(state),
+        "--device",
+        "boiler",
+        str(out),
     )
     assert export.returncode == 0, export.stderr
     assert "400 readings learned, up to seq 399" in export.stdout

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from conftest import Capture
 from faults import TcpProxy, friedman_csv
+from replaying import start_replay as replay_in_background
 
 from streampipe import codec
 from streampipe.broker import PrivateMosquitto
@@ -84,27 +85,8 @@ def start_edge(url: str, topics: Topics, state_dir: Path) -> subprocess.Popen:
 
 
 def start_replay(url: str, topics: Topics, path: Path, rate: int) -> subprocess.Popen:
-    return subprocess.Popen(
-        [
-            *STREAMPIPE,
-            "replay",
-            str(path),
-            "--broker",
-            url,
-            "--target",
-            "y",
-            "--topic-root",
-            topics.root,
-            "--rate",
-            str(rate),
-            "--batch",
-            "100",
-            "--linger",
-            "20",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    return replay_in_background(
+        url, topics, path, "--rate", str(rate), "--batch", "100", "--linger", "20"
     )
 
 
