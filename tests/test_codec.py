@@ -22,6 +22,7 @@ from streampipe.codec import (
     Limits,
     Schema,
     SchemaRegistry,
+    columns,
     decode,
     encode,
     schema_frame,
@@ -116,6 +117,25 @@ def test_single_readings_round_trip(batch: Batch, by_id: bool) -> None:
     registry = SchemaRegistry()
     registry.add(Schema.of(batch))
     check_same(batch, decode(encode(batch, schema_id=by_id), registry))
+
+
+@FAST
+@given(st.integers(1, columns.FEW).flatmap(lambda n: column(n, any_float)))
+def test_a_few_floats_encode_as_the_numpy_path_does(v: np.ndarray) -> None:
+    code, ints = columns._float_code_few(v.tolist())
+    np_code, np_ints = columns._float_code_numpy(v)
+    assert (code, ints) == (np_code, np_ints.tolist())
+    assert columns._encode_ints_few(ints, code) == columns._encode_ints_numpy(np_ints, np_code)
+
+
+@FAST
+@given(
+    st.lists(st.integers(-(2**63), 2**63 - 1), min_size=1, max_size=columns.FEW),
+    st.sampled_from([0, 3, columns.RAW]),
+)
+def test_a_few_ints_encode_as_the_numpy_path_does(xs: list[int], code: int) -> None:
+    few = columns._encode_ints_few(xs, code)
+    assert few == columns._encode_ints_numpy(np.array(xs, dtype=np.int64), code)
 
 
 def test_from_readings_round_trip() -> None:

@@ -14,7 +14,9 @@ round-trips, overflow included.
 
 from __future__ import annotations
 
+import itertools
 import math
+import struct
 
 import numpy as np
 
@@ -45,6 +47,11 @@ _EXPONENT = 0x1F
 _POW10 = [10.0**e for e in range(MAX_EXPONENT + 1)]
 _EXACT = float(2**53)  # integers beyond this are not all exact in float64
 _U64 = np.dtype("<u8")
+_M64 = 0xFFFF_FFFF_FFFF_FFFF
+_S64 = 1 << 63
+#: Columns this short are encoded in plain Python: numpy's fixed cost per call (~1 µs,
+#: a few dozen calls per column) is far above the work. Both paths give the same bytes.
+FEW = 16
 
 
 def zigzag(v: int) -> int:
@@ -200,10 +207,16 @@ def encode_int_column(x: np.ndarray, code: int = 0) -> bytes:
     ``code``'s low five bits say how the decoder turns the integers back into
     values (a decimal exponent or :data:`RAW`); this function adds the delta bit.
     """
-    s = np.ascontiguousarray(x, dtype=np.int64)
-    n = len(s)
+    n = len(x)
     if n == 0:
         return b""
+    if n <= FEW:
+        return _encode_ints_few(x.tolist() if isinstance(x, np.ndarray) else list(x), code)
+    return _encode_ints_numpy(np.ascontiguousarray(x, dtype=np.int64), code)
+
+
+def _encode_ints_numpy(s: np.ndarray, code: int) -> bytes:
+    n = len(s)
     base, top = int(s.min()), int(s.max())
     y = s
     if n > 1:
@@ -224,6 +237,33 @@ def encode_int_column(x: np.ndarray, code: int = 0) -> bytes:
     head = bytes((code, width)) + uvarint(zigzag(base))
     if code & _DELTA:
         head += uvarint(zigzag(int(s[0])))
+    if code & _ZSTD:
+        return head + uvarint(len(packed)) + packed
+    return head + planes
+
+
+def _encode_ints_few(s: list[int], code: int) -> bytes:
+    """:func:`encode_int_column` of a few int64 values, in plain Python."""
+    n = len(s)
+    base, top = min(s), max(s)
+    y = s
+    if n > 1:
+        d = [((b - a + _S64) & _M64) - _S64 for a, b in itertools.pairwise(s)]  # mod 2**64
+        dlo, dhi = min(d), max(d)
+        if dhi - dlo < top - base:
+            code |= _DELTA
+            y, base, top = d, dlo, dhi
+    width = ((top - base).bit_length() + 7) // 8
+    planes = packed = b""
+    if width:
+        offs = [(v - base) & _M64 for v in y]
+        planes = bytes([(o >> (8 * j)) & 0xFF for j in range(width) for o in offs])
+        packed = compress(planes)
+        if packed is not None:
+            code |= _ZSTD
+    head = bytes((code, width)) + uvarint(zigzag(base))
+    if code & _DELTA:
+        head += uvarint(zigzag(s[0]))
     if code & _ZSTD:
         return head + uvarint(len(packed)) + packed
     return head + planes
@@ -259,15 +299,48 @@ def _u64(v: int) -> np.ndarray:
     return np.array([v & 0xFFFF_FFFF_FFFF_FFFF], dtype=np.uint64)
 
 
-def float_code(v: np.ndarray) -> tuple[int, np.ndarray]:
+def float_code(v: np.ndarray | list[float]) -> tuple[int, np.ndarray | list[int]]:
     """The exponent code and integers that store a float64 column losslessly."""
+    if len(v) <= FEW:
+        return _float_code_few(v.tolist() if isinstance(v, np.ndarray) else list(v))
+    return _float_code_numpy(np.asarray(v, dtype=np.float64))
+
+
+def _float_code_numpy(v: np.ndarray) -> tuple[int, np.ndarray]:
     found = decimal_exponent(v)
     if found is None:
         return RAW, np.ascontiguousarray(v, dtype=np.float64).view(np.int64)
     return found
 
 
-def encode_float_column(v: np.ndarray) -> bytes:
+def _float_code_few(v: list[float]) -> tuple[int, list[int]]:
+    """:func:`float_code` of a few values, in plain Python."""
+    if not v:
+        return 0, []
+    start = scalar_exponent(v[0])
+    if start is not None and len(v) > 1:
+        if any(x != x or (x == 0.0 and math.copysign(1.0, x) < 0) for x in v):
+            start = None  # NaN or -0.0: no decimal holds it
+        else:
+            amax = max(abs(x) for x in v)
+            if not amax < _EXACT:
+                start = None
+    if start is not None:
+        if len(v) == 1:
+            return start, [round(v[0] * _POW10[start])]
+        for e in range(start, MAX_EXPONENT + 1):
+            scale = _POW10[e]
+            if amax * scale >= _EXACT:
+                break
+            m = [round(x * scale) for x in v]
+            # -0.0 is excluded above, so == here is equality of bits
+            if all(i / scale == x for i, x in zip(m, v)):
+                return e, m
+    raw = struct.unpack(f"<{len(v)}q", struct.pack(f"<{len(v)}d", *v))
+    return RAW, list(raw)
+
+
+def encode_float_column(v: np.ndarray | list[float]) -> bytes:
     """Bytes of a float64 column (see the module docstring).
 
     >>> r = Reader(encode_float_column(np.array([21.53, 21.55, float("nan")])))
