@@ -1,0 +1,374 @@
+"""paho-mqtt's client with its per-packet hot spots made cheap.
+
+paho-mqtt is pure Python, and at a few thousand messages a second most of its cost is
+not the network but building objects it throws away. Measured with
+``benchmarks/mqtt_cost.py`` and a profiler, per MQTT v5 message:
+
+- every PUBLISH received builds a :class:`~paho.mqtt.properties.Properties` object
+  from scratch (its ``__init__`` and ``clear`` alone are ~60 µs), even when the
+  properties are the same bytes as the last thousand messages' (a content type);
+- every PUBACK received builds a ``ReasonCode`` and an empty ``Properties``;
+- every PUBLISH sent packs the same ``Properties`` again (~15 µs);
+- after every PUBACK paho scans all in-flight messages for queued ones, even when
+  none is queued;
+- every packet queued from another thread writes a wake-up byte to a socket pair,
+  even when the network thread has been woken already and not yet run;
+- the network thread reads each packet with three ``recv`` calls and goes back to
+  ``select`` after one packet.
+
+:class:`FastClient` overrides exactly those paths and nothing else: decoding is
+cached by the raw property bytes, a burst is read with one ``recv`` and handled
+before ``select`` is called again, and a wake-up is written only when none is
+pending. What the callbacks see is what paho gives them (``tests/test_fastpaho.py``
+feeds both the same packets and compares), except that equal received properties are
+one shared object: treat them as read-only, as streampipe does.
+
+The overridden methods are paho's private ones, so :data:`Client` is
+:class:`FastClient` only on the paho versions it was tested with, and plain
+``paho.Client`` otherwise (correct, only slower).
+
+Example:
+    >>> from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+    >>> c = Client(CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5)
+    >>> isinstance(c, paho.Client)
+    True
+    >>> frozen_properties("application/json").pack()
+    b'\\x13\\x03\\x00\\x10application/json'
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ssl
+import struct
+import threading
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt import __version__ as PAHO_VERSION
+from paho.mqtt.enums import MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.exception import MalformedPacket, MQTTException
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+__all__ = ["Client", "FastClient", "frozen_properties"]
+
+#: paho versions whose private methods FastClient was checked against.
+TESTED_PAHO = ("2.2.",)
+
+_V5 = MQTTProtocolVersion.MQTTv5
+_SUCCESS = MQTTErrorCode.MQTT_ERR_SUCCESS
+_AGAIN = MQTTErrorCode.MQTT_ERR_AGAIN
+_PUBLISH = 0x30
+_PUBACK = 0x40
+_CONNECTED = paho._ConnectionState.MQTT_CS_CONNECTED
+_DISCONNECT = 0xE0
+_RECV_SIZE = 65536
+#: Packets handled per read before the network thread looks at its other work.
+_READ_BURST = 1000
+#: Distinct property byte strings remembered; message expiry intervals, which the
+#: broker counts down, can make many, so the cache is simply emptied when full.
+_CACHE_MAX = 256
+
+_properties_cache: dict[tuple[int, bytes], Properties] = {}
+_reasons_cache: dict[tuple[int, int], ReasonCode] = {}
+
+
+def _decoded_properties(packet_type: int, raw: bytes) -> Properties:
+    """The properties ``raw`` encodes (length prefix included), decoded once per value."""
+    key = (packet_type, raw)
+    props = _properties_cache.get(key)
+    if props is None:
+        props = Properties(packet_type)
+        props.unpack(raw)
+        if len(_properties_cache) >= _CACHE_MAX:
+            _properties_cache.clear()
+        _properties_cache[key] = props
+    return props
+
+
+def _reason(packet_type: int, code: int) -> ReasonCode:
+    key = (packet_type, code)
+    reason = _reasons_cache.get(key)
+    if reason is None:
+        reason = _reasons_cache[key] = ReasonCode(packet_type, identifier=code)
+    return reason
+
+
+def _varint(buf: bytes | bytearray, pos: int) -> tuple[int, int]:
+    """Decode an MQTT variable byte integer at ``pos``: (value, position after it)."""
+    value = shift = 0
+    while True:
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
+        if shift > 21:
+            raise MalformedPacket("variable byte integer longer than 4 bytes")
+
+
+class _FrozenProperties(Properties):
+    """PUBLISH properties packed once: paho packs them again for every message."""
+
+    def pack(self) -> bytes:
+        packed: bytes | None = self.__dict__.get("_packed")
+        if packed is None:
+            packed = super().pack()
+            object.__setattr__(self, "_packed", packed)
+        return packed
+
+
+def frozen_properties(content_type: str) -> Properties:
+    """PUBLISH properties carrying ``content_type``, packed once; never change them."""
+    props = _FrozenProperties(PacketTypes.PUBLISH)
+    props.ContentType = content_type
+    return props
+
+
+class FastClient(paho.Client):
+    """``paho.Client`` with cached v5 decoding and batched socket work; see the module."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._rbuf = b""
+        self._rpos = 0
+        self._rsock: object = None
+        self._wake_pending = False
+        #: Held while writing to the socket: by the network thread, or by a thread
+        #: that sends its packet itself (:meth:`_direct_write`).
+        self._write_lock = threading.RLock()
+
+    # -- reading: one recv per burst -------------------------------------------------
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        sock = self._sock
+        if sock is not self._rsock:  # a new connection: nothing buffered is its
+            self._rsock, self._rbuf, self._rpos = sock, b"", 0
+        pos = self._rpos
+        have = len(self._rbuf) - pos
+        if have > 0:
+            end = pos + min(bufsize, have)
+            self._rpos = end
+            return self._rbuf[pos:end]
+        if sock is None:
+            raise ConnectionError("self._sock is None")
+        try:
+            data = sock.recv(max(bufsize, _RECV_SIZE))
+        except ssl.SSLWantReadError as err:
+            raise BlockingIOError() from err
+        except ssl.SSLWantWriteError as err:
+            self._call_socket_register_write()
+            raise BlockingIOError() from err
+        if len(data) <= bufsize:
+            return data
+        self._rbuf, self._rpos = data, bufsize
+        return data[:bufsize]
+
+    def loop_read(self, max_packets: int = 1) -> MQTTErrorCode:
+        # Read until the socket would block, and never return with bytes left in our
+        # buffer, where select() cannot see them.
+        handled = 0
+        while True:
+            if self._sock is None:
+                return MQTTErrorCode.MQTT_ERR_NO_CONN
+            rc = self._packet_read()
+            if rc > 0:
+                return self._loop_rc_handle(rc)
+            if rc == _AGAIN:
+                return _SUCCESS
+            handled += 1
+            if handled >= _READ_BURST and self._rpos >= len(self._rbuf):
+                return _SUCCESS
+
+    # -- decoding: cached by the raw bytes -------------------------------------------
+
+    def _handle_publish(self) -> MQTTErrorCode:
+        header = self._in_packet["command"]
+        qos = (header & 0x06) >> 1
+        if self._protocol != _V5 or qos == 2:
+            return super()._handle_publish()
+        packet = self._in_packet["packet"]
+        try:
+            topic_len = (packet[0] << 8) | packet[1]
+            pos = 2 + topic_len
+            topic = bytes(packet[2:pos])
+            mid = 0
+            if qos:
+                mid = (packet[pos] << 8) | packet[pos + 1]
+                pos += 2
+            props_len, props_pos = _varint(packet, pos)
+            end = props_pos + props_len
+            if end > len(packet) or len(topic) != topic_len:
+                raise MalformedPacket("PUBLISH packet is shorter than its lengths")
+            props = _decoded_properties(PacketTypes.PUBLISH, bytes(packet[pos:end]))
+        except IndexError as exc:
+            raise MalformedPacket("PUBLISH packet is truncated") from exc
+        except (struct.error, KeyError, ValueError, MQTTException) as exc:
+            raise MalformedPacket(str(exc)) from exc
+        message = paho.MQTTMessage(mid, topic)
+        message.dup = bool(header & 0x08)
+        message.qos = qos
+        message.retain = bool(header & 0x01)
+        message.properties = props
+        message.payload = bytes(memoryview(packet)[end:])
+        message.timestamp = paho.time_func()
+        self._handle_on_message(message)
+        if qos == 1 and not self._manual_ack:
+            return self._send_puback(mid)
+        return _SUCCESS
+
+    def _handle_pubackcomp(self, cmd: Any) -> MQTTErrorCode:
+        if self._protocol != _V5:
+            return super()._handle_pubackcomp(cmd)
+        packet_type = PacketTypes.PUBACK if cmd == "PUBACK" else PacketTypes.PUBCOMP
+        packet = self._in_packet["packet"]
+        size = len(packet)
+        if size < 2:
+            raise MalformedPacket("wrong size of packet")
+        mid = (packet[0] << 8) | packet[1]
+        try:
+            reason = _reason(packet_type, packet[2] if size > 2 else 0)
+            props = _decoded_properties(packet_type, bytes(packet[3:]) if size > 3 else b"\x00")
+        except (IndexError, struct.error, KeyError, ValueError, MQTTException) as exc:
+            raise MalformedPacket(str(exc)) from exc
+        with self._out_message_mutex:
+            if mid in self._out_messages:
+                return self._do_on_publish(mid, reason, props)
+        return _SUCCESS
+
+    def _update_inflight(self) -> MQTTErrorCode:
+        # Only messages queued behind a full window need sending; without any, paho's
+        # scan of every in-flight message finds nothing.
+        if len(self._out_messages) <= self._inflight_messages:
+            return _SUCCESS
+        return super()._update_inflight()
+
+    # -- writing: one wake-up and one send per burst --------------------------------
+
+    def _packet_queue(
+        self,
+        command: int,
+        packet: bytes | bytearray,
+        mid: int,
+        qos: int,
+        info: paho.MQTTMessageInfo | None = None,
+    ) -> MQTTErrorCode:
+        mpkt = {
+            "command": command,
+            "mid": mid,
+            "qos": qos,
+            "pos": 0,
+            "to_process": len(packet),
+            "packet": packet,
+            "info": info,
+        }
+        thread = self._thread
+        if thread is None:  # no network thread: paho's own path
+            self._out_packet.append(mpkt)  # type: ignore[arg-type]
+            if self._on_socket_register_write is None and self._in_callback_mutex.acquire(False):
+                self._in_callback_mutex.release()
+                return self.loop_write()
+            self._call_socket_register_write()
+            return _SUCCESS
+        if thread.ident == threading.get_ident():
+            # Queued by the network thread itself (an acknowledgement, a callback's
+            # publish): its loop sends it next, no wake-up needed.
+            self._out_packet.append(mpkt)  # type: ignore[arg-type]
+            return _SUCCESS
+        if self._direct_write(mpkt):
+            return _SUCCESS
+        # A pending wake-up byte means the network thread will call _packet_write,
+        # which clears the flag before it takes packets: this one will be among them.
+        if self._sockpairW is not None and not self._wake_pending:
+            self._wake_pending = True
+            with contextlib.suppress(BlockingIOError):
+                self._sockpairW.send(b"0")
+        self._call_socket_register_write()
+        return _SUCCESS
+
+    def _direct_write(self, mpkt: dict[str, Any]) -> bool:
+        """Queue ``mpkt`` and, when nothing is queued before it, send it from this
+        thread instead of waking the network thread to do it; True if it was sent
+        whole. Only on a plain TCP socket once connected (an SSL socket must not be
+        written by one thread while another reads it), and only for packets that need
+        nothing done after sending."""
+        out = self._out_packet
+        kind = mpkt["command"] & 0xF0
+        simple = kind == _PUBACK or (kind == _PUBLISH and mpkt["qos"])
+        if (
+            not simple
+            or self._ssl
+            or self._transport != "tcp"
+            or self._state != _CONNECTED
+            or not self._write_lock.acquire(blocking=False)
+        ):
+            out.append(mpkt)  # type: ignore[arg-type]
+            return False
+        try:
+            out.append(mpkt)  # type: ignore[arg-type]
+            if len(out) != 1 or self._sock is None:
+                return False
+            try:
+                sent = self._sock.send(mpkt["packet"])
+            except OSError:  # would block, or the connection broke: the loop sees to it
+                return False
+            if sent < mpkt["to_process"]:
+                mpkt["pos"] += sent
+                mpkt["to_process"] -= sent
+                return False
+            if out and out[0] is mpkt:
+                out.popleft()
+            with self._msgtime_mutex:
+                self._last_msg_out = paho.time_func()
+            return True
+        finally:
+            self._write_lock.release()
+
+    def _packet_write(self) -> MQTTErrorCode:
+        with self._write_lock:
+            return self._packet_write_locked()
+
+    def _packet_write_locked(self) -> MQTTErrorCode:
+        self._wake_pending = False
+        out = self._out_packet
+        while out:
+            # Send the leading run of packets that need nothing done after sending
+            # (PUBACKs, QoS 1 PUBLISHes, ...) with one call; paho does the rest.
+            chunk = []
+            for p in out:
+                kind = p["command"] & 0xF0
+                if p["pos"] or kind == _DISCONNECT or (kind == _PUBLISH and p["qos"] == 0):
+                    break
+                chunk.append(p["packet"])
+                if len(chunk) >= 256:
+                    break
+            if len(chunk) <= 1:
+                return super()._packet_write()
+            try:
+                sent = self._sock_send(b"".join(chunk))
+            except (AttributeError, ValueError):
+                return _SUCCESS
+            except BlockingIOError:
+                return _AGAIN
+            except OSError as err:
+                self._easy_log(paho.MQTT_LOG_ERR, "failed to send on socket: %s", err)
+                return MQTTErrorCode.MQTT_ERR_CONN_LOST
+            while sent > 0:
+                p = out[0]
+                if sent >= p["to_process"]:
+                    sent -= p["to_process"]
+                    out.popleft()
+                else:  # partly sent: paho's loop finishes it from "pos"
+                    p["pos"] += sent
+                    p["to_process"] -= sent
+                    sent = 0
+        with self._msgtime_mutex:
+            self._last_msg_out = paho.time_func()
+        return _SUCCESS
+
+
+#: The client class streampipe uses.
+Client: type[paho.Client] = FastClient if PAHO_VERSION.startswith(TESTED_PAHO) else paho.Client
