@@ -1,11 +1,12 @@
-"""CPU per message of a bare paho-mqtt v5 client, in the patterns an edge uses.
+"""CPU per message of an MQTT v5 client, in the patterns an edge uses: paho-mqtt as it
+comes against streampipe's :class:`~streampipe.transport.fastpaho.FastClient`.
 
     python benchmarks/mqtt_cost.py [--rate 1500] [--seconds 6] [--repeat 3]
 
 Starts a private Mosquitto. A publisher in another process sends 40-byte QoS 1
 messages (with a content type, as sensors do) to 100 topics at ``--rate`` messages/s;
-this process receives them with paho-mqtt (MQTT v5, network thread started by
-``loop_start``) and reports its own CPU time (user + system, from ``os.times``) per
+this process receives them (MQTT v5, network thread started by ``loop_start``) and
+reports its own CPU time (user + system, from ``os.times``) per
 message received, for:
 
 - ``auto-ack``: paho acknowledges in its network thread; ``on_message`` only counts;
@@ -14,9 +15,11 @@ message received, for:
 - ``queue + ack + publish``: the same, and the worker publishes one QoS 1 message
   with a content type per message received, as the edge does with predictions.
 
-Nothing of streampipe runs but the private broker: the figures are the floor that an
-edge built on paho pays per single-reading message before decoding or learning
-anything. Medians of ``--repeat`` runs.
+Each pattern runs with plain ``paho.Client`` (publisher and receiver) and with
+``FastClient``, alternately, so their ratio is measured in the same run. Nothing else of
+streampipe runs but the private broker: the figures are the floor an edge pays per
+single-reading message before decoding or learning anything. Medians of ``--repeat``
+runs.
 """
 
 from __future__ import annotations
@@ -30,13 +33,14 @@ import sys
 import threading
 import time
 
-import paho.mqtt
 import paho.mqtt.client as paho
+from paho.mqtt import __version__ as paho_version
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from streampipe.broker import PrivateMosquitto
+from streampipe.transport.fastpaho import FastClient, frozen_properties
 
 PUBLISHER = """
 import sys, time
@@ -44,14 +48,19 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
-port, n, rate = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
-p = paho.Client(CallbackAPIVersion.VERSION2, client_id="cost-pub",
-                protocol=MQTTProtocolVersion.MQTTv5)
+from streampipe.transport.fastpaho import FastClient, frozen_properties
+port, n, rate, fast = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), sys.argv[4] == "1"
+p = (FastClient if fast else paho.Client)(
+    CallbackAPIVersion.VERSION2, client_id="cost-pub", protocol=MQTTProtocolVersion.MQTTv5)
 p.max_inflight_messages_set(100)
 p.connect("127.0.0.1", port)
 p.loop_start()
-props = Properties(PacketTypes.PUBLISH)
-props.ContentType = "application/vnd.streampipe.batch"
+ct = "application/vnd.streampipe.batch"
+if fast:
+    props = frozen_properties(ct)
+else:
+    props = Properties(PacketTypes.PUBLISH)
+    props.ContentType = ct
 start = time.monotonic()
 for k in range(n):
     wait = start + k / rate - time.monotonic()
@@ -66,22 +75,27 @@ p.disconnect()
 """
 
 MODES = ("auto-ack", "queue + ack", "queue + ack + publish")
+CLIENTS = {"paho": paho.Client, "FastClient": FastClient}
 
 
-def one_run(port: int, mode: str, n: int, rate: float) -> float:
-    """µs of this process's CPU per message received, in ``mode``."""
+def one_run(port: int, mode: str, n: int, rate: float, client: str) -> float:
+    """µs of this process's CPU per message received, in ``mode``, with ``client``."""
+    fast = client == "FastClient"
     done = threading.Event()
     received = 0
     q: queue.Queue[paho.MQTTMessage] = queue.Queue(1000)
-    c = paho.Client(
+    c = CLIENTS[client](
         CallbackAPIVersion.VERSION2,
         client_id=f"cost-{time.monotonic_ns()}",
         protocol=MQTTProtocolVersion.MQTTv5,
         manual_ack=mode != "auto-ack",
     )
     c.max_inflight_messages_set(100)
-    props = Properties(PacketTypes.PUBLISH)
-    props.ContentType = "application/json"
+    if fast:
+        props = frozen_properties("application/json")
+    else:
+        props = Properties(PacketTypes.PUBLISH)
+        props.ContentType = "application/json"
 
     def on_message(_c: paho.Client, _u: object, msg: paho.MQTTMessage) -> None:
         nonlocal received
@@ -111,7 +125,8 @@ def one_run(port: int, mode: str, n: int, rate: float) -> float:
     if mode != "auto-ack":
         threading.Thread(target=worker, daemon=True).start()
     before = os.times()
-    pub = subprocess.Popen([sys.executable, "-c", PUBLISHER, str(port), str(n), str(rate)])
+    argv = [sys.executable, "-c", PUBLISHER, str(port), str(n), str(rate), str(int(fast))]
+    pub = subprocess.Popen(argv)
     try:
         if not done.wait(n / rate + 60):
             raise RuntimeError(f"{mode}: not every message arrived")
@@ -131,21 +146,22 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
     n = int(args.rate * args.seconds)
-    results: dict[str, list[float]] = {m: [] for m in MODES}
+    results: dict[tuple[str, str], list[float]] = {(m, c): [] for m in MODES for c in CLIENTS}
     with PrivateMosquitto() as broker:
         for i in range(args.repeat):
             print(f"# run {i + 1} of {args.repeat}", file=sys.stderr)
-            for mode in MODES:
-                results[mode].append(one_run(broker.port, mode, n, args.rate))
+            for mode, client in results:
+                results[mode, client].append(one_run(broker.port, mode, n, args.rate, client))
     print(
-        f"# bare paho-mqtt {paho.mqtt.__version__} "
-        f"receiver, MQTT v5, QoS 1, {n:,} messages at {args.rate:,.0f}/s, "
-        f"median of {args.repeat}; Python {sys.version.split()[0]}, {os.cpu_count()} cores"
+        f"# paho-mqtt {paho_version} receiver, MQTT v5, QoS 1, {n:,} messages at "
+        f"{args.rate:,.0f}/s, median of {args.repeat}; "
+        f"Python {sys.version.split()[0]}, {os.cpu_count()} cores"
     )
-    print(f"{'pattern':<26} {'CPU µs per message':>20}   runs")
-    for mode, values in results.items():
-        runs = ", ".join(f"{v:.0f}" for v in values)
-        print(f"{mode:<26} {statistics.median(values):>20.0f}   {runs}")
+    print(f"{'pattern':<24} {'paho µs/msg':>12} {'FastClient':>11} {'ratio':>6}   runs")
+    for mode in MODES:
+        slow, fast = (statistics.median(results[mode, c]) for c in CLIENTS)
+        runs = " | ".join(", ".join(f"{v:.0f}" for v in results[mode, c]) for c in CLIENTS)
+        print(f"{mode:<24} {slow:>12.0f} {fast:>11.0f} {fast / slow:>6.2f}   {runs}")
 
 
 if __name__ == "__main__":
