@@ -125,7 +125,7 @@ def test_a_few_floats_encode_as_the_numpy_path_does(v: np.ndarray) -> None:
     code, ints = columns._float_code_few(v.tolist())
     np_code, np_ints = columns._float_code_numpy(v)
     assert (code, ints) == (np_code, np_ints.tolist())
-    assert columns._encode_ints_few(ints, code) == columns._encode_ints_numpy(np_ints, np_code)
+    assert columns._encode_ints(ints, code) == columns._encode_ints(np_ints, np_code)
 
 
 @FAST
@@ -134,8 +134,8 @@ def test_a_few_floats_encode_as_the_numpy_path_does(v: np.ndarray) -> None:
     st.sampled_from([0, 3, columns.RAW]),
 )
 def test_a_few_ints_encode_as_the_numpy_path_does(xs: list[int], code: int) -> None:
-    few = columns._encode_ints_few(xs, code)
-    assert few == columns._encode_ints_numpy(np.array(xs, dtype=np.int64), code)
+    few = columns._encode_ints(xs, code)
+    assert few == columns._encode_ints(np.array(xs, dtype=np.int64), code)
 
 
 def test_from_readings_round_trip() -> None:

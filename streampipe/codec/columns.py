@@ -201,69 +201,51 @@ def scalar_exponent(x: float, max_exponent: int = MAX_EXPONENT) -> int | None:
     return None
 
 
-def encode_int_column(x: np.ndarray, code: int = 0) -> bytes:
+def encode_int_column(x: np.ndarray | list[int], code: int = 0) -> bytes:
     """Bytes of an int64 column: code, width, base, [first], shuffled planes.
 
     ``code``'s low five bits say how the decoder turns the integers back into
     values (a decimal exponent or :data:`RAW`); this function adds the delta bit.
     """
-    n = len(x)
-    if n == 0:
+    if len(x) == 0:
         return b""
-    if n <= FEW:
-        return _encode_ints_few(x.tolist() if isinstance(x, np.ndarray) else list(x), code)
-    return _encode_ints_numpy(np.ascontiguousarray(x, dtype=np.int64), code)
+    if len(x) <= FEW:
+        return _encode_ints(x.tolist() if isinstance(x, np.ndarray) else list(x), code)
+    return _encode_ints(np.ascontiguousarray(x, dtype=np.int64), code)
 
 
-def _encode_ints_numpy(s: np.ndarray, code: int) -> bytes:
-    n = len(s)
-    base, top = int(s.min()), int(s.max())
+def _encode_ints(s: list[int] | np.ndarray, code: int) -> bytes:
+    """:func:`encode_int_column`: a list in plain Python, an int64 array with numpy (a
+    few values cost numpy far more in calls than in work). Both give the same bytes."""
+    few = isinstance(s, list)
+    base, top = (min(s), max(s)) if few else (int(s.min()), int(s.max()))
     y = s
-    if n > 1:
-        d = (s.view(np.uint64)[1:] - s.view(np.uint64)[:-1]).view(np.int64)  # modulo 2**64
-        dlo, dhi = int(d.min()), int(d.max())
-        if dhi - dlo < top - base:
+    if len(s) > 1:
+        if few:
+            d = [((b - a + _S64) & _M64) - _S64 for a, b in itertools.pairwise(s)]
+            dlo, dhi = min(d), max(d)
+        else:
+            d = (s.view(np.uint64)[1:] - s.view(np.uint64)[:-1]).view(np.int64)
+            dlo, dhi = int(d.min()), int(d.max())
+        if dhi - dlo < top - base:  # deltas, modulo 2**64, span less
             code |= _DELTA
             y, base, top = d, dlo, dhi
     width = ((top - base).bit_length() + 7) // 8
     planes = packed = b""
     if width:
-        off = y.view(np.uint64) - np.uint64(base & 0xFFFF_FFFF_FFFF_FFFF)
-        wide = off.astype(_U64, copy=False).view(np.uint8).reshape(len(off), 8)
-        planes = wide[:, :width].T.tobytes()
+        if few:
+            offs = [(v - base) & _M64 for v in y]
+            planes = bytes([(o >> (8 * j)) & 0xFF for j in range(width) for o in offs])
+        else:
+            off = y.view(np.uint64) - np.uint64(base & _M64)
+            wide = off.astype(_U64, copy=False).view(np.uint8).reshape(len(off), 8)
+            planes = wide[:, :width].T.tobytes()
         packed = compress(planes)
         if packed is not None:
             code |= _ZSTD
     head = bytes((code, width)) + uvarint(zigzag(base))
     if code & _DELTA:
         head += uvarint(zigzag(int(s[0])))
-    if code & _ZSTD:
-        return head + uvarint(len(packed)) + packed
-    return head + planes
-
-
-def _encode_ints_few(s: list[int], code: int) -> bytes:
-    """:func:`encode_int_column` of a few int64 values, in plain Python."""
-    n = len(s)
-    base, top = min(s), max(s)
-    y = s
-    if n > 1:
-        d = [((b - a + _S64) & _M64) - _S64 for a, b in itertools.pairwise(s)]  # mod 2**64
-        dlo, dhi = min(d), max(d)
-        if dhi - dlo < top - base:
-            code |= _DELTA
-            y, base, top = d, dlo, dhi
-    width = ((top - base).bit_length() + 7) // 8
-    planes = packed = b""
-    if width:
-        offs = [(v - base) & _M64 for v in y]
-        planes = bytes([(o >> (8 * j)) & 0xFF for j in range(width) for o in offs])
-        packed = compress(planes)
-        if packed is not None:
-            code |= _ZSTD
-    head = bytes((code, width)) + uvarint(zigzag(base))
-    if code & _DELTA:
-        head += uvarint(zigzag(s[0]))
     if code & _ZSTD:
         return head + uvarint(len(packed)) + packed
     return head + planes
