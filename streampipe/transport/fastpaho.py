@@ -256,6 +256,9 @@ class FastClient(paho.Client):
         qos: int,
         info: paho.MQTTMessageInfo | None = None,
     ) -> MQTTErrorCode:
+        thread = self._thread
+        if thread is None:  # no network thread: paho's own path
+            return super()._packet_queue(command, packet, mid, qos, info)
         mpkt = {
             "command": command,
             "mid": mid,
@@ -265,14 +268,6 @@ class FastClient(paho.Client):
             "packet": packet,
             "info": info,
         }
-        thread = self._thread
-        if thread is None:  # no network thread: paho's own path
-            self._out_packet.append(mpkt)  # type: ignore[arg-type]
-            if self._on_socket_register_write is None and self._in_callback_mutex.acquire(False):
-                self._in_callback_mutex.release()
-                return self.loop_write()
-            self._call_socket_register_write()
-            return _SUCCESS
         if thread.ident == threading.get_ident():
             # Queued by the network thread itself (an acknowledgement, a callback's
             # publish): its loop sends it next, no wake-up needed.
