@@ -25,6 +25,7 @@ from streampipe.codec import (
     columns,
     decode,
     encode,
+    encode_reading,
     schema_frame,
 )
 from streampipe.codec.columns import uvarint
@@ -136,6 +137,37 @@ def test_a_few_floats_encode_as_the_numpy_path_does(v: np.ndarray) -> None:
 def test_a_few_ints_encode_as_the_numpy_path_does(xs: list[int], code: int) -> None:
     few = columns._encode_ints(xs, code)
     assert few == columns._encode_ints(np.array(xs, dtype=np.int64), code)
+
+
+@FAST
+@given(
+    st.text(min_size=1, max_size=20),
+    st.integers(-(2**63), 2**63 - 1),
+    st.integers(0, 2**64 - 1),
+    any_float,
+    st.dictionaries(
+        st.text(min_size=1, max_size=12),
+        any_float | st.integers(-(2**53), 2**53),
+        min_size=1,
+        max_size=12,
+    ),
+    st.none() | any_float,
+    st.booleans(),
+)
+def test_one_reading_encodes_as_a_batch_of_it_does(
+    device: str, seq: int, epoch: int, ts: float, x: dict, y: float | None, by_id: bool
+) -> None:
+    r = Reading(device, seq, ts, x, y, epoch=epoch)
+    assert encode_reading(r, schema_id=by_id) == encode(Batch.from_readings([r]), schema_id=by_id)
+
+
+def test_a_reading_the_codec_cannot_carry_is_a_codec_error() -> None:
+    with pytest.raises(CodecError) as err:
+        encode_reading(Reading("d", 2**63, 0.0, {"t": 1.0}))
+    assert err.value.reason == "malformed"
+    with pytest.raises(CodecError) as err:
+        encode_reading(Reading("d", 0, 0.0, {"t" * 200: 1.0}))
+    assert err.value.reason == "string_too_long"
 
 
 def test_from_readings_round_trip() -> None:

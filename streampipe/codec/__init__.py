@@ -76,7 +76,7 @@ Schema frames are ``0xB1 0x80`` + msgpack ``[names, has_target]``.
 from __future__ import annotations
 
 from streampipe.codec.errors import DEFAULT_LIMITS, REASONS, CodecError, Limits
-from streampipe.codec.frame import decode, encode
+from streampipe.codec.frame import decode, encode, encode_reading
 from streampipe.codec.schema import Schema, SchemaRegistry, schema_frame
 
 __all__ = [
@@ -90,6 +90,7 @@ __all__ = [
     "SchemaRegistry",
     "decode",
     "encode",
+    "encode_reading",
     "schema_frame",
 ]
 
