@@ -19,9 +19,12 @@ not the network but building objects it throws away. Measured with
 :class:`FastClient` overrides exactly those paths and nothing else: decoding is
 cached by the raw property bytes, a burst is read with one ``recv`` and handled
 before ``select`` is called again, and a wake-up is written only when none is
-pending. What the callbacks see is what paho gives them (``tests/test_fastpaho.py``
-feeds both the same packets and compares), except that equal received properties are
-one shared object: treat them as read-only, as streampipe does.
+pending. One more thing paho lacks: a thread whose packet is first in line on a plain
+TCP socket sends it itself, and :meth:`FastClient.corked` sends the packets a thread
+queues in a block with one ``send``. What the callbacks see is what paho gives them
+(``tests/test_fastpaho.py`` feeds both the same packets and compares), except that
+equal received properties are one shared object: treat them as read-only, as
+streampipe does.
 
 The overridden methods are paho's private ones, so :data:`Client` is
 :class:`FastClient` only on the paho versions it was tested with, and plain
@@ -42,6 +45,8 @@ import contextlib
 import ssl
 import struct
 import threading
+from collections.abc import Iterator
+from itertools import islice
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -64,6 +69,7 @@ _PUBLISH = 0x30
 _PUBACK = 0x40
 _CONNECTED = paho._ConnectionState.MQTT_CS_CONNECTED
 _DISCONNECT = 0xE0
+_QUEUED = paho.mqtt_ms_queued
 _RECV_SIZE = 65536
 #: Packets handled per read before the network thread looks at its other work.
 _READ_BURST = 1000
@@ -128,6 +134,14 @@ def frozen_properties(content_type: str) -> Properties:
     return props
 
 
+class _Corks(threading.local):
+    """Per thread: how deep in :meth:`FastClient.corked` blocks, and whether they hold
+    packets."""
+
+    depth = 0
+    held = False
+
+
 class FastClient(paho.Client):
     """``paho.Client`` with cached v5 decoding and batched socket work; see the module."""
 
@@ -138,8 +152,9 @@ class FastClient(paho.Client):
         self._rsock: object = None
         self._wake_pending = False
         #: Held while writing to the socket: by the network thread, or by a thread
-        #: that sends its packet itself (:meth:`_direct_write`).
+        #: that sends its packets itself (:meth:`_write_here`).
         self._write_lock = threading.RLock()
+        self._corks = _Corks()
 
     # -- reading: one recv per burst -------------------------------------------------
 
@@ -240,11 +255,36 @@ class FastClient(paho.Client):
         return _SUCCESS
 
     def _update_inflight(self) -> MQTTErrorCode:
-        # Only messages queued behind a full window need sending; without any, paho's
-        # scan of every in-flight message finds nothing.
-        if len(self._out_messages) <= self._inflight_messages:
-            return _SUCCESS
-        return super()._update_inflight()
+        """Send queued messages while the in-flight window has room, oldest first.
+
+        paho walks every message from the oldest, in flight ones included, after each
+        PUBACK: once a publisher falls behind its window, each acknowledgement costs a
+        walk over the whole window, so it falls further behind. Queued messages are
+        always the newest (a message is queued only when the window is full, and the
+        window is refilled from the queue, in order, in the same locked step that
+        frees room), so the walk can start right after the in-flight ones. Whenever
+        the messages there are not as that says, paho's own walk decides.
+        """
+        out = self._out_messages
+        inflight, most = self._inflight_messages, self._max_inflight_messages
+        if len(out) <= inflight or most == 0 or inflight >= most:
+            return _SUCCESS  # nothing queued, or no window, or no room: paho does nothing
+        if inflight and next(islice(out.values(), inflight - 1, None)).state == _QUEUED:
+            return super()._update_inflight()
+        for m in islice(out.values(), inflight, None):
+            if self._inflight_messages >= most:
+                break
+            if m.qos != 1 or m.state != _QUEUED:
+                return super()._update_inflight()
+            self._inflight_messages += 1
+            m.state = paho.mqtt_ms_wait_for_puback
+            rc = self._send_publish(
+                m.mid, m.topic.encode("utf-8"), m.payload, m.qos, m.retain, m.dup,
+                properties=m.properties,
+            )  # fmt: skip
+            if rc != _SUCCESS:
+                return rc
+        return _SUCCESS
 
     # -- writing: one wake-up and one send per burst --------------------------------
 
@@ -273,8 +313,54 @@ class FastClient(paho.Client):
             # publish): its loop sends it next, no wake-up needed.
             self._out_packet.append(mpkt)  # type: ignore[arg-type]
             return _SUCCESS
-        if self._direct_write(mpkt):
+        if self._corks.depth:
+            # Held back until the outermost :meth:`corked` block ends, then sent
+            # with the packets queued after it.
+            self._out_packet.append(mpkt)  # type: ignore[arg-type]
+            self._corks.held = True
             return _SUCCESS
+        self._out_packet.append(mpkt)  # type: ignore[arg-type]
+        if len(self._out_packet) == 1 and self._write_here():
+            return _SUCCESS
+        self._wake()
+        return _SUCCESS
+
+    @contextlib.contextmanager
+    def corked(self) -> Iterator[None]:
+        """Hold the packets this thread queues inside the block and send them together
+        when it ends: one ``send`` (and one wake-up of the broker) for, say, a
+        prediction and the acknowledgement of the reading it came from, instead of two.
+        Blocks nest; only the outermost one sends. Other threads are not held.
+
+        Example:
+            >>> from paho.mqtt.enums import CallbackAPIVersion
+            >>> c = FastClient(CallbackAPIVersion.VERSION2)
+            >>> with c.corked():
+            ...     with c.corked():
+            ...         pass
+            ...     c._corks.depth
+            1
+        """
+        corks = self._corks
+        corks.depth += 1
+        try:
+            yield
+        finally:
+            corks.depth -= 1
+            if not corks.depth:
+                self.send_held()
+
+    def send_held(self) -> None:
+        """Send what this thread's :meth:`corked` blocks hold now. Call it before
+        waiting, inside a block, for a message queued in it to be acknowledged."""
+        corks = self._corks
+        if corks.held:
+            corks.held = False
+            if not self._write_here():
+                self._wake()
+
+    def _wake(self) -> None:
+        """Have the network thread send what is queued."""
         # A pending wake-up byte means the network thread will call _packet_write,
         # which clears the flag before it takes packets: this one will be among them.
         if self._sockpairW is not None and not self._wake_pending:
@@ -282,42 +368,24 @@ class FastClient(paho.Client):
             with contextlib.suppress(BlockingIOError):
                 self._sockpairW.send(b"0")
         self._call_socket_register_write()
-        return _SUCCESS
 
-    def _direct_write(self, mpkt: dict[str, Any]) -> bool:
-        """Queue ``mpkt`` and, when nothing is queued before it, send it from this
-        thread instead of waking the network thread to do it; True if it was sent
-        whole. Only on a plain TCP socket once connected (an SSL socket must not be
-        written by one thread while another reads it), and only for packets that need
-        nothing done after sending."""
-        out = self._out_packet
-        kind = mpkt["command"] & 0xF0
-        simple = kind == _PUBACK or (kind == _PUBLISH and mpkt["qos"])
+    def _write_here(self) -> bool:
+        """Send the queued packets from this thread instead of waking the network
+        thread to do it; True if none is left. Only on a plain TCP socket once
+        connected (an SSL socket must not be written by one thread while another reads
+        it), and only packets that need nothing done after sending (the network thread
+        sends the rest, and whatever the socket does not take now)."""
         if (
-            not simple
-            or self._ssl
+            self._ssl
             or self._transport != "tcp"
             or self._state != _CONNECTED
             or not self._write_lock.acquire(blocking=False)
         ):
-            out.append(mpkt)  # type: ignore[arg-type]
             return False
         try:
-            out.append(mpkt)  # type: ignore[arg-type]
-            if len(out) != 1 or self._sock is None:
-                return False
-            try:
-                sent = self._sock.send(mpkt["packet"])
-            except OSError:  # would block, or the connection broke: the loop sees to it
-                return False
-            if sent < mpkt["to_process"]:
-                mpkt["pos"] += sent
-                mpkt["to_process"] -= sent
-                return False
-            if out and out[0] is mpkt:
-                out.popleft()
-            with self._msgtime_mutex:
-                self._last_msg_out = paho.time_func()
+            while self._out_packet:
+                if self._send_run(least=1) is not _SUCCESS:
+                    return False
             return True
         finally:
             self._write_lock.release()
@@ -328,38 +396,48 @@ class FastClient(paho.Client):
 
     def _packet_write_locked(self) -> MQTTErrorCode:
         self._wake_pending = False
-        out = self._out_packet
-        while out:
-            # Send the leading run of packets that need nothing done after sending
-            # (PUBACKs, QoS 1 PUBLISHes, ...) with one call; paho does the rest.
-            chunk = []
-            for p in out:
-                kind = p["command"] & 0xF0
-                if p["pos"] or kind == _DISCONNECT or (kind == _PUBLISH and p["qos"] == 0):
-                    break
-                chunk.append(p["packet"])
-                if len(chunk) >= 256:
-                    break
-            if len(chunk) <= 1:
+        while self._out_packet:
+            rc = self._send_run(least=2)
+            if rc is None:
                 return super()._packet_write()
-            try:
-                sent = self._sock_send(b"".join(chunk))
-            except (AttributeError, ValueError):
-                return _SUCCESS
-            except BlockingIOError:
-                return _AGAIN
-            except OSError as err:
-                self._easy_log(paho.MQTT_LOG_ERR, "failed to send on socket: %s", err)
-                return MQTTErrorCode.MQTT_ERR_CONN_LOST
-            while sent > 0:
-                p = out[0]
-                if sent >= p["to_process"]:
-                    sent -= p["to_process"]
-                    out.popleft()
-                else:  # partly sent: paho's loop finishes it from "pos"
-                    p["pos"] += sent
-                    p["to_process"] -= sent
-                    sent = 0
+            if rc is not _SUCCESS:
+                return rc
+        return _SUCCESS
+
+    def _send_run(self, least: int) -> MQTTErrorCode | None:
+        """Send the leading run of queued packets that need nothing done after sending
+        (PUBACKs, QoS 1 PUBLISHes, ...) with one call; None, sending nothing, when the
+        run is shorter than ``least`` packets or there is no socket: paho's own loop
+        deals with those."""
+        out = self._out_packet
+        chunk = []
+        for p in out:
+            kind = p["command"] & 0xF0
+            if p["pos"] or kind == _DISCONNECT or (kind == _PUBLISH and p["qos"] == 0):
+                break
+            chunk.append(p["packet"])
+            if len(chunk) >= 256:
+                break
+        if len(chunk) < least:
+            return None
+        try:
+            sent = self._sock_send(chunk[0] if len(chunk) == 1 else b"".join(chunk))
+        except (AttributeError, ValueError):  # no socket: paho's loop deals with it
+            return None
+        except BlockingIOError:
+            return _AGAIN
+        except OSError as err:
+            self._easy_log(paho.MQTT_LOG_ERR, "failed to send on socket: %s", err)
+            return MQTTErrorCode.MQTT_ERR_CONN_LOST
+        while sent > 0:
+            p = out[0]
+            if sent >= p["to_process"]:
+                sent -= p["to_process"]
+                out.popleft()
+            else:  # partly sent: paho's loop finishes it from "pos"
+                p["pos"] += sent
+                p["to_process"] -= sent
+                sent = 0
         with self._msgtime_mutex:
             self._last_msg_out = paho.time_func()
         return _SUCCESS

@@ -26,7 +26,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from streampipe.transport.fastpaho import Client, frozen_properties
+from streampipe.transport.fastpaho import Client, FastClient, frozen_properties
 from streampipe.transport.tls import TLSFiles
 from streampipe.transport.url import BrokerURL
 
@@ -242,6 +242,20 @@ class Connection:
             return info  # QoS 0 may be dropped: that is what it promises
         _check(info.rc, f"publish to {topic}")
         return info
+
+    def corked(self) -> contextlib.AbstractContextManager[None]:
+        """A block whose publishes and acknowledgements (from this thread) go out
+        together when it ends, in one ``send``; see :meth:`FastClient.corked`. Call
+        :meth:`send_held` before waiting inside it for one of them to be acknowledged.
+        With plain paho (an untested paho version) it holds nothing back."""
+        if isinstance(self._client, FastClient):
+            return self._client.corked()
+        return contextlib.nullcontext()
+
+    def send_held(self) -> None:
+        """Send now what this thread's :meth:`corked` blocks hold."""
+        if isinstance(self._client, FastClient):
+            self._client.send_held()
 
     def ack(self, mid: int, qos: int) -> None:
         """Acknowledge a message received with ``manual_ack=True``."""
