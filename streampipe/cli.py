@@ -92,6 +92,16 @@ def _positive_int(value: str) -> int:
     return n
 
 
+def _non_negative_float(value: str) -> float:
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+    if not x >= 0 or x == float("inf"):
+        raise argparse.ArgumentTypeError("must be a finite number, 0 or more")
+    return x
+
+
 def _add_broker(p: argparse.ArgumentParser, default: str | None = None) -> None:
     env = os.environ.get("STREAMPIPE_BROKER")
     g = p.add_argument_group(
@@ -150,7 +160,7 @@ def _add_batching(p: argparse.ArgumentParser, batch: int, linger_ms: float) -> N
     )
     p.add_argument(
         "--linger",
-        type=float,
+        type=_non_negative_float,
         default=linger_ms,
         metavar="MS",
         help="longest a reading waits for its batch to fill, in ms (%(default)s)",
@@ -238,6 +248,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     edge.add_argument(
         "--queue-size", type=_positive_int, default=1000, help="messages held for processing"
+    )
+    edge.add_argument(
+        "--linger",
+        type=_non_negative_float,
+        default=0.0,
+        metavar="MS",
+        help="hold the first message of a burst up to MS ms, to process and send what "
+        "arrives meanwhile together: less CPU per reading under load, at most MS ms more "
+        "latency (%(default)s)",
     )
     edge.add_argument(
         "--deploy-key",
@@ -508,6 +527,7 @@ def cmd_edge(args: argparse.Namespace) -> int:
             partitions=args.partitions,
             window=args.window,
             queue_size=args.queue_size,
+            linger=args.linger / 1000,
             mode=args.mode,
             deploy_key=args.deploy_key,
             anomaly_threshold=args.anomaly_threshold,
@@ -667,24 +687,30 @@ def run_sensors(
     pub = ReadingPublisher(conn, topics, batch_size=batch, linger=linger, overflow="drop_oldest")
     # Independent sensors do not tick in step: device i reads at i/devices of each
     # period, so the fleet's readings are spread evenly over time, not sent in bursts.
+    # While readings wait for their linger bound anyway, the loop sleeps until then and
+    # makes the readings that fell due meanwhile, each stamped with the time it was
+    # due: one wake-up per flush instead of one per reading, and no reading held
+    # longer than the bound.
     step = 1.0 / (rate * devices) if math.isfinite(rate) else 0.0
     start = time.monotonic()
+    wall = time.time() - start  # monotonic -> Unix time
     made = 0
     try:
         while not stop.is_set():
             now = time.monotonic()
             if duration is not None and now - start >= duration:
                 break
-            for _ in range(devices):  # at most one round per pass, even at rate "max"
-                if start + made * step > now:
+            # Every reading due by now (at rate "max", one round of the fleet per pass).
+            for _ in range(devices if step == 0 else max(0, int((now - start) / step) + 1 - made)):
+                due = start + made * step
+                if due > now:
                     break
-                pub.add(fleet.read(made % devices, time.time()))
+                pub.add(fleet.read(made % devices, wall + due))
                 made += 1
             pub.flush_due()
-            wake = start + made * step
-            nxt = pub.next_due()
-            if nxt is not None:
-                wake = min(wake, nxt)
+            wake = pub.next_due()
+            if wake is None:
+                wake = start + made * step
             stop.wait(max(0.0, wake - time.monotonic()))
         pub.wait_acked(30)
     finally:

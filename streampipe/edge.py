@@ -21,6 +21,7 @@ messages in flight to us than that. QoS 0 input that finds the queue full is cou
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -52,6 +53,10 @@ log = logging.getLogger(__name__)
 ONLINE, OFFLINE = b"online", b"offline"
 #: Messages processed back to back before the loop looks at its timers again.
 DRAIN_AT_ONCE = 256
+#: Messages whose outputs and acknowledgements are sent together when draining a
+#: backlog: one ``send`` instead of two per message, holding the first output back
+#: by at most the time the rest take to process (well under a millisecond each).
+SEND_TOGETHER = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +76,7 @@ class EdgeConfig:
     window: int = 1000
     mode: str = "exact"  # or "minibatch": see streampipe.learn.learner
     queue_size: int = 1000
+    linger: float = 0.0  # seconds the first message of a burst may wait for the rest
     keepalive: int = 30
     deploy_key: str | None = None  # public key file: accept signed models on ROOT/models/<name>
     # Evaluation beyond the rolling metrics (see streampipe.stage); all off by default.
@@ -136,6 +142,8 @@ class EdgeService:
         self.stats.queue_capacity = config.queue_size
         self.ready = threading.Event()
         self._stop = threading.Event()
+        #: Set once shutting down: the network thread no longer waits for queue room.
+        self._closing = threading.Event()
         self.instance = uuid.uuid4().hex  # this process, in the stage's retained claim
         self._instance_topic = self.topics.instance(config.stage_id)
         # Processed but not yet acknowledged input, and the outputs published for it.
@@ -169,7 +177,14 @@ class EdgeService:
             if msg.qos == 0:
                 self.stats.reject("queue_full")
                 return
-            self.queue.put(msg)  # cannot happen within Receive Maximum; wait, never drop
+            # Within Receive Maximum the queue has room; a broker that sends more is
+            # waited for, never dropped, until this stage shuts down: then the message
+            # stays unacknowledged and the broker gives it to the next session. (A
+            # network thread blocked here for good would hang the shutdown itself.)
+            while not self._closing.is_set():
+                with contextlib.suppress(queue.Full):
+                    self.queue.put(msg, timeout=0.2)
+                    return
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -316,7 +331,9 @@ class EdgeService:
                 except queue.Empty:
                     msg = None
                 if msg is not None:
-                    self._process(msg)
+                    self._linger(msg)
+                    with self.conn.corked():
+                        self._process(msg)
                     self._drain(DRAIN_AT_ONCE)
                 if self._uncommitted and time.monotonic() >= (
                     self._oldest_uncommitted + self.config.checkpoint_interval
@@ -329,14 +346,28 @@ class EdgeService:
         finally:
             self._shutdown()
 
+    def _linger(self, first: Message) -> None:
+        """Let ``first`` wait, up to ``linger`` after it arrived, for what arrives after
+        it, unless enough to send together has arrived already: one wake-up and one
+        ``send`` then serve them all, instead of one each."""
+        if self.config.linger > 0 and self.queue.qsize() < SEND_TOGETHER - 1:
+            wait = first.timestamp + self.config.linger - time.monotonic()
+            if wait > 0:
+                self._stop.wait(wait)
+
     def _drain(self, limit: int) -> None:
-        """Process what has already arrived, up to ``limit`` messages, without waiting."""
-        for _ in range(limit):
-            try:
-                msg = self.queue.get_nowait()
-            except queue.Empty:
-                return
-            self._process(msg)
+        """Process what has already arrived, up to ``limit`` messages, without waiting.
+        The outputs and acknowledgements of up to :data:`SEND_TOGETHER` messages go
+        out in one ``send``."""
+        while limit > 0:
+            with self.conn.corked():
+                for _ in range(min(limit, SEND_TOGETHER)):
+                    try:
+                        msg = self.queue.get_nowait()
+                    except queue.Empty:
+                        return
+                    self._process(msg)
+                    limit -= 1
 
     def _process(self, msg: Message) -> None:
         if msg.topic == self._instance_topic:
@@ -393,6 +424,7 @@ class EdgeService:
         were not acknowledged within ``timeout`` (nothing is acknowledged then).
         """
         deadline = None if timeout is None else time.monotonic() + timeout
+        self.conn.send_held()  # outputs still held by a corked block cannot be acknowledged
         for info in self._outputs:
             while not info.is_published():
                 left = 1.0 if deadline is None else deadline - time.monotonic()
@@ -421,6 +453,7 @@ class EdgeService:
         )
 
     def _shutdown(self) -> None:
+        self._closing.set()
         try:
             # Finish what was already received; the session (and its subscriptions) stays
             # with the broker, which keeps what arrives from now on for the next start.

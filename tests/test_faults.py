@@ -27,7 +27,7 @@ from streampipe.edge import EdgeConfig, EdgeService
 from streampipe.readings import Batch, Reading
 from streampipe.state import CheckpointStore
 from streampipe.topics import Topics
-from streampipe.transport import BrokerURL, Connection
+from streampipe.transport import BrokerURL, Connection, Message
 
 STREAMPIPE = [sys.executable, "-m", "streampipe"]
 
@@ -341,6 +341,34 @@ def test_a_model_slower_than_the_keepalive_does_not_disconnect(broker, topics, c
     statuses = lambda: [m.payload for m in cap.on(topics.status())]  # noqa: E731
     assert cap.wait(lambda: len(statuses()) >= 2, timeout=10)  # "offline" is on its way
     assert statuses() == [b"online", b"offline"]
+
+
+def test_a_network_thread_waiting_for_queue_room_does_not_hang_the_shutdown():
+    """A broker that overruns Receive Maximum makes the network thread wait for room in
+    the edge's queue, not drop the message; once the edge shuts down, it stops waiting
+    (the message stays unacknowledged, for the next session) instead of blocking the
+    shutdown, which waits for that thread, forever."""
+    service = EdgeService(EdgeConfig(BrokerURL("127.0.0.1", 1), "full", queue_size=2))
+    queued = [Message(mid, b"r/d") for mid in (1, 2)]
+    for msg in queued:
+        service.queue.put_nowait(msg)
+    extra, late = Message(3, b"r/d"), Message(4, b"r/d")
+    for msg in (extra, late):
+        msg.qos = 1
+
+    waiting = threading.Thread(target=service._enqueue, args=(extra,))
+    waiting.start()
+    assert service.queue.get(timeout=5) is queued[0]  # room: the waiting message gets in
+    waiting.join(10)
+    assert not waiting.is_alive()
+    assert list(service.queue.queue) == [queued[1], extra]
+
+    stuck = threading.Thread(target=service._enqueue, args=(late,))
+    stuck.start()
+    service._closing.set()  # what shutting down does first
+    stuck.join(10)
+    assert not stuck.is_alive()
+    assert list(service.queue.queue) == [queued[1], extra]  # not queued, not acknowledged
 
 
 def test_a_live_publisher_keeps_a_bounded_backlog_while_the_broker_is_away(tmp_path):
