@@ -297,7 +297,7 @@ class FastClient(paho.Client):
         info: paho.MQTTMessageInfo | None = None,
     ) -> MQTTErrorCode:
         thread = self._thread
-        if thread is None:  # no network thread: paho's own path
+        if thread is None and not self._corks.depth:  # no network thread: paho's own path
             return super()._packet_queue(command, packet, mid, qos, info)
         mpkt = {
             "command": command,
@@ -308,7 +308,7 @@ class FastClient(paho.Client):
             "packet": packet,
             "info": info,
         }
-        if thread.ident == threading.get_ident():
+        if thread is not None and thread.ident == threading.get_ident():
             # Queued by the network thread itself (an acknowledgement, a callback's
             # publish): its loop sends it next, no wake-up needed.
             self._out_packet.append(mpkt)  # type: ignore[arg-type]
