@@ -250,15 +250,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--queue-size", type=_positive_int, default=1000, help="messages held for processing"
     )
     edge.add_argument(
-        "--linger",
-        type=_non_negative_float,
-        default=0.0,
-        metavar="MS",
-        help="hold the first message of a burst up to MS ms, to process and send what "
-        "arrives meanwhile together: less CPU per reading under load, at most MS ms more "
-        "latency (%(default)s)",
-    )
-    edge.add_argument(
         "--deploy-key",
         metavar="FILE",
         default=os.environ.get("STREAMPIPE_DEPLOY_KEY"),
@@ -527,7 +518,6 @@ def cmd_edge(args: argparse.Namespace) -> int:
             partitions=args.partitions,
             window=args.window,
             queue_size=args.queue_size,
-            linger=args.linger / 1000,
             mode=args.mode,
             deploy_key=args.deploy_key,
             anomaly_threshold=args.anomaly_threshold,

@@ -76,7 +76,6 @@ class EdgeConfig:
     window: int = 1000
     mode: str = "exact"  # or "minibatch": see streampipe.learn.learner
     queue_size: int = 1000
-    linger: float = 0.0  # seconds the first message of a burst may wait for the rest
     keepalive: int = 30
     deploy_key: str | None = None  # public key file: accept signed models on ROOT/models/<name>
     # Evaluation beyond the rolling metrics (see streampipe.stage); all off by default.
@@ -331,7 +330,6 @@ class EdgeService:
                 except queue.Empty:
                     msg = None
                 if msg is not None:
-                    self._linger(msg)
                     with self.conn.corked():
                         self._process(msg)
                     self._drain(DRAIN_AT_ONCE)
@@ -345,15 +343,6 @@ class EdgeService:
                     next_metrics = time.monotonic() + self.config.metrics_interval
         finally:
             self._shutdown()
-
-    def _linger(self, first: Message) -> None:
-        """Let ``first`` wait, up to ``linger`` after it arrived, for what arrives after
-        it, unless enough to send together has arrived already: one wake-up and one
-        ``send`` then serve them all, instead of one each."""
-        if self.config.linger > 0 and self.queue.qsize() < SEND_TOGETHER - 1:
-            wait = first.timestamp + self.config.linger - time.monotonic()
-            if wait > 0:
-                self._stop.wait(wait)
 
     def _drain(self, limit: int) -> None:
         """Process what has already arrived, up to ``limit`` messages, without waiting.
