@@ -18,10 +18,12 @@ Starts a private Mosquitto and measures, on River's ``datasets.synth.Friedman``
    last prediction received; exact mode's predictions are checked against row 1's;
    exact mode also with ``--state-dir``, where input is acknowledged only after a
    checkpoint covers it;
-4. latency: ``streampipe sensors`` with 100 devices at 10, 25 and 50 readings/s each
-   (up to 5,000 readings/s offered) for ``--latency-seconds``, ``--linger 1``, in
-   ``--sensor-processes`` processes: p50/p99/max of prediction-received time minus
-   reading timestamp;
+4. latency: 100 devices at 10, 25 and 50 readings/s each (up to 5,000 single-reading
+   messages/s offered) for ``--latency-seconds``, in ``--sensor-processes`` processes
+   of ``benchmarks/devices.py`` (frames encoded beforehand, published on time, 1 ms
+   ticks; ``--latency-feed sensors``: ``streampipe sensors --linger 1``, which
+   simulates and encodes as it goes): p50/p99/max of prediction-received time minus
+   the time the reading was due;
 5. the edge's peak RSS (VmHWM) after learning one model for each of 10,000 devices.
 
 Throughput rows are medians of ``--repeat`` runs; ratios are taken within the run.
@@ -324,46 +326,41 @@ def end_to_end(
 # -- 4. latency --------------------------------------------------------------------------
 
 
-def latency(broker, devices: int, rate: float, seconds: float, processes: int):
-    """p50/p99/max latency in ms, and how many readings, with the sensors split over
-    ``processes`` processes (real devices do not share one Python interpreter)."""
+def latency(
+    broker, devices: int, rate: float, seconds: float, processes: int, feed: str, linger: float
+):
+    """p50/p99/max latency in ms, and how many readings, with the devices split over
+    ``processes`` processes (real devices do not share one Python interpreter):
+    ``benchmarks/devices.py`` (``feed="frames"``) or ``streampipe sensors``."""
     n = int(devices * rate * seconds)
 
-    def feed(url: str, topics: Topics) -> int:
+    def command(url: str, topics: Topics, k: int, start: float) -> list[str]:
+        each = ["--devices", str(devices // processes), "--rate", str(rate), "--seed", str(k)]
+        if feed == "frames":
+            return [sys.executable, str(ROOT / "benchmarks" / "devices.py"), url, topics.root,
+                    *each, "--seconds", str(seconds), "--start", repr(start),
+                    "--process", f"{k}/{processes}", "--prefix", f"d{k}-",
+                    "--tick", str(linger)]  # fmt: skip
+        return [*STREAMPIPE, "sensors", "--broker", url, "--topic-root", topics.root, *each,
+                "--duration", str(seconds), "--linger", str(linger), "--no-faults",
+                "--prefix", f"s{k}-"]  # fmt: skip
+
+    def run(url: str, topics: Topics) -> int:
+        start = time.time() + 3.0  # time for the device processes to start and encode
         procs = [
             subprocess.Popen(
-                [
-                    *STREAMPIPE,
-                    "sensors",
-                    "--broker",
-                    url,
-                    "--topic-root",
-                    topics.root,
-                    "--devices",
-                    str(devices // processes),
-                    "--rate",
-                    str(rate),
-                    "--duration",
-                    str(seconds),
-                    "--linger",
-                    "1",
-                    "--no-faults",
-                    "--prefix",
-                    f"s{k}-",
-                    "--seed",
-                    str(k),
-                ],
+                command(url, topics, k, start),
                 stdout=subprocess.PIPE,
                 stderr=subprocess.DEVNULL,
                 text=True,
             )
             for k in range(processes)
         ]
-        outs = [p.communicate(timeout=seconds + 120)[0] for p in procs]
+        outs = [p.communicate(timeout=seconds + 180)[0] for p in procs]
         # each prints "published N readings ..."
         return sum(int(out.split()[1].replace(",", "")) for out in outs)
 
-    col = run_edge_case(broker, 2 * n, False, [], feed)
+    col = run_edge_case(broker, 2 * n, False, [], run)
     lat = np.concatenate(col.latencies) * 1000
     return (
         float(np.percentile(lat, 50)),
@@ -439,7 +436,20 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1000)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--latency-seconds", type=float, default=10.0)
-    parser.add_argument("--sensor-processes", type=int, default=2, help="row 4's sensors")
+    parser.add_argument("--sensor-processes", type=int, default=2, help="row 4's devices")
+    parser.add_argument(
+        "--latency-linger",
+        type=float,
+        default=1.0,
+        metavar="MS",
+        help="row 4: --linger of the sensors, --tick of devices.py (1)",
+    )
+    parser.add_argument(
+        "--latency-feed",
+        choices=("frames", "sensors"),
+        default="frames",
+        help="row 4's devices: benchmarks/devices.py (lean), or `streampipe sensors`",
+    )
     parser.add_argument(
         "--latency-rates",
         type=lambda v: [float(x) for x in v.split(",")],
@@ -505,7 +515,18 @@ def main() -> None:
         for rate in args.latency_rates if "latency" in only else []:
             print(f"# latency at {rate:g} readings/s per device", file=sys.stderr)
             lat_rows.append(
-                (rate, *latency(broker, 100, rate, args.latency_seconds, args.sensor_processes))
+                (
+                    rate,
+                    *latency(
+                        broker,
+                        100,
+                        rate,
+                        args.latency_seconds,
+                        args.sensor_processes,
+                        args.latency_feed,
+                        args.latency_linger,
+                    ),
+                )
             )
         if "memory" in only:
             print("# memory", file=sys.stderr)
