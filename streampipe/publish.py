@@ -1,7 +1,8 @@
 """Publishing readings: batching per device with a linger bound, QoS 1, bounded memory.
 
 A :class:`ReadingPublisher` collects readings per device and sends a frame when a
-device has ``batch_size`` readings or its oldest reading has waited ``linger`` seconds.
+device has ``batch_size`` readings or its oldest reading has waited ``linger`` seconds
+(taking along, in the same ``send``, the devices whose readings waited half of it).
 At most ``max_pending`` messages wait for the broker's acknowledgement; beyond that
 :meth:`~ReadingPublisher.add` blocks until the broker catches up, so a slow or absent
 broker costs time, never unbounded memory. paho resends what was not acknowledged

@@ -45,6 +45,8 @@ def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
             "challenger must be a regressor",
         ),
         (["promote", "--stage-id", "a/b", "--broker", "mqtt://127.0.0.1:1"], "stage id"),
+        (["sensors", "--linger", "-1"], "0 or more"),
+        (["replay", "x.csv", "--target", "y", "--linger", "soon"], "not a number"),
     ],
 )
 def test_user_errors_are_one_clear_line_not_a_traceback(args, message):
