@@ -143,9 +143,9 @@ class ReadingPublisher:
         """Publish one batch, or one reading, now (QoS 1), waiting if too many await
         acknowledgement."""
         if isinstance(batch, Reading):
-            n, key = 1, (tuple(batch.x), batch.y is not None)
+            n, key, encode = 1, (tuple(batch.x), batch.y is not None), codec.encode_reading
         else:
-            n, key = len(batch), (batch.features, batch.target is not None)
+            n, key, encode = len(batch), (batch.features, batch.target is not None), codec.encode
         small = n < SCHEMA_ID_BELOW
         if small and key not in self._schemas_sent:  # a schema: features, has a target
             schema = codec.Schema(*key)
@@ -157,10 +157,7 @@ class ReadingPublisher:
                 content_type=codec.SCHEMA_CONTENT_TYPE,
             )
             self._schemas_sent.add(key)
-        if isinstance(batch, Reading):
-            payload = codec.encode_reading(batch, schema_id=small)
-        else:
-            payload = codec.encode(batch, schema_id=small)
+        payload = encode(batch, schema_id=small)  # type: ignore[arg-type]
         topic = self.topics.readings(batch.device)
         self.stats.readings += n
         if self.overflow == "drop_oldest" and (self._backlog or not self.conn.connected):

@@ -9,8 +9,9 @@ not the network but building objects it throws away. Measured with
   properties are the same bytes as the last thousand messages' (a content type);
 - every PUBACK received builds a ``ReasonCode`` and an empty ``Properties``;
 - every PUBLISH sent packs the same ``Properties`` again (~15 µs);
-- after every PUBACK paho scans all in-flight messages for queued ones, even when
-  none is queued;
+- after every PUBACK paho walks every in-flight message looking for queued ones:
+  for nothing when none is queued, and over the whole window when one is (so a
+  publisher that fell behind its window falls further behind);
 - every packet queued from another thread writes a wake-up byte to a socket pair,
   even when the network thread has been woken already and not yet run;
 - the network thread reads each packet with three ``recv`` calls and goes back to
