@@ -158,6 +158,7 @@ def test_received_publishes_and_their_acks_are_the_same(packets: list[bytes], cu
         bytes([0x30, 6, 0, 1, ord("a"), 2, 0x63, 0]),  # unknown property id
         bytes([0x40, 1, 0]),  # PUBACK too short
         bytes([0x40, 3, 0, 1, 0x05]),  # PUBACK with an undefined reason code
+        bytes([0x30, 0xFF, 0xFF, 0xFF, 0xFF, 0x01]),  # a remaining length of 5 bytes
     ],
 )
 def test_malformed_packets_are_protocol_errors_in_both(packet: bytes) -> None:
@@ -167,6 +168,25 @@ def test_malformed_packets_are_protocol_errors_in_both(packet: bytes) -> None:
         c.on_message = lambda *_: pytest.fail("a malformed packet reached on_message")
         rcs.append(c._packet_read())
     assert rcs[0] == rcs[1] == MQTTErrorCode.MQTT_ERR_PROTOCOL
+
+
+class ClosedWire(Wire):
+    """The broker closed the connection (``recv`` gives b""), or the socket failed."""
+
+    def __init__(self, error: OSError | None = None) -> None:
+        super().__init__()
+        self.error = error
+
+    def recv(self, n: int) -> bytes:
+        if self.error is not None:
+            raise self.error
+        return b""
+
+
+@pytest.mark.parametrize("error", [None, ConnectionResetError(104, "reset"), TimeoutError()])
+def test_a_closed_or_failed_socket_is_a_lost_connection_in_both(error: OSError | None) -> None:
+    rcs = [connected(cls, ClosedWire(error))._packet_read() for cls in CLASSES]
+    assert rcs[0] == rcs[1] == MQTTErrorCode.MQTT_ERR_CONN_LOST
 
 
 PUBACKS = [

@@ -14,12 +14,12 @@ not the network but building objects it throws away. Measured with
   publisher that fell behind its window falls further behind);
 - every packet queued from another thread writes a wake-up byte to a socket pair,
   even when the network thread has been woken already and not yet run;
-- the network thread reads each packet with three ``recv`` calls and goes back to
-  ``select`` after one packet.
+- the network thread reads each packet with three ``recv`` calls (and the
+  remaining length byte by byte) and goes back to ``select`` after one packet.
 
 :class:`FastClient` overrides exactly those paths and nothing else: decoding is
-cached by the raw property bytes, a burst is read with one ``recv`` and handled
-before ``select`` is called again, and a wake-up is written only when none is
+cached by the raw property bytes, a burst is read with one ``recv`` and each whole
+packet in it is taken in one step and handled before ``select`` is called again, and a wake-up is written only when none is
 pending. One more thing paho lacks: a thread whose packet is first in line on a plain
 TCP socket sends it itself, and :meth:`FastClient.corked` sends the packets a thread
 queues in a block with one ``send``. What the callbacks see is what paho gives them
@@ -182,6 +182,62 @@ class FastClient(paho.Client):
             return data
         self._rbuf, self._rpos = data, bufsize
         return data[:bufsize]
+
+    def _packet_read(self) -> MQTTErrorCode:
+        # A whole packet in our buffer is taken in one step; paho's own read takes
+        # the command, each byte of the remaining length and the body with a call
+        # each. A packet not (yet) all here is left to paho, which reads it from
+        # the same buffer and then from the socket.
+        if self._in_packet["command"] or self._sock is None:
+            return super()._packet_read()
+        if self._sock is not self._rsock or self._rpos >= len(self._rbuf):
+            try:
+                self._sock_recv(0)  # fills the buffer with what the socket has
+            except BlockingIOError:
+                return _AGAIN
+            except TimeoutError as err:
+                self._easy_log(paho.MQTT_LOG_ERR, "timeout on socket: %s", err)
+                return MQTTErrorCode.MQTT_ERR_CONN_LOST
+            except OSError as err:
+                self._easy_log(paho.MQTT_LOG_ERR, "failed to receive on socket: %s", err)
+                return MQTTErrorCode.MQTT_ERR_CONN_LOST
+            if self._rpos >= len(self._rbuf):  # the broker closed the connection
+                return MQTTErrorCode.MQTT_ERR_CONN_LOST
+        buf, start = self._rbuf, self._rpos
+        end = len(buf)
+        pos, length, shift = start + 1, 0, 0
+        while True:
+            if pos >= end or shift > 21:  # cut short, or longer than MQTT allows
+                return super()._packet_read()
+            byte = buf[pos]
+            pos += 1
+            length |= (byte & 0x7F) << shift
+            if byte < 0x80:
+                break
+            shift += 7
+        if pos + length > end:
+            return super()._packet_read()
+        self._rpos = pos + length
+        self._in_packet["command"] = buf[start]
+        self._in_packet["packet"] = bytearray(memoryview(buf)[pos : pos + length])
+        try:
+            rc = self._packet_handle()
+        except MalformedPacket as exc:
+            self._easy_log(paho.MQTT_LOG_DEBUG, "Received malformed packet: %s", exc)
+            rc = MQTTErrorCode.MQTT_ERR_PROTOCOL
+        self._in_packet = {
+            "command": 0,
+            "have_remaining": 0,
+            "remaining_count": [],
+            "remaining_mult": 1,
+            "remaining_length": 0,
+            "packet": bytearray(b""),
+            "to_process": 0,
+            "pos": 0,
+        }
+        with self._msgtime_mutex:
+            self._last_bytes_received = paho.time_func()
+        return rc
 
     def loop_read(self, max_packets: int = 1) -> MQTTErrorCode:
         # Read until the socket would block, and never return with bytes left in our
