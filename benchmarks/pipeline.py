@@ -24,7 +24,8 @@ Starts a private Mosquitto and measures, on River's ``datasets.synth.Friedman``
    of ``benchmarks/devices.py`` (frames encoded beforehand, published on time, 1 ms
    ticks; ``--latency-feed sensors``: ``streampipe sensors --linger 1``, which
    simulates and encodes as it goes): p50/p99/max of prediction-received time minus
-   the time the reading was due;
+   the time the reading was due; with one edge, then (4b) with two edges that split
+   the reading partitions (``--partitions 0-31`` and ``32-63``), one per core;
 5. the edge's peak RSS (VmHWM) after learning one model for each of 10,000 devices.
 
 Throughput rows are medians of ``--repeat`` runs; a ratio is the median of the ratios
@@ -68,7 +69,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.g
 from streampipe.broker import PrivateMosquitto  # noqa: E402
 from streampipe.publish import ReadingPublisher  # noqa: E402
 from streampipe.sources.simulate import SensorFleet  # noqa: E402
-from streampipe.topics import Topics  # noqa: E402
+from streampipe.topics import PARTITIONS, Topics  # noqa: E402
 from streampipe.transport import BrokerURL, Connection  # noqa: E402
 
 STREAMPIPE = [sys.executable, "-m", "streampipe"]
@@ -104,8 +105,10 @@ class Collector:
     message, a fifth of the machine at 5,000 messages/s).
     """
 
-    def __init__(self, url: BrokerURL, topics: Topics, expect: int, keep: bool = False) -> None:
-        self.topics, self.expect, self.keep = topics, expect, keep
+    def __init__(
+        self, url: BrokerURL, topics: Topics, expect: int, keep: bool = False, edges: int = 1
+    ) -> None:
+        self.topics, self.expect, self.keep, self.edges = topics, expect, keep, edges
         self.count = 0
         self.first_ts = float("inf")
         self.last_received = 0.0
@@ -128,11 +131,14 @@ class Collector:
 
     def _read(self) -> None:
         assert self._sub.stdout is not None
+        online: set[bytes] = set()
         for line in self._sub.stdout:  # "<received> <topic> <payload>"
             topic = line.split(b" ", 2)[1]
             if topic.startswith(self._status):
                 if line.endswith(b" online\n"):
-                    self.online.set()
+                    online.add(topic)
+                    if len(online) >= self.edges:  # every edge is serving
+                        self.online.set()
                 continue
             self._lines.append(line)
             self.count += line.count(b'{"seq":')
@@ -158,28 +164,27 @@ class Collector:
 
 
 @contextlib.contextmanager
-def edge(url: str, topics: Topics, *extra: str) -> Iterator[subprocess.Popen]:
-    proc = subprocess.Popen(
-        [
-            *STREAMPIPE,
-            "edge",
-            "--broker",
-            url,
-            "--stage-id",
-            "bench",
-            "--topic-root",
-            topics.root,
-            "--metrics-port",
-            "-1",
-            *extra,
-        ],
-        stderr=subprocess.DEVNULL,
-    )
+def edges(
+    url: str, topics: Topics, *extra: str, count: int = 1
+) -> Iterator[list[subprocess.Popen]]:
+    """``count`` edge processes, each serving an equal share of the reading partitions
+    (``--partitions``), as one would run an edge per core."""
+    share = -(-PARTITIONS // count)
+    procs = []
     try:
-        yield proc
+        for k in range(count):
+            command = [*STREAMPIPE, "edge", "--broker", url, "--stage-id", f"bench{k}",
+                       "--topic-root", topics.root, "--metrics-port", "-1", *extra]  # fmt: skip
+            if count > 1:
+                last = min(PARTITIONS, (k + 1) * share) - 1
+                command += ["--partitions", f"{k * share}-{last}"]
+            procs.append(subprocess.Popen(command, stderr=subprocess.DEVNULL))
+        yield procs
     finally:
-        proc.terminate()
-        proc.wait(60)
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(60)
 
 
 def run_edge_case(
@@ -188,15 +193,17 @@ def run_edge_case(
     keep: bool,
     edge_args: list[str],
     feed: Callable[[str, Topics], int | None],
+    count: int = 1,
 ) -> Collector:
-    """Start an edge, ``feed`` it, wait for ``n`` predictions (or as many as fed)."""
+    """Start ``count`` edges, ``feed`` them, wait for ``n`` predictions (or as many as
+    fed)."""
     topics = Topics(f"bench{time.monotonic_ns()}")
     url = f"mqtt://127.0.0.1:{broker.port}"
-    col = Collector(broker.url, topics, n, keep)
+    col = Collector(broker.url, topics, n, keep, count)
     try:
-        with edge(url, topics, *edge_args):
+        with edges(url, topics, *edge_args, count=count):
             if not col.online.wait(60):
-                raise RuntimeError("the edge did not come online")
+                raise RuntimeError("the edges did not come online")
             sent = feed(url, topics)
             if sent is not None:
                 col.expect = sent
@@ -353,11 +360,19 @@ def end_to_end(
 
 
 def latency(
-    broker, devices: int, rate: float, seconds: float, processes: int, feed: str, linger: float
+    broker,
+    devices: int,
+    rate: float,
+    seconds: float,
+    processes: int,
+    feed: str,
+    linger: float,
+    edge_count: int = 1,
 ):
     """p50/p99/max latency in ms, and how many readings, with the devices split over
     ``processes`` processes (real devices do not share one Python interpreter):
-    ``benchmarks/devices.py`` (``feed="frames"``) or ``streampipe sensors``."""
+    ``benchmarks/devices.py`` (``feed="frames"``) or ``streampipe sensors``; and the
+    partitions over ``edge_count`` edges."""
     n = int(devices * rate * seconds)
 
     def command(url: str, topics: Topics, k: int, start: float) -> list[str]:
@@ -386,7 +401,7 @@ def latency(
         # each prints "published N readings ..."
         return sum(int(out.split()[1].replace(",", "")) for out in outs)
 
-    col = run_edge_case(broker, 2 * n, False, [], run)
+    col = run_edge_case(broker, 2 * n, False, [], run, edge_count)
     lat = np.concatenate(col.latencies) * 1000
     return (
         float(np.percentile(lat, 50)),
@@ -421,7 +436,7 @@ def memory(broker, devices: int) -> tuple[float, float]:
     url = f"mqtt://127.0.0.1:{broker.port}"
     col = Collector(broker.url, topics, 2 * devices)
     try:
-        with edge(url, topics) as proc:
+        with edges(url, topics) as (proc,):
             proc_holder["pid"] = proc.pid
             if not col.online.wait(60):
                 raise RuntimeError("the edge did not come online")
@@ -481,6 +496,14 @@ def main() -> None:
         type=lambda v: [float(x) for x in v.split(",")],
         default=[10.0, 25.0, 50.0],
         help="row 4: readings/s per device, comma-separated (10,25,50)",
+    )
+    parser.add_argument(
+        "--latency-edges",
+        type=lambda v: [int(x) for x in v.split(",")],
+        default=[1, 2],
+        metavar="COUNTS",
+        help="row 4: edges sharing the partitions, comma-separated (1,2: one, then one "
+        "per core, each at every rate)",
     )
     parser.add_argument("--devices", type=int, default=10_000, help="row 5's device count")
     parser.add_argument("--quick", action="store_true", help="small sizes, one run: a smoke test")
@@ -542,22 +565,26 @@ def main() -> None:
         # collections of what the throughput rows left (100,000 rows of dicts).
         gc.collect()
         gc.freeze()
-        for rate in args.latency_rates if "latency" in only else []:
-            print(f"# latency at {rate:g} readings/s per device", file=sys.stderr)
-            lat_rows.append(
-                (
-                    rate,
-                    *latency(
-                        broker,
-                        100,
+        for count in args.latency_edges if "latency" in only else []:
+            for rate in args.latency_rates:
+                print(f"# latency at {rate:g} readings/s per device, {count} edge(s)",
+                      file=sys.stderr)  # fmt: skip
+                lat_rows.append(
+                    (
                         rate,
-                        args.latency_seconds,
-                        args.sensor_processes,
-                        args.latency_feed,
-                        args.latency_linger,
-                    ),
+                        count,
+                        *latency(
+                            broker,
+                            100,
+                            rate,
+                            args.latency_seconds,
+                            args.sensor_processes,
+                            args.latency_feed,
+                            args.latency_linger,
+                            count,
+                        ),
+                    )
                 )
-            )
         if "memory" in only:
             print("# memory", file=sys.stderr)
             rss_idle, rss_peak = memory(broker, args.devices)
@@ -583,8 +610,10 @@ def main() -> None:
             v = med[kind]
             print(f"{label:<52} {v:>10,.0f} r/s {ratio(kind, 'offline', '.2f')} "
                   f"{ratio(kind, 'naive', '.1f')}")  # fmt: skip
-    for rate, p50, p99, worst, count in lat_rows:
+    for rate, edge_count, p50, p99, worst, count in lat_rows:
         label = f"4. latency (ms), 100 devices x {rate:g}/s = {100 * rate:,.0f}/s"
+        if edge_count > 1:
+            label = f"4b. ... {100 * rate:,.0f}/s, {edge_count} edges (--partitions)"
         print(f"{label:<52} p50 {p50:.1f}  p99 {p99:.1f}  max {worst:.1f}  ({count:,} readings)")
     if "memory" in only:
         print(
