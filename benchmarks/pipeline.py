@@ -117,6 +117,8 @@ class Collector:
         self.online = threading.Event()
         self.done = threading.Event()
         self._lines: list[bytes] = []
+        if shutil.which("mosquitto_sub") is None:
+            raise RuntimeError("mosquitto_sub not found: apt-get install mosquitto-clients")
         # One SUBSCRIBE for both filters: once the edge's status arrives, the
         # predictions' subscription is in place too.
         self._sub = subprocess.Popen(
