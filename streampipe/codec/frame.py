@@ -290,16 +290,17 @@ def _decode(frame: memoryview, schemas: SchemaRegistry | None, limits: Limits) -
     if single:
         seq_value, row = _decode_single(r, flags, counts)
         _check_end(r)
-        return Batch(
-            device=device,
-            epoch=epoch,
-            seq=np.array([seq_value], dtype=np.int64),
-            ts=np.array(row[:1], dtype=np.float64),
-            features=features,
-            values=np.array(row[1 : 1 + f], dtype=np.float64).reshape(1, f),
-            present=present,
-            target=np.array(row[1 + f :], dtype=np.float64) if has_target else None,
-            target_present=tpresent,
+        columns = np.array(row, dtype=np.float64)  # one array; the columns are views of it
+        return Batch.built(
+            device,
+            epoch,
+            np.array([seq_value], dtype=np.int64),
+            columns[:1],
+            features,
+            columns[1 : 1 + f].reshape(1, f),
+            present,
+            columns[1 + f :] if has_target else None,
+            tpresent,
         )
 
     code, seq = decode_int_column(r, n)

@@ -19,10 +19,11 @@ not the network but building objects it throws away. Measured with
 
 :class:`FastClient` overrides exactly those paths and nothing else: decoding is
 cached by the raw property bytes, a burst is read with one ``recv`` and each whole
-packet in it is taken in one step and handled before ``select`` is called again, and a wake-up is written only when none is
-pending. One more thing paho lacks: a thread whose packet is first in line on a plain
-TCP socket sends it itself, and :meth:`FastClient.corked` sends the packets a thread
-queues in a block with one ``send``. What the callbacks see is what paho gives them
+packet in it is taken in one step and handled before ``select`` is called again,
+and a wake-up is written only when none is pending. One more thing paho lacks: a
+thread whose packet is first in line on a plain TCP socket sends it itself, and
+:meth:`FastClient.corked` sends the packets a thread queues in a block with one
+``send``. What the callbacks see is what paho gives them
 (``tests/test_fastpaho.py`` feeds both the same packets and compares), except that
 equal received properties are one shared object: treat them as read-only, as
 streampipe does.
