@@ -205,18 +205,11 @@ class FastClient(paho.Client):
             if self._rpos >= len(self._rbuf):  # the broker closed the connection
                 return MQTTErrorCode.MQTT_ERR_CONN_LOST
         buf, start = self._rbuf, self._rpos
-        end = len(buf)
-        pos, length, shift = start + 1, 0, 0
-        while True:
-            if pos >= end or shift > 21:  # cut short, or longer than MQTT allows
-                return super()._packet_read()
-            byte = buf[pos]
-            pos += 1
-            length |= (byte & 0x7F) << shift
-            if byte < 0x80:
-                break
-            shift += 7
-        if pos + length > end:
+        try:
+            length, pos = _varint(buf, start + 1)
+        except (IndexError, MalformedPacket):  # cut short, or longer than MQTT allows
+            return super()._packet_read()
+        if pos + length > len(buf):
             return super()._packet_read()
         self._rpos = pos + length
         self._in_packet["command"] = buf[start]
