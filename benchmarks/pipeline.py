@@ -600,13 +600,15 @@ def main() -> None:
     )
     print(f"{'what':<52} {'value':>14} {'÷ row 1':>8} {'÷ row 2':>8}")
 
+    def per_run(kind: str, base: str) -> list[float]:
+        """The ratios of two rows measured within each run (the machine's load changes
+        between runs, and moves both rows of one run alike)."""
+        return [a / b for a, b in zip(runs[kind], runs[base], strict=True)]
+
     def ratio(kind: str, base: str, fmt: str) -> str:
-        """The median of the ratios measured within each run (the machine's load
-        changes between runs, and moves both rows of one run alike)."""
         if base not in runs:
             return f"{'':>8}"
-        r = statistics.median(a / b for a, b in zip(runs[kind], runs[base], strict=True))
-        return f"{r:>8{fmt}}"
+        return f"{statistics.median(per_run(kind, base)):>8{fmt}}"
 
     for kind, label in THROUGHPUT.items():
         if kind in med:
@@ -631,8 +633,8 @@ def main() -> None:
         print(
             "# per-run ratios to row 1: "
             + "; ".join(
-                f"{k} " + ", ".join(f"{a / b:.2f}" for a, b in zip(vs, runs["offline"]))
-                for k, vs in runs.items()
+                f"{k} " + ", ".join(f"{r:.2f}" for r in per_run(k, "offline"))
+                for k in runs
                 if k != "offline"
             )
         )
