@@ -133,3 +133,20 @@ def test_the_fast_path_agrees_with_the_rules_on_labels(targets, labels):
     fast, rules = validate(batch, labels=labels), _apply_rules(batch, DEFAULT_MAX_ABS, labels)
     assert fast.index.tolist() == rules.index.tolist()
     assert fast.rejected == rules.rejected
+
+
+@given(
+    names=st.lists(st.text(min_size=1, max_size=12), min_size=1, max_size=40, unique=True),
+    data=st.data(),
+)
+@settings(max_examples=60, deadline=None)
+def test_feature_dicts_are_the_readings_own(names, data):
+    # features() builds its dicts with code made from the names; any name (quotes,
+    # backslashes, newlines, non-ASCII) must come out as the very same dict.
+    values = st.floats(min_value=-1e6, max_value=1e6, allow_nan=False)
+    rows = [dict(zip(names, data.draw(st.lists(values, min_size=len(names), max_size=len(names)))))
+            for _ in range(3)]  # fmt: skip
+    batch = Batch.from_readings([Reading("d", i, 1.0, x, 0.0) for i, x in enumerate(rows)])
+    got = validate(batch).features()
+    assert got == rows
+    assert [list(x) for x in got] == [list(x) for x in rows]  # in the readings' order
