@@ -524,8 +524,12 @@ def main() -> None:
         args.readings, args.naive_readings, args.repeat = 5_000, 1_000, 1
         args.latency_seconds, args.devices = 2.0, 500
 
+    # One str object per feature name, as River's own datasets and iter_csv give: a
+    # dict lookup that meets the very key object it stored skips comparing strings,
+    # which makes River ~4 % faster than with a new string per reading.
+    names = {k: f"x{k}" for k in range(10)}
     rows = [
-        ({f"x{k}": v for k, v in x.items()}, y)
+        ({names[k]: v for k, v in x.items()}, y)
         for x, y in datasets.synth.Friedman(seed=42).take(args.readings)
     ]
     only = args.only
@@ -534,10 +538,10 @@ def main() -> None:
         path = Path(tmp) / "friedman.csv"
         with open(path, "w", newline="") as f:
             w = csv.writer(f)
-            names = list(rows[0][0])
-            w.writerow([*names, "y"])
+            header = list(rows[0][0])
+            w.writerow([*header, "y"])
             for x, y in rows:
-                w.writerow([repr(x[k]) for k in names] + [repr(y)])
+                w.writerow([repr(x[k]) for k in header] + [repr(y)])
         for i in range(args.repeat if runs else 0):
             print(f"# run {i + 1} of {args.repeat}", file=sys.stderr)
             if "broker" in only:
