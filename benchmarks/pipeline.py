@@ -3,7 +3,7 @@
     python benchmarks/pipeline.py [--readings 100000] [--repeat 3] [--quick] [--only mini]
 
 Starts a private Mosquitto and measures, on River's ``datasets.synth.Friedman``
-(seed 42, 10 features) with ``StandardScaler | LinearRegression``:
+(seed 42, 10 features) with ``StandardScaler | LinearRegression`` (or ``--model``):
 
 0. the broker alone, with Mosquitto's C clients: one ``mosquitto_pub -l`` publishes
    40-byte messages (QoS 1), one ``mosquitto_sub`` receives them — the most small
@@ -29,7 +29,10 @@ Starts a private Mosquitto and measures, on River's ``datasets.synth.Friedman``
 5. the edge's peak RSS (VmHWM) after learning one model for each of 10,000 devices.
 
 Throughput rows are medians of ``--repeat`` runs; a ratio is the median of the ratios
-taken within each run.
+taken within each run. What streampipe adds to River per reading (exact mode's time
+per reading minus River offline's) hardly depends on the model, so exact mode's ratio
+to offline is higher the more a model costs: ``--model`` measures another (a spec as
+``streampipe edge --model`` takes it).
 ``--only`` runs some rows only (``--only mini``, ``--only exact,durable``); the ratios
 need rows 1 and 2, so they are printed only when those ran.
 Every stage runs in its own process, as it would in use: this machine has two cores,
@@ -58,7 +61,7 @@ from pathlib import Path
 import numpy as np
 import orjson
 import paho.mqtt.client as paho
-from river import datasets, linear_model, preprocessing
+from river import datasets
 
 # The streampipe of this checkout, here and in the subprocesses (an installed one may
 # be another checkout's).
@@ -67,6 +70,7 @@ sys.path.insert(0, str(ROOT))
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
 
 from streampipe.broker import PrivateMosquitto  # noqa: E402
+from streampipe.learn.spec import ModelSpec  # noqa: E402
 from streampipe.publish import ReadingPublisher  # noqa: E402
 from streampipe.sources.simulate import SensorFleet  # noqa: E402
 from streampipe.topics import PARTITIONS, Topics  # noqa: E402
@@ -75,8 +79,12 @@ from streampipe.transport import BrokerURL, Connection  # noqa: E402
 STREAMPIPE = [sys.executable, "-m", "streampipe"]
 
 
+#: The model of every row, as ``--model`` gives it (the issue's model by default).
+MODEL = "preprocessing.StandardScaler | linear_model.LinearRegression"
+
+
 def model():
-    return preprocessing.StandardScaler() | linear_model.LinearRegression()
+    return ModelSpec.parse(MODEL).build()
 
 
 # -- 1. River offline ------------------------------------------------------------------
@@ -175,7 +183,8 @@ def edges(
     try:
         for k in range(count):
             command = [*STREAMPIPE, "edge", "--broker", url, "--stage-id", f"bench{k}",
-                       "--topic-root", topics.root, "--metrics-port", "-1", *extra]  # fmt: skip
+                       "--topic-root", topics.root, "--metrics-port", "-1", "--model", MODEL,
+                       *extra]  # fmt: skip
             if count > 1:  # edge k of 2: 0-31, 32-63
                 first, last = k * PARTITIONS // count, (k + 1) * PARTITIONS // count - 1
                 command += ["--partitions", f"{first}-{last}"]
@@ -472,6 +481,7 @@ ROWS = (*THROUGHPUT, "latency", "memory")
 
 
 def main() -> None:
+    global MODEL
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--readings", type=int, default=100_000)
     parser.add_argument("--naive-readings", type=int, default=20_000)
@@ -507,6 +517,7 @@ def main() -> None:
         "per core, each at every rate)",
     )
     parser.add_argument("--devices", type=int, default=10_000, help="row 5's device count")
+    parser.add_argument("--model", default=MODEL, help=f"every row's model ({MODEL})")
     parser.add_argument("--quick", action="store_true", help="small sizes, one run: a smoke test")
     parser.add_argument(
         "--only",
@@ -520,6 +531,11 @@ def main() -> None:
         parser.error(f"--latency-edges: each count is 1 to {PARTITIONS} (an edge per partition)")
     if unknown := args.only - set(ROWS):
         parser.error(f"--only: no row {', '.join(sorted(unknown))} (rows: {', '.join(ROWS)})")
+    MODEL = args.model
+    try:
+        model()
+    except ValueError as exc:
+        parser.error(f"--model: {exc}")
     if args.quick:
         args.readings, args.naive_readings, args.repeat = 5_000, 1_000, 1
         args.latency_seconds, args.devices = 2.0, 500
@@ -600,7 +616,7 @@ def main() -> None:
     print(
         f"# {len(rows):,} Friedman readings (naive: {args.naive_readings:,}), batch "
         f"{args.batch}, median of {args.repeat}; Python {sys.version.split()[0]}, "
-        f"{os.cpu_count()} cores"
+        f"{os.cpu_count()} cores; model {MODEL}"
     )
     print(f"{'what':<52} {'value':>14} {'÷ row 1':>8} {'÷ row 2':>8}")
 
@@ -641,6 +657,13 @@ def main() -> None:
                 for k in runs
                 if k != "offline"
             )
+        )
+    if "offline" in runs and "exact" in runs:
+        added = [1e6 / e - 1e6 / o for e, o in zip(runs["exact"], runs["offline"], strict=True)]
+        print(
+            f"# streampipe's cost per reading beyond River's (exact minus offline, µs): "
+            f"median {statistics.median(added):.1f}; per run "
+            + ", ".join(f"{a:.1f}" for a in added)
         )
 
 
