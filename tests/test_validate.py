@@ -10,7 +10,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from streampipe.readings import Batch, Reading
-from streampipe.validate import DEFAULT_MAX_ABS, LABELS, _apply_rules, validate
+from streampipe.validate import (
+    _DICT_OF_FROM,
+    DEFAULT_MAX_ABS,
+    LABELS,
+    _apply_rules,
+    validate,
+)
 
 NAN, INF = float("nan"), float("inf")
 
@@ -137,15 +143,14 @@ def test_the_fast_path_agrees_with_the_rules_on_labels(targets, labels):
 
 @given(
     names=st.lists(st.text(min_size=1, max_size=12), min_size=1, max_size=40, unique=True),
-    data=st.data(),
+    values=st.lists(st.floats(-1e6, 1e6), min_size=40, max_size=40),
 )
 @settings(max_examples=60, deadline=None)
-def test_feature_dicts_are_the_readings_own(names, data):
-    # features() builds its dicts with code made from the names; any name (quotes,
-    # backslashes, newlines, non-ASCII) must come out as the very same dict.
-    values = st.floats(min_value=-1e6, max_value=1e6, allow_nan=False)
-    rows = [dict(zip(names, data.draw(st.lists(values, min_size=len(names), max_size=len(names)))))
-            for _ in range(3)]  # fmt: skip
+@pytest.mark.parametrize("n", [1, _DICT_OF_FROM])
+def test_feature_dicts_are_the_readings_own(n, names, values):
+    # Batches of _DICT_OF_FROM readings or more get dicts from code made of the names;
+    # any name (quotes, backslashes, newlines, non-ASCII) must come out as it went in.
+    rows = [dict(zip(names, values[i % 40 :] + values[: i % 40])) for i in range(n)]
     batch = Batch.from_readings([Reading("d", i, 1.0, x, 0.0) for i, x in enumerate(rows)])
     got = validate(batch).features()
     assert got == rows
