@@ -25,7 +25,9 @@ Starts a private Mosquitto and measures, on River's ``datasets.synth.Friedman``
    ticks; ``--latency-feed sensors``: ``streampipe sensors --linger 1``, which
    simulates and encodes as it goes): p50/p99/max of prediction-received time minus
    the time the reading was due; with one edge, then (4b) with two edges that split
-   the reading partitions (``--partitions 0-31`` and ``32-63``), one per core;
+   the reading partitions (``--partitions 0-31`` and ``32-63``), one per core, then
+   (4c, ``--own-core``) with one edge that has the last core to itself, while the
+   devices, the broker and the subscriber share the others;
 5. the edge's peak RSS (VmHWM) after learning one model for each of 10,000 devices.
 
 Throughput rows are medians of ``--repeat`` runs; a ratio is the median of the ratios
@@ -175,10 +177,11 @@ class Collector:
 
 @contextlib.contextmanager
 def edges(
-    url: str, topics: Topics, *extra: str, count: int = 1
+    url: str, topics: Topics, *extra: str, count: int = 1, cpus: set[int] | None = None
 ) -> Iterator[list[subprocess.Popen]]:
     """``count`` edge processes, each serving an equal share of the reading partitions
-    (``--partitions``), as one would run an edge per core."""
+    (``--partitions``), as one would run an edge per core; on ``cpus`` if given (as
+    ``taskset`` would: the threads an edge starts inherit it)."""
     procs = []
     try:
         for k in range(count):
@@ -189,6 +192,8 @@ def edges(
                 first, last = k * PARTITIONS // count, (k + 1) * PARTITIONS // count - 1
                 command += ["--partitions", f"{first}-{last}"]
             procs.append(subprocess.Popen(command, stderr=subprocess.DEVNULL))
+            if cpus is not None:  # long before the edge starts a thread
+                os.sched_setaffinity(procs[-1].pid, cpus)
         yield procs
     finally:
         for proc in procs:
@@ -204,14 +209,15 @@ def run_edge_case(
     edge_args: list[str],
     feed: Callable[[str, Topics], int | None],
     count: int = 1,
+    cpus: set[int] | None = None,
 ) -> Collector:
-    """Start ``count`` edges, ``feed`` them, wait for ``n`` predictions (or as many as
-    fed)."""
+    """Start ``count`` edges (on ``cpus``, if given), ``feed`` them, wait for ``n``
+    predictions (or as many as fed)."""
     topics = Topics(f"bench{time.monotonic_ns()}")
     url = f"mqtt://127.0.0.1:{broker.port}"
     col = Collector(broker.url, topics, n, keep, count)
     try:
-        with edges(url, topics, *edge_args, count=count):
+        with edges(url, topics, *edge_args, count=count, cpus=cpus):
             if not col.online.wait(60):
                 raise RuntimeError("the edges did not come online")
             sent = feed(url, topics)
@@ -369,6 +375,22 @@ def end_to_end(
 # -- 4. latency --------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def rest_of_pipeline_on(broker: PrivateMosquitto) -> Iterator[set[int]]:
+    """Move the broker and this process (the devices and the collector it starts
+    inherit it) off the last CPU, and give that CPU to the edge."""
+    every = os.sched_getaffinity(0)
+    edge = {max(every)}
+    pids = [0, broker.process.pid]  # this (the main) thread, Mosquitto's only one
+    for pid in pids:
+        os.sched_setaffinity(pid, every - edge)
+    try:
+        yield edge
+    finally:
+        for pid in pids:
+            os.sched_setaffinity(pid, every)
+
+
 def latency(
     broker,
     devices: int,
@@ -378,11 +400,13 @@ def latency(
     feed: str,
     linger: float,
     edge_count: int = 1,
+    own_core: bool = False,
 ):
     """p50/p99/max latency in ms, and how many readings, with the devices split over
     ``processes`` processes (real devices do not share one Python interpreter):
     ``benchmarks/devices.py`` (``feed="frames"``) or ``streampipe sensors``; and the
-    partitions over ``edge_count`` edges."""
+    partitions over ``edge_count`` edges. With ``own_core`` the edge has the last core
+    to itself, and the devices, the broker and the collector share the others."""
     n = int(devices * rate * seconds)
 
     def command(url: str, topics: Topics, k: int, start: float) -> list[str]:
@@ -411,7 +435,11 @@ def latency(
         # each prints "published N readings ..."
         return sum(int(out.split()[1].replace(",", "")) for out in outs)
 
-    col = run_edge_case(broker, 2 * n, False, [], run, edge_count)
+    if own_core:
+        with rest_of_pipeline_on(broker) as edge_cpu:
+            col = run_edge_case(broker, 2 * n, False, [], run, edge_count, edge_cpu)
+    else:
+        col = run_edge_case(broker, 2 * n, False, [], run, edge_count)
     lat = np.concatenate(col.latencies) * 1000
     return (
         float(np.percentile(lat, 50)),
@@ -516,6 +544,13 @@ def main() -> None:
         help="row 4: edges sharing the partitions, comma-separated (1,2: one, then one "
         "per core, each at every rate)",
     )
+    parser.add_argument(
+        "--own-core",
+        action=argparse.BooleanOptionalAction,
+        default=hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) > 1,
+        help="row 4c: one edge with a core to itself, the rest of the pipeline on the "
+        "others (default: where the OS lets a process choose its CPUs, and it has two)",
+    )
     parser.add_argument("--devices", type=int, default=10_000, help="row 5's device count")
     parser.add_argument("--model", default=MODEL, help=f"every row's model ({MODEL})")
     parser.add_argument("--quick", action="store_true", help="small sizes, one run: a smoke test")
@@ -529,6 +564,10 @@ def main() -> None:
     args = parser.parse_args()
     if not all(1 <= k <= PARTITIONS for k in args.latency_edges):
         parser.error(f"--latency-edges: each count is 1 to {PARTITIONS} (an edge per partition)")
+    if args.own_core and not (
+        hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) > 1
+    ):
+        parser.error("--own-core: needs two CPUs and sched_setaffinity (Linux)")
     if unknown := args.only - set(ROWS):
         parser.error(f"--only: no row {', '.join(sorted(unknown))} (rows: {', '.join(ROWS)})")
     MODEL = args.model
@@ -588,14 +627,19 @@ def main() -> None:
         # collections of what the throughput rows left (100,000 rows of dicts).
         gc.collect()
         gc.freeze()
-        for count in args.latency_edges if "latency" in only else []:
+        setups = [(count, False) for count in args.latency_edges]
+        if args.own_core:
+            setups.append((1, True))
+        for count, own_core in setups if "latency" in only else []:
             for rate in args.latency_rates:
-                print(f"# latency at {rate:g} readings/s per device, {count} edge(s)",
+                print(f"# latency at {rate:g} readings/s per device, {count} edge(s)"
+                      + (" on a core of its own" if own_core else ""),
                       file=sys.stderr)  # fmt: skip
                 lat_rows.append(
                     (
                         rate,
                         count,
+                        own_core,
                         *latency(
                             broker,
                             100,
@@ -605,6 +649,7 @@ def main() -> None:
                             args.latency_feed,
                             args.latency_linger,
                             count,
+                            own_core,
                         ),
                     )
                 )
@@ -635,20 +680,23 @@ def main() -> None:
             v = med[kind]
             print(f"{label:<52} {v:>10,.0f} r/s {ratio(kind, 'offline', '.2f')} "
                   f"{ratio(kind, 'naive', '.1f')}")  # fmt: skip
-    for rate, edge_count, p50, p99, worst, count in lat_rows:
+    for rate, edge_count, own_core, p50, p99, worst, count in lat_rows:
         label = f"4. latency (ms), 100 devices x {rate:g}/s = {100 * rate:,.0f}/s"
         if edge_count > 1:
             label = f"4b. ... {100 * rate:,.0f}/s, {edge_count} edges (--partitions)"
+        if own_core:
+            label = f"4c. ... {100 * rate:,.0f}/s, 1 edge on a core of its own"
         print(f"{label:<52} p50 {p50:.1f}  p99 {p99:.1f}  max {worst:.1f}  ({count:,} readings)")
     if "memory" in only:
         print(
             f"{f'5. edge RSS, {args.devices:,} devices (MB)':<52} "
             f"peak {rss_peak:.0f}  (idle, before any device: {rss_idle:.0f})"
         )
-    print(
-        "# per-run readings/s: "
-        + "; ".join(f"{k} " + ", ".join(f"{v:,.0f}" for v in vs) for k, vs in runs.items())
-    )
+    if runs:
+        print(
+            "# per-run readings/s: "
+            + "; ".join(f"{k} " + ", ".join(f"{v:,.0f}" for v in vs) for k, vs in runs.items())
+        )
     if "offline" in runs and len(runs) > 1:
         print(
             "# per-run ratios to row 1: "
