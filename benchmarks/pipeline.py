@@ -79,6 +79,8 @@ from streampipe.topics import PARTITIONS, Topics  # noqa: E402
 from streampipe.transport import BrokerURL, Connection  # noqa: E402
 
 STREAMPIPE = [sys.executable, "-m", "streampipe"]
+#: Whether row 4c can give an edge a CPU of its own: Linux, and two CPUs at least.
+CAN_PIN = hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) > 1
 
 
 #: The model of every row, as ``--model`` gives it (the issue's model by default).
@@ -547,7 +549,7 @@ def main() -> None:
     parser.add_argument(
         "--own-core",
         action=argparse.BooleanOptionalAction,
-        default=hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) > 1,
+        default=CAN_PIN,
         help="row 4c: one edge with a core to itself, the rest of the pipeline on the "
         "others (default: where the OS lets a process choose its CPUs, and it has two)",
     )
@@ -564,9 +566,7 @@ def main() -> None:
     args = parser.parse_args()
     if not all(1 <= k <= PARTITIONS for k in args.latency_edges):
         parser.error(f"--latency-edges: each count is 1 to {PARTITIONS} (an edge per partition)")
-    if args.own_core and not (
-        hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) > 1
-    ):
+    if args.own_core and not CAN_PIN:
         parser.error("--own-core: needs two CPUs and sched_setaffinity (Linux)")
     if unknown := args.only - set(ROWS):
         parser.error(f"--only: no row {', '.join(sorted(unknown))} (rows: {', '.join(ROWS)})")
