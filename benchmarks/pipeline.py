@@ -658,11 +658,13 @@ def main() -> None:
             rss_idle, rss_peak = memory(broker, args.devices)
 
     med = {k: statistics.median(v) for k, v in runs.items()}
-    print(
-        f"# {len(rows):,} Friedman readings (naive: {args.naive_readings:,}), batch "
-        f"{args.batch}, median of {args.repeat}; Python {sys.version.split()[0]}, "
-        f"{os.cpu_count()} cores; model {MODEL}"
+    throughput = (
+        f"{len(rows):,} Friedman readings (naive: {args.naive_readings:,}), batch "
+        f"{args.batch}, median of {args.repeat}; "
+        if runs
+        else ""
     )
+    print(f"# {throughput}Python {sys.version.split()[0]}, {os.cpu_count()} cores; model {MODEL}")
     print(f"{'what':<52} {'value':>14} {'÷ row 1':>8} {'÷ row 2':>8}")
 
     def per_run(kind: str, base: str) -> list[float]:
