@@ -72,7 +72,7 @@ sys.path.insert(0, str(ROOT))
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
 
 from streampipe.broker import PrivateMosquitto  # noqa: E402
-from streampipe.learn.spec import ModelSpec  # noqa: E402
+from streampipe.learn.spec import DEFAULT_MODEL_SPEC, ModelSpec  # noqa: E402
 from streampipe.publish import ReadingPublisher  # noqa: E402
 from streampipe.sources.simulate import SensorFleet  # noqa: E402
 from streampipe.topics import PARTITIONS, Topics  # noqa: E402
@@ -83,8 +83,9 @@ STREAMPIPE = [sys.executable, "-m", "streampipe"]
 CAN_PIN = hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) > 1
 
 
-#: The model of every row, as ``--model`` gives it (the issue's model by default).
-MODEL = "preprocessing.StandardScaler | linear_model.LinearRegression"
+#: The model of every row, as ``--model`` gives it (by default the edge's own, the
+#: issue's ``StandardScaler | LinearRegression``).
+MODEL = DEFAULT_MODEL_SPEC
 
 
 def model():
