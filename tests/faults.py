@@ -10,6 +10,7 @@ import contextlib
 import socket
 import threading
 from pathlib import Path
+from typing import Any
 
 from replaying import write_csv
 from river import datasets, linear_model, preprocessing
@@ -92,17 +93,29 @@ class TcpProxy:
         self._listener.close()
 
 
-def friedman_csv(path: Path, n: int, seed: int = 7) -> list[float]:
-    """Write ``n`` Friedman readings to ``path``; return River's offline predictions
-    (``StandardScaler | LinearRegression``, predict then learn) for them, by seq."""
-    model = preprocessing.StandardScaler() | linear_model.LinearRegression()
-    rows = [
+def friedman_rows(n: int, seed: int = 7) -> list[tuple[dict[str, float], float]]:
+    """``n`` seeded Friedman readings, as the edge reads them back from a CSV file."""
+    return [
         ({f"x{k}": float(v) for k, v in x.items()}, float(y))
         for x, y in datasets.synth.Friedman(seed=seed).take(n)
     ]
-    write_csv(path, rows)  # repr()s: what the edge reads back is bit-identical
+
+
+def predict_then_learn(rows: list[tuple[dict[str, float], float]], model: Any = None) -> list:
+    """River's own predict-then-learn on ``rows``, from ``model``'s current state (by
+    default a new ``StandardScaler | LinearRegression``, the edge's default model)."""
+    if model is None:
+        model = preprocessing.StandardScaler() | linear_model.LinearRegression()
     expected = []
     for x, y in rows:
         expected.append(model.predict_one(x))
         model.learn_one(x, y)
     return expected
+
+
+def friedman_csv(path: Path, n: int, seed: int = 7) -> list[float]:
+    """Write ``n`` Friedman readings to ``path``; return River's offline predictions
+    (``StandardScaler | LinearRegression``, predict then learn) for them, by seq."""
+    rows = friedman_rows(n, seed)
+    write_csv(path, rows)  # repr()s: what the edge reads back is bit-identical
+    return predict_then_learn(rows)

@@ -17,9 +17,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from faults import friedman_csv
+from faults import friedman_csv, friedman_rows, predict_then_learn
 from replaying import start_replay
-from river import datasets, linear_model, preprocessing, tree
+from river import linear_model, preprocessing, tree
 
 from streampipe.edge import EdgeConfig, EdgeService
 from streampipe.models.artifact import CONTENT_TYPE, make_artifact, read_header
@@ -62,28 +62,12 @@ def running_edge(broker, topics: Topics, keys, **kwargs) -> Iterator[EdgeService
         assert not thread.is_alive()
 
 
-def friedman(n: int, seed: int) -> list[tuple[dict, float]]:
-    return [
-        ({f"x{k}": float(v) for k, v in x.items()}, float(y))  # as friedman_csv names them
-        for x, y in datasets.synth.Friedman(seed=seed).take(n)
-    ]
-
-
 def pretrained(seed: int = 99, n: int = 500):
     """A model trained elsewhere, on other data: its predictions differ from the edge's."""
     model = preprocessing.StandardScaler() | linear_model.LinearRegression()
-    for x, y in friedman(n, seed):
+    for x, y in friedman_rows(n, seed):
         model.learn_one(x, y)
     return model
-
-
-def offline(model, rows) -> list[float]:
-    """River's predict-then-learn on ``rows``, from ``model``'s current state."""
-    preds = []
-    for x, y in rows:
-        preds.append(model.predict_one(x))
-        model.learn_one(x, y)
-    return preds
 
 
 def read_csv(path: Path) -> list[tuple[dict, float]]:
@@ -176,7 +160,7 @@ def test_a_model_deployed_mid_replay_is_swapped_in_between_two_messages_exactly(
     assert {v for s, (v, _) in by_seq.items() if s >= swap} == {2}
     # Before the swap: the edge's own model. From it: the deployed one, learning on.
     assert [by_seq[s][1] for s in range(swap)] == expected_v1[:swap]
-    assert [by_seq[s][1] for s in range(swap, n)] == offline(deployed, rows[swap:])
+    assert [by_seq[s][1] for s in range(swap, n)] == predict_then_learn(rows[swap:], deployed)
     assert runs_version(cap, topics, 2)
     assert edge.stats.swaps == 1
 
@@ -225,7 +209,7 @@ def test_unsigned_tampered_foreign_and_older_artifacts_are_refused_and_never_run
         assert {r: edge.stats.rejected[r] for r in attempts} == dict.fromkeys(attempts, 1)
         assert not marker.exists(), "a refused pickle ran"
         # The stage goes on, with the version it ran before.
-        publish_rows(broker, topics, "d1", friedman(5, 3))
+        publish_rows(broker, topics, "d1", friedman_rows(5, 3))
         assert cap.wait(lambda: len(predictions(cap, topics)) == 5)
         assert {v for v, _ in predictions(cap, topics)} == {3}
         assert edge.stats.model_version == 3 and edge.stats.swaps == 1
@@ -275,12 +259,12 @@ def test_rollback_publishes_the_previous_model_as_a_newer_version(
         assert rollback.returncode == 0, rollback.stderr
         assert "version 4" in rollback.stdout and "restoring version 2's model" in rollback.stdout
         assert cap.wait(lambda: runs_version(cap, topics, 4))
-        rows = friedman(20, 5)
+        rows = friedman_rows(20, 5)
         publish_rows(broker, topics, "new-device", rows)
         assert cap.wait(lambda: len(predictions(cap, topics)) == 20)
         got = predictions(cap, topics)
         assert {v for v, _ in got} == {4}
-        assert [p["y_pred"] for _, p in got] == offline(pretrained(seed=11), rows)
+        assert [p["y_pred"] for _, p in got] == predict_then_learn(rows, pretrained(seed=11))
         with ModelPublisher(broker.url, topics) as pub:
             current, previous = pub.retained(NAME)
             assert read_header(current).restores == 2 and read_header(previous).version == 3
@@ -309,7 +293,7 @@ def test_rollback_and_deploy_say_what_is_wrong(broker, topics, keys):
 def test_an_exported_model_deployed_to_another_stage_carries_on_from_its_learned_state(
     broker, topics, capture, keys, tmp_path
 ):
-    learned_rows, new_rows = friedman(400, 21), friedman(100, 22)
+    learned_rows, new_rows = friedman_rows(400, 21), friedman_rows(100, 22)
     state = tmp_path / "state"
     with running_edge(broker, topics, keys, stage_id="learner", state_dir=str(state)):
         cap_a = capture([topics.predictions()])
@@ -340,10 +324,10 @@ def test_an_exported_model_deployed_to_another_stage_carries_on_from_its_learned
         assert cap.wait(lambda: len(predictions(cap, other)) == len(new_rows))
     # What the first stage learned, then predict-then-learn on the new readings.
     model = preprocessing.StandardScaler() | linear_model.LinearRegression()
-    offline(model, learned_rows)
+    predict_then_learn(learned_rows, model)
     got = predictions(cap, other)
     assert {v for v, _ in got} == {2}
-    assert [p["y_pred"] for _, p in got] == offline(model, new_rows)
+    assert [p["y_pred"] for _, p in got] == predict_then_learn(new_rows, model)
 
 
 def test_a_swap_survives_a_restart_and_its_retained_artifact_is_not_refused(
@@ -351,7 +335,7 @@ def test_a_swap_survives_a_restart_and_its_retained_artifact_is_not_refused(
 ):
     state = str(tmp_path / "state")
     cap = capture([topics.predictions(), topics.deadletter(), topics.metrics()])
-    rows = friedman(60, 4)
+    rows = friedman_rows(60, 4)
     deployed = pretrained(seed=8)
     with running_edge(broker, topics, keys, state_dir=state) as edge:
         with ModelPublisher(broker.url, topics) as pub:
@@ -368,7 +352,7 @@ def test_a_swap_survives_a_restart_and_its_retained_artifact_is_not_refused(
         assert edge.stats.swaps == 0  # the retained artifact came again: nothing to do
     got = predictions(cap, topics)
     assert {v for v, _ in got} == {2}
-    assert [p["y_pred"] for _, p in got] == offline(deployed, rows)
+    assert [p["y_pred"] for _, p in got] == predict_then_learn(rows, deployed)
     assert cap.json(topics.deadletter()) == []
 
 
@@ -426,7 +410,7 @@ def test_export_says_what_is_missing_and_creates_nothing(broker, topics, capture
     state = tmp_path / "state"
     cap = capture([topics.predictions()])
     with running_edge(broker, topics, keys, stage_id="s", state_dir=str(state)):
-        publish_rows(broker, topics, "d1", friedman(3, 1))
+        publish_rows(broker, topics, "d1", friedman_rows(3, 1))
         assert cap.wait(lambda: len(predictions(cap, topics)) == 3)
     with pytest.raises(ExportError, match="no model for device 'd9'; it has: d1"):
         export_model(state, "s", "d9", tmp_path / "o.pkl")

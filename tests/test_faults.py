@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 from conftest import Capture
-from faults import TcpProxy, friedman_csv
+from faults import TcpProxy, friedman_csv, friedman_rows, predict_then_learn
 from replaying import start_replay as replay_in_background
+from replaying import write_csv
 
 from streampipe import codec
 from streampipe.broker import PrivateMosquitto
@@ -84,9 +85,11 @@ def start_edge(url: str, topics: Topics, state_dir: Path) -> subprocess.Popen:
     )
 
 
-def start_replay(url: str, topics: Topics, path: Path, rate: int) -> subprocess.Popen:
+def start_replay(
+    url: str, topics: Topics, path: Path, rate: int, batch: int = 100
+) -> subprocess.Popen:
     return replay_in_background(
-        url, topics, path, "--rate", str(rate), "--batch", "100", "--linger", "20"
+        url, topics, path, "--rate", str(rate), "--batch", str(batch), "--linger", "20"
     )
 
 
@@ -190,6 +193,55 @@ def test_broker_killed_loses_only_what_it_had_not_saved_and_counts_it_as_gaps(tm
     # Every seq up to the last one learned was learned exactly once, or counted missing.
     assert device.learned + final["sequence_gaps"] == device.seq + 1
     assert final["predictions"] == device.learned == meta["metrics"].as_dict()["count"]
+
+
+def test_readings_the_broker_drops_for_a_stalled_edge_are_counted_as_gaps(tmp_path):
+    # A broker that queues 4 messages for a client, as a stock Mosquitto queues 1,000:
+    # what a publisher sends beyond that while the edge cannot take it is dropped.
+    n, batch = 6_000, 10
+    rows = friedman_rows(n)
+    write_csv(tmp_path / "f.csv", rows)
+    topics = Topics(f"t{uuid.uuid4().hex[:6]}")
+    with PrivateMosquitto(extra_config="max_queued_messages 4\nlog_type notice\n") as broker:
+        url = f"mqtt://127.0.0.1:{broker.port}"
+        frames = topics.readings("f")  # the replay's, as the broker passes them on
+        cap = Capture(broker.url, [topics.predictions(), topics.status(), topics.metrics(), frames])
+        edge = subprocess.Popen(
+            [*STREAMPIPE, "edge", "--broker", url, "--stage-id", "stalled", "--topic-root",
+             topics.root, "--queue-size", "4", "--metrics-port", "-1"],
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        replay = None
+        try:
+            assert cap.wait(lambda: onlines(cap, topics) == 1)
+            replay = start_replay(url, topics, tmp_path / "f.csv", rate=2_000, batch=batch)
+            assert cap.wait(lambda: len(seqs(cap, topics)) >= 1_000)
+            edge.send_signal(signal.SIGSTOP)  # connected, but takes nothing
+            stalled_at = len(cap.on(frames))
+            # 100 frames published meanwhile: the broker holds a few of them for the edge
+            # (4 in flight, 4 queued), and drops the rest
+            assert cap.wait(lambda: len(cap.on(frames)) >= stalled_at + 100)
+            edge.send_signal(signal.SIGCONT)
+            assert replay.wait(60) == 0, replay.stderr.read()
+            assert cap.wait(lambda: n - 1 in seqs(cap, topics))  # the stream went on
+        finally:
+            if replay is not None and replay.poll() is None:
+                replay.kill()
+            edge.send_signal(signal.SIGCONT)
+        stop(edge)  # publishes its final metrics
+        assert cap.wait(lambda: any(b["readings"] for b in cap.json(topics.metrics())))
+        final = cap.json(topics.metrics())[-1]
+        cap.close()
+        dropped = "Outgoing messages are being dropped for client" in broker.log.read_text()
+    got = predictions(cap, topics)
+    learned = [p["seq"] for p in got]
+    assert dropped
+    assert len(learned) == len(set(learned)) == final["predictions"]  # none learned twice
+    assert final["sequence_gaps"] >= 50 * batch
+    # Every reading was learned or counted missing, and what was learned, River's way.
+    assert len(learned) + final["sequence_gaps"] == n
+    assert [p["y_pred"] for p in got] == predict_then_learn([rows[s] for s in learned])
 
 
 def raw_publish(port: int, topic: str, payload: bytes, dup_count: int) -> None:
