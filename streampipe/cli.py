@@ -636,7 +636,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         f"({s.readings / max(elapsed, 1e-9):,.0f} readings/s), {s.bytes:,} bytes in "
         f"{s.messages:,} messages ({s.bytes / max(s.readings, 1):.1f} bytes/reading); "
         + (
-            "all acknowledged"
+            "all acknowledged by the broker"
             if acked
             else f"only {s.acked_readings:,} acknowledged within {args.ack_timeout:g} s"
         )
