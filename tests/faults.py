@@ -10,10 +10,9 @@ import contextlib
 import socket
 import threading
 from pathlib import Path
-from typing import Any
 
-from replaying import write_csv
-from river import datasets, linear_model, preprocessing
+from replaying import predict_then_learn, write_csv
+from river import datasets
 
 
 class TcpProxy:
@@ -99,18 +98,6 @@ def friedman_rows(n: int, seed: int = 7) -> list[tuple[dict[str, float], float]]
         ({f"x{k}": float(v) for k, v in x.items()}, float(y))
         for x, y in datasets.synth.Friedman(seed=seed).take(n)
     ]
-
-
-def predict_then_learn(rows: list[tuple[dict[str, float], float]], model: Any = None) -> list:
-    """River's own predict-then-learn on ``rows``, from ``model``'s current state (by
-    default a new ``StandardScaler | LinearRegression``, the edge's default model)."""
-    if model is None:
-        model = preprocessing.StandardScaler() | linear_model.LinearRegression()
-    expected = []
-    for x, y in rows:
-        expected.append(model.predict_one(x))
-        model.learn_one(x, y)
-    return expected
 
 
 def friedman_csv(path: Path, n: int, seed: int = 7) -> list[float]:

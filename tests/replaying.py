@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from river import linear_model, preprocessing
+
 
 def streampipe(*args: str) -> list[str]:
     return [sys.executable, "-m", "streampipe", *args]
@@ -26,6 +28,18 @@ def write_csv(path: Path, rows: Iterable[tuple[dict, Any]], target: str = "y") -
         w.writerow([*names, target])
         for x, y in rows:
             w.writerow([repr(x[n]) for n in names] + [repr(int(y) if isinstance(y, bool) else y)])
+
+
+def predict_then_learn(rows: list[tuple[dict[str, float], float]], model: Any = None) -> list:
+    """River's own predict-then-learn on ``rows``, from ``model``'s current state (by
+    default a new ``StandardScaler | LinearRegression``, the edge's default model)."""
+    if model is None:
+        model = preprocessing.StandardScaler() | linear_model.LinearRegression()
+    expected = []
+    for x, y in rows:
+        expected.append(model.predict_one(x))
+        model.learn_one(x, y)
+    return expected
 
 
 def start_replay(url: str, topics: Any, path: Path, *options: str) -> subprocess.Popen:

@@ -7,6 +7,7 @@ import threading
 
 import pytest
 from prometheus_client import CollectorRegistry
+from replaying import predict_then_learn
 from river import dummy, linear_model, metrics, preprocessing, stats
 from river.datasets import synth
 
@@ -48,14 +49,6 @@ def of(stage: EdgeStage, out, kind: str) -> list[dict]:
     return [json.loads(m.payload) for m in out if f"/{kind}/" in m.topic]
 
 
-def offline(model, data) -> list[float]:
-    preds = []
-    for x, y in data:
-        preds.append(model.predict_one(x))
-        model.learn_one(x, y)
-    return preds
-
-
 def linear():
     return preprocessing.StandardScaler() | linear_model.LinearRegression()
 
@@ -65,12 +58,12 @@ def test_the_challenger_is_evaluated_but_only_the_champion_is_served():
     stage = EdgeStage("cc", ModelSpec.parse(LINEAR), challenger=ModelSpec.parse(MEAN))
     out = run(stage, data)
     served = [p["y_pred"] for b in of(stage, out, "predictions") for p in b["predictions"]]
-    assert served == offline(linear(), data)
+    assert served == predict_then_learn(data, linear())
     assert {b["model"] for b in of(stage, out, "predictions")} == {
         "StandardScaler|LinearRegression"
     }
     mae = metrics.MAE()
-    for (_, y), p in zip(data, offline(dummy.StatisticRegressor(stats.Mean()), data)):
+    for (_, y), p in zip(data, predict_then_learn(data, dummy.StatisticRegressor(stats.Mean()))):
         mae.update(y, p)
     message = json.loads(stage.metrics_message().payload)
     assert message["challenger"]["model"] == "StatisticRegressor"
@@ -94,8 +87,8 @@ def test_a_challenger_better_by_the_rule_is_promoted_for_every_device():
     out = run(stage, data)
     # The rule, applied offline after each batch of 50: the linear model must first
     # learn enough to beat the mean by 20 % over the last 200 readings.
-    mean = offline(dummy.StatisticRegressor(stats.Mean()), data)
-    lin = offline(linear(), data)
+    mean = predict_then_learn(data, dummy.StatisticRegressor(stats.Mean()))
+    lin = predict_then_learn(data, linear())
     err = [(abs(y - a), abs(y - b)) for (_, y), a, b in zip(data, mean, lin)]
     when = next(
         end

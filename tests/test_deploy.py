@@ -17,8 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from faults import friedman_csv, friedman_rows, predict_then_learn
-from replaying import start_replay
+from faults import friedman_csv, friedman_rows
+from replaying import predict_then_learn, start_replay
 from river import linear_model, preprocessing, tree
 
 from streampipe.edge import EdgeConfig, EdgeService

@@ -4,26 +4,16 @@ from __future__ import annotations
 
 import math
 
-from replaying import replay_through_edge, write_csv
+from replaying import predict_then_learn, replay_through_edge, write_csv
 from river import datasets, evaluate, linear_model, metrics, preprocessing
 
 TARGET = "five_thirty_eight"
 
 
-def river_offline(rows: list[tuple[dict, float]]) -> list[float]:
-    """River's own predict-then-learn, the order progressive_val_score uses."""
-    model = preprocessing.StandardScaler() | linear_model.LinearRegression()
-    preds = []
-    for x, y in rows:
-        preds.append(model.predict_one(x))
-        model.learn_one(x, y)
-    return preds
-
-
 def test_trump_approval_predictions_equal_river_offline(broker, topics, capture, tmp_path):
     rows = list(datasets.TrumpApproval())
     write_csv(tmp_path / "trump.csv", rows, target=TARGET)
-    expected = river_offline(rows)
+    expected = predict_then_learn(rows)
     mae = evaluate.progressive_val_score(
         datasets.TrumpApproval(),
         preprocessing.StandardScaler() | linear_model.LinearRegression(),

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 from conftest import Capture
-from faults import TcpProxy, friedman_csv, friedman_rows, predict_then_learn
+from faults import TcpProxy, friedman_csv, friedman_rows
+from replaying import predict_then_learn, write_csv
 from replaying import start_replay as replay_in_background
-from replaying import write_csv
 
 from streampipe import codec
 from streampipe.broker import PrivateMosquitto
