@@ -62,27 +62,15 @@ def onlines(cap: Capture, topics: Topics) -> int:
     return sum(m.payload == b"online" for m in cap.on(topics.status()))
 
 
-def start_edge(url: str, topics: Topics, state_dir: Path) -> subprocess.Popen:
+def start_edge(url: str, topics: Topics, state_dir: Path | None, *options: str) -> subprocess.Popen:
+    """``streampipe edge`` (stage ``faults``), checkpointing in ``state_dir`` if given."""
+    durable = ["--state-dir", str(state_dir), "--checkpoint-interval", "0.2"] if state_dir else []
     return subprocess.Popen(
-        [
-            *STREAMPIPE,
-            "edge",
-            "--broker",
-            url,
-            "--stage-id",
-            "faults",
-            "--topic-root",
-            topics.root,
-            "--state-dir",
-            str(state_dir),
-            "--checkpoint-interval",
-            "0.2",
-            "--metrics-port",
-            "-1",
-        ],
+        [*STREAMPIPE, "edge", "--broker", url, "--stage-id", "faults", "--topic-root",
+         topics.root, *durable, "--metrics-port", "-1", *options],
         stderr=subprocess.PIPE,
         text=True,
-    )
+    )  # fmt: skip
 
 
 def start_replay(
@@ -206,12 +194,7 @@ def test_readings_the_broker_drops_for_a_stalled_edge_are_counted_as_gaps(tmp_pa
         url = f"mqtt://127.0.0.1:{broker.port}"
         frames = topics.readings("f")  # the replay's, as the broker passes them on
         cap = Capture(broker.url, [topics.predictions(), topics.status(), topics.metrics(), frames])
-        edge = subprocess.Popen(
-            [*STREAMPIPE, "edge", "--broker", url, "--stage-id", "stalled", "--topic-root",
-             topics.root, "--queue-size", "4", "--metrics-port", "-1"],
-            stderr=subprocess.PIPE,
-            text=True,
-        )  # fmt: skip
+        edge = start_edge(url, topics, None, "--queue-size", "4")
         replay = None
         try:
             assert cap.wait(lambda: onlines(cap, topics) == 1)
