@@ -6,10 +6,10 @@ import json
 import threading
 
 import pytest
+from faults import friedman_rows
 from prometheus_client import CollectorRegistry
 from replaying import predict_then_learn
 from river import dummy, linear_model, metrics, preprocessing, stats
-from river.datasets import synth
 
 from streampipe import codec
 from streampipe.cli import main
@@ -24,10 +24,6 @@ from streampipe.transport import Connection
 
 MEAN = "dummy.StatisticRegressor(stats.Mean())"
 LINEAR = "preprocessing.StandardScaler | linear_model.LinearRegression"
-
-
-def rows(n: int = 1000, seed: int = 42) -> list[tuple[dict, float]]:
-    return [({f"x{k}": v for k, v in x.items()}, y) for x, y in synth.Friedman(seed=seed).take(n)]
 
 
 def frames(data, size: int = 50, start: int = 0) -> list[bytes]:
@@ -54,7 +50,7 @@ def linear():
 
 
 def test_the_challenger_is_evaluated_but_only_the_champion_is_served():
-    data = rows(600)
+    data = friedman_rows(600, seed=42)
     stage = EdgeStage("cc", ModelSpec.parse(LINEAR), challenger=ModelSpec.parse(MEAN))
     out = run(stage, data)
     served = [p["y_pred"] for b in of(stage, out, "predictions") for p in b["predictions"]]
@@ -81,7 +77,7 @@ def test_the_challenger_is_evaluated_but_only_the_champion_is_served():
 
 
 def test_a_challenger_better_by_the_rule_is_promoted_for_every_device():
-    data = rows(1000)
+    data = friedman_rows(1000, seed=42)
     rule = PromotionRule(better_by=20, after=200)
     stage = EdgeStage("cc", ModelSpec.parse(MEAN), challenger=ModelSpec.parse(LINEAR), promote=rule)
     out = run(stage, data)
@@ -123,7 +119,7 @@ def test_a_challenger_not_better_by_the_rule_stays_a_challenger():
     # still beats the mean: so does every later window.
     rule = PromotionRule(better_by=0, after=500)
     stage = EdgeStage("cc", ModelSpec.parse(LINEAR), challenger=ModelSpec.parse(MEAN), promote=rule)
-    out = run(stage, rows(1000))
+    out = run(stage, friedman_rows(1000, seed=42))
     assert of(stage, out, "events") == []
     assert stage.stats.model_version == 1 and stage.challenger is not None
     champion, challenger = stage.duel.errors()
@@ -131,7 +127,7 @@ def test_a_challenger_not_better_by_the_rule_stays_a_challenger():
 
 
 def test_checkpoints_carry_the_challenger_and_a_promotion(tmp_path):
-    data = rows(400)
+    data = friedman_rows(400, seed=42)
 
     def new_stage() -> EdgeStage:
         return EdgeStage("cc", ModelSpec.parse(LINEAR), challenger=ModelSpec.parse(MEAN))
@@ -169,7 +165,7 @@ def test_streampipe_promote_promotes_over_mqtt(broker, topics, capture):
     thread = threading.Thread(target=service.run, daemon=True)
     thread.start()
     conn = Connection(broker.url, "cc-pub").connect()
-    data = rows(200)
+    data = friedman_rows(200, seed=42)
 
     def versions() -> list[int]:
         return [b["version"] for b in cap.json(topics.predictions())]
