@@ -18,6 +18,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from streampipe.transport.url import BrokerURL
 
@@ -48,6 +49,9 @@ class PrivateMosquitto:
     ``config=PATH`` runs that configuration file instead, unchanged (e.g. one made by
     ``streampipe broker init-secure --port PORT``); it must listen on ``127.0.0.1:port``,
     and ``tls=True`` says the listener speaks TLS, for :attr:`url`.
+
+    ``user=NAME`` starts it as that user, with that user's group only (needs root): a
+    test of how a config behaves for someone who is not root.
     """
 
     def __init__(
@@ -59,6 +63,7 @@ class PrivateMosquitto:
         workdir: Path | None = None,
         config: str | Path | None = None,
         tls: bool = False,
+        user: str | None = None,
     ) -> None:
         binary = shutil.which("mosquitto") or next(
             (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if os.path.exists(p)),
@@ -71,6 +76,7 @@ class PrivateMosquitto:
             raise ValueError("a given config needs the port it listens on")
         self.port = port or free_port()
         self.tls = tls
+        self.user = user
         self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="streampipe-mqtt-")
         self.dir = Path(workdir or self._tmp.name)  # type: ignore[union-attr]
         self.log = self.dir / "mosquitto.log"
@@ -102,12 +108,19 @@ class PrivateMosquitto:
         return BrokerURL("127.0.0.1", self.port, tls=self.tls)
 
     def start(self, timeout: float = 10.0) -> PrivateMosquitto:
+        as_user: dict[str, Any] = {}
+        if self.user is not None:
+            import pwd  # POSIX only, like running as another user
+
+            pw = pwd.getpwnam(self.user)
+            as_user = {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": []}
         logf = open(self.log, "ab")  # noqa: SIM115 - handed to the child process
         self.process = subprocess.Popen(
             [self.binary, "-c", str(self.config)],
             stdout=logf,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
+            **as_user,
         )
         logf.close()
         deadline = time.monotonic() + timeout
