@@ -67,6 +67,8 @@ class StageStats:
         self.cleaned = 0
         self.gaps = 0
         self.gap_events = 0
+        #: Devices first seen after their sequence had begun (what came before is no gap).
+        self.joined_midstream = 0
         self.non_finite_predictions = 0
         self.queue_depth: Callable[[], int] = lambda: 0
         self.sessions_lost: Callable[[], int] = lambda: 0
@@ -134,6 +136,7 @@ class StageStats:
             "rejected_by_reason": rejected,
             "cleaned_values": self.cleaned,
             "sequence_gaps": self.gaps,
+            "devices_joined_midstream": self.joined_midstream,
             "non_finite_predictions": self.non_finite_predictions,
             "devices": self.devices,
             "queue_depth": self.queue_depth(),
@@ -254,6 +257,11 @@ class StageCollector(Collector):
         )
         yield counter(
             "sequence_gaps", "Readings missing from sequences (skipped sequence numbers).", s.gaps
+        )
+        yield counter(
+            "devices_joined_midstream",
+            "Devices first seen after their first reading (earlier ones are not counted as gaps).",
+            s.joined_midstream,
         )
         yield counter(
             "non_finite_predictions",

@@ -305,6 +305,14 @@ class EdgeStage:
         if result.gap:
             stats.gaps += result.gap
             log.warning("device %s: %d readings missing", batch.device, result.gap)
+        if result.first_seq:  # joined mid-stream (0: seen from its first reading)
+            stats.joined_midstream += 1
+            log.info(
+                "device %s: first seen at seq %d of epoch %d",
+                batch.device,
+                result.first_seq,
+                batch.epoch,
+            )
         stats.non_finite_predictions += result.non_finite
         out: list[Outgoing] = []
         if result.y_pred:

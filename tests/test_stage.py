@@ -6,10 +6,12 @@ import json
 import math
 
 import pytest
+from prometheus_client import CollectorRegistry
 from river import linear_model, preprocessing
 
 from streampipe import codec
 from streampipe.learn.spec import ModelSpec
+from streampipe.metrics import StageCollector
 from streampipe.readings import Batch, Reading
 from streampipe.stage import EdgeStage
 
@@ -83,6 +85,45 @@ def test_gap_is_counted(stage):
     stage.handle(topic, frame(readings("d1", 5)))
     stage.handle(topic, frame(readings("d1", 5, start=12)))
     assert stage.stats.gaps == 7
+
+
+def test_a_device_first_seen_mid_stream_starts_its_watermark_without_a_gap(stage):
+    """An edge that joins a running fleet (or lost its checkpoint) never saw the readings
+    sent before it existed: they were not lost, so they are no gap. Gaps after that are."""
+    topic = stage.topics.readings("d1")
+    out = stage.handle(topic, frame(readings("d1", 4, start=1196, epoch=3)))
+    (body,) = bodies(out, "predictions")
+    assert [p["seq"] for p in body["predictions"]] == [1196, 1197, 1198, 1199]
+    assert stage.stats.gaps == 0 and stage.stats.joined_midstream == 1
+    stage.handle(topic, frame(readings("d1", 2, start=1205, epoch=3)))  # 1200-1204 missing
+    assert stage.stats.gaps == 5
+    stage.handle(topic, frame(readings("d1", 2, start=0, epoch=4)))  # a reboot: from seq 0
+    assert stage.stats.gaps == 5
+    stage.handle(topic, frame(readings("d1", 2, start=3, epoch=5)))  # a reboot, 0-2 missing
+    assert stage.stats.gaps == 8
+    stage.handle(stage.topics.readings("d2"), frame(readings("d2", 2)))  # seen from its start
+    assert stage.stats.joined_midstream == 1 and stage.stats.rejected == {}
+    registry = CollectorRegistry()
+    registry.register(StageCollector(stage.stats))
+    assert registry.get_sample_value("streampipe_devices_joined_midstream_total") == 1.0
+    assert registry.get_sample_value("streampipe_sequence_gaps_total") == 8.0
+    assert json.loads(stage.metrics_message().payload)["devices_joined_midstream"] == 1
+
+
+def test_a_device_whose_first_readings_are_all_refused_has_no_watermark_yet(stage):
+    topic = stage.topics.readings("d1")
+    bad = [Reading("d1", s, float(s), {"a": 1e308}, 1.0) for s in range(500, 503)]
+    stage.handle(topic, frame(bad))
+    stage.handle(topic, frame(readings("d1", 2, start=510)))
+    assert stage.stats.gaps == 0 and stage.stats.joined_midstream == 1
+
+
+def test_a_device_restored_from_a_checkpoint_still_counts_the_readings_it_missed(stage):
+    stage.handle(stage.topics.readings("d1"), frame(readings("d1", 5)))
+    restarted = EdgeStage("edge-1", clock=lambda: 1000.0)
+    restarted.restore(*stage.snapshot()[:2])
+    restarted.handle(restarted.topics.readings("d1"), frame(readings("d1", 5, start=100)))
+    assert restarted.stats.gaps == 95 and restarted.stats.joined_midstream == 0
 
 
 def test_bad_reading_in_batch_spares_its_neighbours_and_model_stays_finite(stage):

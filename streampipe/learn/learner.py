@@ -7,7 +7,10 @@ with the prediction and the target, then ``learn_one`` — exactly what
 Each device has its own model and a watermark ``(epoch, seq)``: a reading at or below
 the watermark has been learned already and is refused as a ``duplicate``, so a
 redelivered message changes no model. A sensor that reboots starts a new, larger epoch
-and its sequence numbers start again; a smaller epoch is ``stale_epoch``.
+and its sequence numbers start again; a smaller epoch is ``stale_epoch``. Sequence
+numbers skipped above the watermark are a ``gap``; a device's first accepted reading
+(no watermark yet: a new device, or a stage that joined a running fleet) starts the
+watermark, since readings sent before the stage saw the device were not lost.
 
 Each device's model has a *version*: 1 is what the stage's spec builds. :meth:`OnlineLearner.deploy`
 hot-swaps a deployed model in between two batches: every matching device continues
@@ -121,6 +124,8 @@ class LearnResult:
     duplicates: list[int] = field(default_factory=list)
     stale: list[int] = field(default_factory=list)
     gap: int = 0  # readings missing before or inside this batch (sequence numbers skipped)
+    #: The device had no watermark: the seq its first accepted reading started it at.
+    first_seq: int | None = None
     non_finite: int = 0  # predictions that were not finite numbers (published as null)
     version: int = 1  # of the device's model that made the predictions
     #: The predicted readings' targets as the model saw them (labels for a classifier).
@@ -286,7 +291,13 @@ class OnlineLearner:
         if epoch < st.epoch:
             out.stale, out.skipped = seqs, len(seqs)
             return out
-        if epoch > st.epoch:
+        if st.epoch < 0:  # no watermark: earlier readings predate this learner, not lost
+            if not seqs:
+                return out
+            st.epoch, st.seq = epoch, seqs[0] - 1
+            out.first_seq = seqs[0]
+            self.dirty.add(batch.batch.device)
+        elif epoch > st.epoch:
             st.epoch, st.seq = epoch, -1
             self.dirty.add(batch.batch.device)
         # Accepted sequence numbers increase strictly, so what was learned is a prefix.
