@@ -67,7 +67,7 @@ def column(n: int, elements: st.SearchStrategy[float]) -> st.SearchStrategy[np.n
 def batches(draw: st.DrawFn, max_n: int = 30, max_f: int = 6) -> Batch:
     n = draw(st.one_of(st.integers(0, max_n), st.just(max_n * 8)))
     f = draw(st.integers(0, max_f))
-    names = draw(st.lists(st.text(max_size=12), min_size=f, max_size=f, unique=True))
+    names = draw(st.lists(st.text(min_size=1, max_size=12), min_size=f, max_size=f, unique=True))
     device = draw(st.text(max_size=30))
     epoch = draw(st.integers(0, 2**64 - 1))
     if draw(st.booleans()):
@@ -442,6 +442,18 @@ def test_schema_frames_teach_the_registry() -> None:
         registry.add_frame(sframe, schema_id="00000000")
     with pytest.raises(CodecError):
         decode(sframe)  # a schema frame is not a batch
+
+
+@pytest.mark.parametrize("names", [("a", "a"), ("", "b"), ("a", "b", "a")])
+def test_repeated_or_empty_field_names_are_refused_inline_and_in_schemas(names) -> None:
+    b = Batch("d", 0, np.arange(2), np.zeros(2), names, np.ones((2, len(names))))
+    with pytest.raises(CodecError) as info:
+        decode(encode(b))
+    assert info.value.reason == "bad_field_names"
+    registry = SchemaRegistry()
+    with pytest.raises(CodecError) as info:
+        registry.add_frame(schema_frame(b)[1])
+    assert info.value.reason == "bad_field_names" and len(registry) == 0
 
 
 def test_schema_ids_depend_on_names_and_target() -> None:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 
+import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 from river import linear_model, preprocessing
@@ -227,6 +229,46 @@ def test_minibatch_mode_learns_a_batch_with_missing_values_reading_by_reading():
 def test_minibatch_mode_refuses_a_model_that_cannot_learn_in_batches():
     with pytest.raises(ValueError, match="cannot learn in mini-batches"):
         EdgeStage("edge-1", ModelSpec.parse("tree.HoeffdingTreeRegressor"), mode="minibatch")
+
+
+BAD_NAMES = [("a", "a"), ("", "b")]
+
+
+def bad_names_frame(names: tuple[str, ...], start: int, by_id: bool = False) -> bytes:
+    n = 5
+    batch = Batch("d1", 0, np.arange(start, start + n), np.arange(n, dtype=float), names,
+                  np.ones((n, len(names))), target=np.ones(n))  # fmt: skip
+    return codec.encode(batch, schema_id=by_id)
+
+
+@pytest.mark.parametrize("mode", ["exact", "minibatch"])
+@pytest.mark.parametrize("names", BAD_NAMES)
+def test_a_frame_with_repeated_or_empty_field_names_never_reaches_a_model(mode, names):
+    pytest.importorskip("pandas")
+    stage = EdgeStage("edge-1", mode=mode)
+    topic = stage.topics.readings("d1")
+    stage.handle(topic, frame(readings("d1", 3)))
+    model = pickle.dumps(stage.learner.devices["d1"].model)
+    out = stage.handle(topic, bad_names_frame(names, start=3))
+    assert [b["reason"] for b in bodies(out, "deadletter")] == ["bad_field_names"]
+    assert bodies(out, "predictions") == []
+    assert pickle.dumps(stage.learner.devices["d1"].model) == model
+    assert stage.learner.devices["d1"].seq == 2
+    assert stage.stats.rejected == {"bad_field_names": 1}
+
+
+@pytest.mark.parametrize("names", BAD_NAMES)
+def test_a_schema_with_repeated_or_empty_field_names_is_refused_as_it_arrives(names):
+    stage = EdgeStage("edge-1", clock=lambda: 1000.0)
+    sid, schema = codec.schema_frame(Batch("d1", 0, np.arange(1), np.zeros(1), names,
+                                           np.ones((1, len(names)))))  # fmt: skip
+    out, done = stage.handle_message(stage.topics.schemas(sid), schema, "schema")
+    assert [b["reason"] for b in bodies(out, "deadletter")] == ["bad_field_names"]
+    assert done == ["schema"] and sid not in stage.schemas
+    # A frame naming it waits, as for any schema the stage does not know.
+    held = stage.handle_message(stage.topics.readings("d1"), bad_names_frame(names, 0, True), 1)
+    assert held == ([], [])
+    assert "d1" not in stage.learner.devices
 
 
 def test_a_frame_that_arrives_before_its_schema_waits_for_it():

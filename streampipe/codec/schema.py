@@ -123,6 +123,12 @@ def unpack_names(data: bytes, limits: Limits) -> tuple[str, ...]:
 
 
 def check_names(obj: object, limits: Limits) -> tuple[str, ...]:
+    """Field names from the wire, inline or in a schema frame: the one place both pass.
+
+    A name that is empty or given twice is refused here, before any model sees it: a
+    feature dict would silently keep one of two values, and River's mini-batch API
+    refuses such a DataFrame after part of a pipeline has learned from it.
+    """
     if not isinstance(obj, list) or not all(isinstance(x, str) for x in obj):
         raise CodecError("malformed", "field names must be an array of strings")
     if len(obj) > limits.max_fields:
@@ -130,6 +136,11 @@ def check_names(obj: object, limits: Limits) -> tuple[str, ...]:
     for name in obj:
         if len(name.encode("utf-8", "surrogatepass")) > limits.max_string_bytes:
             raise CodecError("string_too_long", "a field name is too long")
+    if "" in obj:
+        raise CodecError("bad_field_names", "a field name is empty")
+    if len(set(obj)) != len(obj):
+        twice = next(name for i, name in enumerate(obj) if name in obj[:i])
+        raise CodecError("bad_field_names", f"field name {twice!r} is given more than once")
     return tuple(obj)
 
 
