@@ -6,8 +6,8 @@
 Each device publishes one single-reading frame every ``1 / rate`` seconds (QoS 1) on
 ``ROOT/readings/<device>``, stamped with the time it was due, so a late publish counts
 as latency wherever it is measured. The process wakes every ``--tick`` ms (1) and
-sends what fell due meanwhile in one ``send``: waking for each reading would cost the
-machine more than the pipeline it measures. Unlike ``streampipe sensors``, which simulates and
+sends what fell due meanwhile: waking for each reading would cost the machine more
+than the pipeline it measures. Unlike ``streampipe sensors``, which simulates and
 encodes each reading as it goes, this encodes every frame before ``--start``: a load
 generator that shares a machine with what it measures should cost it as little as it
 can. ``--process K/N`` shifts this process's devices by ``K/N`` of a step, so that N
@@ -96,14 +96,13 @@ def main() -> None:
     due = time.monotonic() + (first - time.time())
     sent = 0
     while sent < n:
-        # Everything due goes out now, in one send; then sleep a tick, or until the
+        # Everything due goes out now; then sleep a tick, or until the
         # next reading is due if that is later, and take in the PUBACKs meanwhile.
         now = time.monotonic()
-        with client.corked():
-            while sent < n and due + sent * step <= now:
-                topic, frame = frames[sent]
-                infos.append(client.publish(topic, frame, qos=1, properties=props))
-                sent += 1
+        while sent < n and due + sent * step <= now:
+            topic, frame = frames[sent]
+            infos.append(client.publish(topic, frame, qos=1, properties=props))
+            sent += 1
         if sent < n:
             time.sleep(max(args.tick / 1000, due + sent * step - now))
         client.loop(0)

@@ -2,7 +2,9 @@
 
 Threads and their jobs:
 
-- paho's network thread only puts received messages on a bounded queue;
+- paho's network thread only puts received messages in an :class:`~streampipe.inbox.Inbox`,
+  which never blocks it: that thread also reads the acknowledgements the worker
+  waits for, and sends keepalives;
 - the worker (the thread that calls :meth:`EdgeService.run`) decodes, validates,
   learns, publishes the outputs and only then acknowledges the input message
   (MQTT v5 manual acknowledgement), so a reading is never acknowledged before its
@@ -13,19 +15,23 @@ With a deploy key, model artifacts (``ROOT/models/<name>``) come through the sam
 and are handled by the worker like readings (:mod:`streampipe.models.receive`), so a
 hot swap falls between two messages and is committed with them.
 
-The queue cannot overflow with QoS 1 input: the stage announces a *Receive Maximum*
-equal to the queue's capacity, and the broker never has more unacknowledged
-messages in flight to us than that. QoS 0 input that finds the queue full is counted
+Flow control, so that a load larger than the edge can take is a normal condition:
+the stage announces a *Receive Maximum* equal to its queue's capacity, so the broker
+never has more unacknowledged QoS 1 messages in flight to us than that and keeps the
+rest queued for us (``max_queued_messages``); and the worker has at most
+:data:`MAX_UNACKED_OUTPUTS` outputs unacknowledged by the broker before it waits for
+them, and acknowledges input only after its outputs are handed on (or, with
+``--state-dir``, acknowledged and checkpointed), so a slow broker slows the input
+too. QoS 0 input that finds the queue full is counted
 (``streampipe_rejected_total{reason="queue_full"}``) and dropped, as QoS 0 allows.
 """
 
 from __future__ import annotations
 
-import contextlib
+import collections
 import json
 import logging
 import os
-import queue
 import socket
 import threading
 import time
@@ -36,6 +42,7 @@ from paho.mqtt.client import MQTTMessageInfo
 from prometheus_client import CollectorRegistry
 
 from streampipe.http import Health, MetricsServer
+from streampipe.inbox import Inbox
 from streampipe.learn.challenger import PromotionRule
 from streampipe.learn.spec import DEFAULT_MODEL_SPEC, ModelSpec
 from streampipe.metrics import LatencyHistogram, StageCollector, StageStats
@@ -53,10 +60,10 @@ log = logging.getLogger(__name__)
 ONLINE, OFFLINE = b"online", b"offline"
 #: Messages processed back to back before the loop looks at its timers again.
 DRAIN_AT_ONCE = 256
-#: Messages whose outputs and acknowledgements are sent together when draining a
-#: backlog: one ``send`` instead of two per message, holding the first output back
-#: by at most the time the rest take to process (well under a millisecond each).
-SEND_TOGETHER = 16
+#: Outputs (QoS 1) handed to the client but not yet acknowledged by the broker before
+#: the worker waits for the oldest: bounds the client's memory, leaves its network
+#: thread time to send them, and keeps within MQTT's 65,535 packet ids.
+MAX_UNACKED_OUTPUTS = 2000
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +84,9 @@ class EdgeConfig:
     mode: str = "exact"  # or "minibatch": see streampipe.learn.learner
     queue_size: int = 1000
     keepalive: int = 30
+    #: /healthz says "unavailable" once messages have waited this long while the worker
+    #: finished none: a stage that is stuck, not merely behind.
+    stall_after: float = 60.0
     deploy_key: str | None = None  # public key file: accept signed models on ROOT/models/<name>
     # Evaluation beyond the rolling metrics (see streampipe.stage); all off by default.
     anomaly_threshold: float | None = None
@@ -136,18 +146,19 @@ class EdgeService:
             CheckpointStore(config.state_dir, config.stage_id) if config.state_dir else None
         )
         self.registry.register(StageCollector(self.stats))
-        self.queue: queue.Queue[Message] = queue.Queue(maxsize=config.queue_size)
-        self.stats.queue_depth = self.queue.qsize
+        self.inbox: Inbox[Message] = Inbox(config.queue_size)
+        self.stats.queue_depth = self.inbox.qsize
         self.stats.queue_capacity = config.queue_size
         self.ready = threading.Event()
         self._stop = threading.Event()
-        #: Set once shutting down: the network thread no longer waits for queue room.
-        self._closing = threading.Event()
+        #: When the worker last finished a message or found none waiting (monotonic).
+        self._progress = time.monotonic()
         self.instance = uuid.uuid4().hex  # this process, in the stage's retained claim
         self._instance_topic = self.topics.instance(config.stage_id)
-        # Processed but not yet acknowledged input, and the outputs published for it.
-        self._uncommitted: list[Message] = []
-        self._outputs: list[MQTTMessageInfo] = []
+        # Processed but not yet acknowledged input (with the connection it came in on),
+        # and the outputs published but not yet acknowledged by the broker, oldest first.
+        self._uncommitted: list[tuple[int, Message]] = []
+        self._outputs: collections.deque[MQTTMessageInfo] = collections.deque()
         self._oldest_uncommitted = 0.0
         # Commit before half the broker's in-flight window is used, so it keeps sending.
         self._commit_every = max(1, config.queue_size // 2)
@@ -170,20 +181,10 @@ class EdgeService:
     # -- network thread ------------------------------------------------------------
 
     def _enqueue(self, msg: Message) -> None:
-        try:
-            self.queue.put_nowait(msg)
-        except queue.Full:
-            if msg.qos == 0:
-                self.stats.reject("queue_full")
-                return
-            # Within Receive Maximum the queue has room; a broker that sends more is
-            # waited for, never dropped, until this stage shuts down: then the message
-            # stays unacknowledged and the broker gives it to the next session. (A
-            # network thread blocked here for good would hang the shutdown itself.)
-            while not self._closing.is_set():
-                with contextlib.suppress(queue.Full):
-                    self.queue.put(msg, timeout=0.2)
-                    return
+        # Never blocks (see streampipe.inbox). The connection number is read here, on
+        # the thread that counts connections, so it is the one msg came in on.
+        if not self.inbox.put(msg, qos=msg.qos, connection=self.conn.connects):
+            self.stats.reject("queue_full")
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -208,7 +209,9 @@ class EdgeService:
                 cfg.metrics_port,
                 self.registry,
                 lambda: Health(
-                    self.conn.connected, self.ready.is_set() and not self._stop.is_set()
+                    self.conn.connected,
+                    self.ready.is_set() and not self._stop.is_set(),
+                    not self.stalled(),
                 ),
             )
             self._http = server
@@ -311,6 +314,15 @@ class EdgeService:
         """Ask :meth:`run` to finish what it has and return."""
         self._stop.set()
 
+    def stalled(self) -> bool:
+        """Whether messages wait while the worker has finished none for
+        ``stall_after`` seconds: stuck, not merely behind (that keeps finishing)."""
+        return (
+            self.inbox.qsize() > 0
+            and time.monotonic() - self._progress > self.config.stall_after
+            and self.inbox.oldest_age() > self.config.stall_after
+        )
+
     def run(self) -> None:
         """Process messages until stopped, then drain, report and disconnect cleanly."""
         next_metrics = time.monotonic() + self.config.metrics_interval
@@ -325,14 +337,10 @@ class EdgeService:
                 if self._uncommitted:
                     due = self._oldest_uncommitted + self.config.checkpoint_interval
                     timeout = max(0.0, min(timeout, due - time.monotonic()))
-                try:
-                    msg = self.queue.get(timeout=timeout)
-                except queue.Empty:
-                    msg = None
-                if msg is not None:
-                    with self.conn.corked():
-                        self._process(msg)
-                    self._drain(DRAIN_AT_ONCE)
+                if self._next(timeout):
+                    self._drain(DRAIN_AT_ONCE - 1)
+                else:
+                    self._progress = time.monotonic()  # idle is not stuck
                 if self._uncommitted and time.monotonic() >= (
                     self._oldest_uncommitted + self.config.checkpoint_interval
                 ):
@@ -345,63 +353,99 @@ class EdgeService:
             self._shutdown()
 
     def _drain(self, limit: int) -> None:
-        """Process what has already arrived, up to ``limit`` messages, without waiting.
-        The outputs and acknowledgements of up to :data:`SEND_TOGETHER` messages go
-        out in one ``send``."""
-        while limit > 0:
-            with self.conn.corked():
-                for _ in range(min(limit, SEND_TOGETHER)):
-                    try:
-                        msg = self.queue.get_nowait()
-                    except queue.Empty:
-                        return
-                    self._process(msg)
-                    limit -= 1
+        """Process what has already arrived, up to ``limit`` messages, without waiting."""
+        for _ in range(limit):
+            if not self._next(0.0):
+                return
 
-    def _process(self, msg: Message) -> None:
+    def _next(self, timeout: float) -> bool:
+        """Process the next message, waiting up to ``timeout`` s for one; False if none
+        came. A copy from an earlier connection that the broker resends is skipped."""
+        got = self.inbox.get(timeout)
+        if got is None:
+            return False
+        connection, msg = got
+        conn = self.conn
+        if connection != conn.connects and conn.session_present:
+            # The broker resumed our session and resends every unacknowledged message
+            # with its packet id: this older copy would be a duplicate, whose readings
+            # the watermark refuses. (With the session lost, nothing is resent: the
+            # older copy is all there is, and it is processed.)
+            self.inbox.drop_older(conn.connects)
+            return True
+        self._process(connection, msg)
+        self._progress = time.monotonic()
+        return True
+
+    def _process(self, connection: int, msg: Message) -> None:
         if msg.topic == self._instance_topic:
-            self._check_claim(msg)
+            self._check_claim(connection, msg)
             return
         receiver = self.receiver
+        token = (connection, msg)
         try:
             if receiver is not None and msg.topic == receiver.topic:
-                outputs, done = receiver.handle(msg.topic, msg.payload), [msg]
+                outputs, done = receiver.handle(msg.topic, msg.payload), [token]
             else:
-                outputs, done = self.stage.handle_message(msg.topic, msg.payload, msg)
+                outputs, done = self.stage.handle_message(msg.topic, msg.payload, token)
         except Exception as exc:  # a bug, not bad input: keep the stage alive, report it
             log.exception("internal error processing a message on %s", msg.topic)
             outputs = [self.stage.dead_letter(msg.topic, msg.payload, "internal_error", repr(exc))]
-            done = [msg]
+            done = [token]
         self._finish(outputs, done)  # type: ignore[arg-type]
 
-    def _check_claim(self, msg: Message) -> None:
+    def _check_claim(self, connection: int, msg: Message) -> None:
         try:
             owner = json.loads(msg.payload).get("instance")
         except (ValueError, AttributeError):
             owner = None
-        self.conn.ack(msg.mid, msg.qos)
+        self.conn.ack(msg, connection)
         if owner is not None and owner != self.instance:
             # Another process started as this stage and took our session over. Taking it
             # back would make the two fight forever: this one stops.
             self.conn.taken_over.set()
 
-    def _finish(self, outputs: list[Outgoing], done: list[Message]) -> None:
+    def _finish(self, outputs: list[Outgoing], done: list[tuple[int, Message]]) -> None:
         """Publish outputs; acknowledge the messages done with, now or at the next commit.
         (A frame that waits for its schema is not done, so it is not acknowledged.)"""
         for out in outputs:
-            info = self._publish(out)
-            if self.checkpoints is not None:
-                self._outputs.append(info)
+            self._publish(out)
         if self.checkpoints is None:
             # Nothing to make durable: a message is done once its outputs are handed on.
-            for msg in done:
-                self.conn.ack(msg.mid, msg.qos)
+            for connection, msg in done:
+                self.conn.ack(msg, connection)
             return
         if done and not self._uncommitted:
             self._oldest_uncommitted = time.monotonic()
         self._uncommitted += done
         if len(self._uncommitted) >= self._commit_every:
             self._commit()
+
+    def _await_outputs(self, most: int, timeout: float | None = None) -> bool:
+        """Wait until at most ``most`` outputs await the broker's acknowledgement;
+        False if ``timeout`` passed first, or the stage is stopping (without one).
+
+        Only the network thread reads acknowledgements, and it never waits for this
+        thread (:mod:`streampipe.inbox`), so this wait always ends once the broker is
+        reachable.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        outputs = self._outputs
+        while outputs and outputs[0].is_published():
+            outputs.popleft()
+        while len(outputs) > most:
+            info = outputs[0]
+            while not info.is_published():
+                left = 1.0 if deadline is None else deadline - time.monotonic()
+                if left <= 0 or (self._stop.is_set() and deadline is None):
+                    return False
+                try:
+                    info.wait_for_publish(min(left, 1.0))
+                except RuntimeError:  # disconnected: paho resends once reconnected
+                    self.conn.wait_connected(min(left, 1.0))
+            while outputs and outputs[0].is_published():
+                outputs.popleft()
+        return True
 
     def _commit(self, timeout: float | None = None) -> bool:
         """Make processed input durable, then acknowledge it.
@@ -412,21 +456,11 @@ class EdgeService:
         watermarks then tell what was already learned. Returns False if the outputs
         were not acknowledged within ``timeout`` (nothing is acknowledged then).
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        self.conn.send_held()  # outputs still held by a corked block cannot be acknowledged
-        for info in self._outputs:
-            while not info.is_published():
-                left = 1.0 if deadline is None else deadline - time.monotonic()
-                if left <= 0 or (self._stop.is_set() and deadline is None):
-                    return False
-                try:
-                    info.wait_for_publish(min(left, 1.0))
-                except RuntimeError:  # disconnected: paho resends once reconnected
-                    self.conn.wait_connected(min(left, 1.0))
-        self._outputs.clear()
+        if not self._await_outputs(0, timeout):
+            return False
         self._checkpoint()
-        for msg in self._uncommitted:
-            self.conn.ack(msg.mid, msg.qos)
+        for connection, msg in self._uncommitted:
+            self.conn.ack(msg, connection)
         self.stats.commits += 1
         self._uncommitted.clear()
         return True
@@ -436,17 +470,22 @@ class EdgeService:
             meta, changed, full = self.stage.snapshot()
             self.checkpoints.save(meta, changed, full=full)
 
-    def _publish(self, out: Outgoing) -> MQTTMessageInfo:
-        return self.conn.publish(
+    def _publish(self, out: Outgoing) -> None:
+        """Hand an output to the client, first waiting for the broker to acknowledge
+        older ones if :data:`MAX_UNACKED_OUTPUTS` are outstanding."""
+        if out.qos and len(self._outputs) >= MAX_UNACKED_OUTPUTS:
+            self._await_outputs(MAX_UNACKED_OUTPUTS // 2)
+        info = self.conn.publish(
             out.topic, out.payload, qos=out.qos, retain=out.retain, content_type="application/json"
         )
+        if out.qos:
+            self._outputs.append(info)
 
     def _shutdown(self) -> None:
-        self._closing.set()
         try:
             # Finish what was already received; the session (and its subscriptions) stays
             # with the broker, which keeps what arrives from now on for the next start.
-            self._drain(self.queue.qsize())
+            self._drain(self.inbox.qsize())
             self._publish(self.stage.metrics_message())
             if self.checkpoints is not None and not self._commit(timeout=10):
                 log.warning("outputs not acknowledged by the broker; input left unacknowledged")

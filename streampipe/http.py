@@ -33,14 +33,16 @@ __all__ = ["Health", "MetricsServer"]
 
 @dataclass(frozen=True, slots=True)
 class Health:
-    """Whether a stage is connected to its broker and running (processing messages)."""
+    """Whether a stage is connected to its broker, running, and making progress (not
+    stuck with messages waiting)."""
 
     connected: bool
     running: bool
+    progressing: bool = True
 
     @property
     def ok(self) -> bool:
-        return self.connected and self.running
+        return self.connected and self.running and self.progressing
 
     def body(self) -> dict[str, Any]:
         return {"status": "ok" if self.ok else "unavailable", **asdict(self)}

@@ -89,19 +89,18 @@ class ReadingPublisher:
 
     def flush_due(self) -> None:
         """Send the readings that have waited ``linger`` seconds, and with them every
-        device's that has waited half of it, in one ``send``.
+        device's that has waited half of it.
 
         Taking the half-due along (as Kafka's producer drains every partition of a
-        broker that has one batch ready) makes one wake-up and one ``send`` serve many
+        broker that has one batch ready) makes one wake-up of the sender serve many
         devices at a modest cost in batch size: every frame still waited at least half
         the linger bound, and none waits longer than it.
 
         Example:
-            >>> from contextlib import nullcontext
             >>> from types import SimpleNamespace
             >>> from streampipe.readings import Reading
             >>> now, sent = [0.0], []
-            >>> conn = SimpleNamespace(corked=nullcontext)  # stands in for a Connection
+            >>> conn = SimpleNamespace()  # stands in for a Connection
             >>> pub = ReadingPublisher(conn, Topics("t"), linger=1.0, clock=lambda: now[0])
             >>> pub.send = lambda frame: sent.append(frame.device)
             >>> for t, device in [(0.0, "a"), (0.4, "b"), (0.6, "c")]:
@@ -114,20 +113,18 @@ class ReadingPublisher:
             >>> pub.next_due()  # "c", which waited 0.4
             1.6
         """
-        with self.conn.corked():  # what leaves now leaves in one send
-            self.send_backlog()
-            due = self.next_due()
-            now = self.clock()
-            if due is None or due > now:
-                return
-            cutoff = now - self.linger / 2
-            for device in [d for d, t in self._since.items() if t <= cutoff]:
-                self._flush_device(device)
+        self.send_backlog()
+        due = self.next_due()
+        now = self.clock()
+        if due is None or due > now:
+            return
+        cutoff = now - self.linger / 2
+        for device in [d for d, t in self._since.items() if t <= cutoff]:
+            self._flush_device(device)
 
     def flush(self) -> None:
-        with self.conn.corked():
-            for device in list(self._buffers):
-                self._flush_device(device)
+        for device in list(self._buffers):
+            self._flush_device(device)
 
     def next_due(self) -> float | None:
         """When (on ``clock``) the oldest buffered reading reaches its linger bound."""
@@ -190,7 +187,6 @@ class ReadingPublisher:
     def _wait_oldest(self, timeout: float | None = None) -> bool:
         info = self._pending[0][0]
         deadline = None if timeout is None else time.monotonic() + timeout
-        self.conn.send_held()  # it may be held by a corked block of ours
         while not info.is_published():  # type: ignore[attr-defined]
             left = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
             if left <= 0:

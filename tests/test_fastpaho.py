@@ -8,7 +8,6 @@ through a real Mosquitto from several threads at once.
 
 from __future__ import annotations
 
-import contextlib
 import struct
 import threading
 from typing import Any
@@ -267,25 +266,6 @@ def test_a_full_in_flight_window_sends_the_queued_in_order_as_paho_does(
     assert states[0] == states[1]
 
 
-def test_a_corked_block_sends_what_paho_sends_in_one_send() -> None:
-    sent = []
-    for cls in CLASSES:
-        wire = Wire()
-        calls: list[bytes] = []
-        send = wire.send
-        wire.send = lambda b, send=send, calls=calls: calls.append(bytes(b)) or send(b)
-        c = connected(cls, wire, manual_ack=True)
-        with c.corked() if cls is FastClient else contextlib.nullcontext():
-            for i in range(3):
-                c.publish(f"t/{i}", bytes(range(i)), qos=1)
-            c.ack(7, 1)
-            held = bytes(wire.sent)
-        if cls is FastClient:
-            assert held == b"" and len(calls) == 1
-        sent.append(bytes(wire.sent))
-    assert sent[0] == sent[1]
-
-
 def test_packets_cut_by_a_full_socket_are_sent_whole_and_in_order() -> None:
     sent = []
     for cls, limit in ((paho.Client, None), (FastClient, 7)):
@@ -310,9 +290,8 @@ def test_streampipe_uses_the_fast_client_on_the_tested_paho() -> None:
 def test_threads_publishing_while_receiving_lose_and_repeat_nothing(
     broker: PrivateMosquitto,
 ) -> None:
-    """Worker threads publish (sending from their own thread when the socket is free)
-    while the network thread receives and acknowledges: every message arrives once,
-    each thread's in its order."""
+    """Worker threads publish while the network thread receives and acknowledges:
+    every message arrives once, each thread's in its order."""
     threads, per_thread = 3, 400
     done = threading.Event()
     got: list[bytes] = []

@@ -378,32 +378,46 @@ def test_a_model_slower_than_the_keepalive_does_not_disconnect(broker, topics, c
     assert statuses() == [b"online", b"offline"]
 
 
-def test_a_network_thread_waiting_for_queue_room_does_not_hang_the_shutdown():
-    """A broker that overruns Receive Maximum makes the network thread wait for room in
-    the edge's queue, not drop the message; once the edge shuts down, it stops waiting
-    (the message stays unacknowledged, for the next session) instead of blocking the
-    shutdown, which waits for that thread, forever."""
+def test_the_network_thread_never_waits_for_the_worker():
+    """A broker that sends more than Receive Maximum (or resends after a reconnect what
+    is still queued) is taken in at once: the network thread, which also reads the
+    acknowledgements the worker waits for, must never wait for the worker. Only QoS 0
+    beyond the capacity is dropped, and counted."""
     service = EdgeService(EdgeConfig(BrokerURL("127.0.0.1", 1), "full", queue_size=2))
-    queued = [Message(mid, b"r/d") for mid in (1, 2)]
-    for msg in queued:
-        service.queue.put_nowait(msg)
-    extra, late = Message(3, b"r/d"), Message(4, b"r/d")
-    for msg in (extra, late):
+    msgs = [Message(mid, b"r/d") for mid in (1, 2, 3, 4)]
+    for msg in msgs:
         msg.qos = 1
+    enqueue = threading.Thread(target=lambda: [service._enqueue(m) for m in msgs])
+    enqueue.start()
+    enqueue.join(5)
+    assert not enqueue.is_alive()
+    assert service.inbox.qsize() == 4
+    service._enqueue(Message(5, b"r/d"))  # QoS 0, full
+    assert service.inbox.qsize() == 4 and service.stats.rejected == {"queue_full": 1}
 
-    waiting = threading.Thread(target=service._enqueue, args=(extra,))
-    waiting.start()
-    assert service.queue.get(timeout=5) is queued[0]  # room: the waiting message gets in
-    waiting.join(10)
-    assert not waiting.is_alive()
-    assert list(service.queue.queue) == [queued[1], extra]
 
-    stuck = threading.Thread(target=service._enqueue, args=(late,))
-    stuck.start()
-    service._closing.set()  # what shutting down does first
-    stuck.join(10)
-    assert not stuck.is_alive()
-    assert list(service.queue.queue) == [queued[1], extra]  # not queued, not acknowledged
+def test_copies_from_before_a_reconnect_are_left_to_the_broker_to_resend():
+    """After a reconnect that resumed the session, the broker resends what was not
+    acknowledged, with the same packet ids: the copies still queued from the earlier
+    connection are dropped, not processed twice (nor acknowledged twice)."""
+    service = EdgeService(EdgeConfig(BrokerURL("127.0.0.1", 1), "resend"))
+    processed: list[tuple[int, int]] = []
+    service._process = lambda connection, msg: processed.append((connection, msg.mid))
+    for mid in (1, 2):
+        msg = Message(mid, b"r/d")
+        msg.qos = 1
+        service.inbox.put(msg, qos=1, connection=1)
+    service.conn.connects, service.conn.session_present = 2, True
+    resent = Message(1, b"r/d")
+    service.inbox.put(resent, qos=1, connection=2)
+    service._drain(10)
+    assert processed == [(2, 1)] and service.inbox.qsize() == 0
+
+    # With the session lost nothing is resent: the older copy is all there is.
+    service.inbox.put(Message(3, b"r/d"), qos=1, connection=2)
+    service.conn.connects, service.conn.session_present = 3, False
+    service._drain(10)
+    assert processed == [(2, 1), (2, 3)]
 
 
 def test_a_live_publisher_keeps_a_bounded_backlog_while_the_broker_is_away(tmp_path):

@@ -12,6 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from streampipe.broker import PrivateMosquitto
 from streampipe.edge import EdgeConfig, EdgeService
+from streampipe.transport import Connection
 
 
 def get(port: int, path: str) -> tuple[int, bytes]:
@@ -41,7 +42,9 @@ def test_healthz_follows_the_broker_connection(tmp_path):
             port = service.metrics_port
             assert port
             body = wait_status(port, 200)
-            assert body == {"status": "ok", "connected": True, "running": True}
+            assert body == {
+                "status": "ok", "connected": True, "running": True, "progressing": True
+            }  # fmt: skip
             status, metrics = get(port, "/metrics")
             names = {f.name for f in text_string_to_metric_families(metrics.decode())}
             assert status == 200 and "streampipe_readings_received" in names
@@ -52,6 +55,41 @@ def test_healthz_follows_the_broker_connection(tmp_path):
             broker.start()
             assert wait_status(port, 200)["connected"] is True
         finally:
+            service.stop()
+            thread.join(30)
+    assert not thread.is_alive()
+
+
+def test_healthz_says_unavailable_while_the_worker_is_stuck(tmp_path):
+    """A worker that finishes nothing while messages wait is stuck, not behind: 503
+    until it moves again."""
+    with PrivateMosquitto(workdir=tmp_path) as broker:
+        config = EdgeConfig(broker.url, "stuck", metrics_port=0, stall_after=0.5)
+        service = EdgeService(config).start()
+        entered, release = threading.Event(), threading.Event()
+        handle = service.stage.handle_message
+
+        def stuck(topic, payload, token):
+            entered.set()
+            release.wait(30)
+            return handle(topic, payload, token)
+
+        service.stage.handle_message = stuck
+        thread = threading.Thread(target=service.run, daemon=True)
+        thread.start()
+        try:
+            port = service.metrics_port
+            wait_status(port, 200)
+            with Connection(broker.url, "stuck-sender").connect() as sender:
+                for _ in range(2):  # one to be stuck on, one left waiting behind it
+                    sender.publish(service.topics.readings("d1"), b"x", qos=1).wait_for_publish(5)
+            assert entered.wait(10)
+            body = wait_status(port, 503)
+            assert body["progressing"] is False and body["connected"] is True
+            release.set()
+            assert wait_status(port, 200)["progressing"] is True
+        finally:
+            release.set()
             service.stop()
             thread.join(30)
     assert not thread.is_alive()

@@ -26,7 +26,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from streampipe.transport.fastpaho import Client, FastClient, frozen_properties
+from streampipe.transport.fastpaho import Client, frozen_properties
 from streampipe.transport.tls import TLSFiles
 from streampipe.transport.url import BrokerURL
 
@@ -115,7 +115,11 @@ class Connection:
         self._suback_failures: dict[int, str] = {}
         self.session_present = False
         #: Connections made (reconnects included) and sessions found missing on reconnect.
+        #: ``connects`` also numbers the connection a message came in on (:meth:`ack`).
         self.connects = 0
+        #: The broker's Receive Maximum (how many QoS 1 messages we may have in flight
+        #: to it), from its CONNACK; 65,535 when it sets none.
+        self.broker_receive_maximum = 65_535
         self.sessions_lost = 0
         #: Set when another client took over our client id (MQTT v5 reason 0x8E).
         self.taken_over = threading.Event()
@@ -133,6 +137,7 @@ class Connection:
             c.tls_set_context((url.tls_files or TLSFiles()).context())
         if will is not None:
             c.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
+        self._max_inflight = max_inflight
         c.max_inflight_messages_set(max_inflight)
         c.max_queued_messages_set(0)
         c.reconnect_delay_set(min_delay=1, max_delay=30)
@@ -176,6 +181,17 @@ class Connection:
         if self._refused is not None:
             self.close()
             raise ConnectError(f"broker {self.url} refused the connection: {self._refused}")
+        if self.broker_receive_maximum < self._client.max_inflight_messages:
+            # The broker takes fewer QoS 1 messages in flight than our window: a broker
+            # may refuse or drop the excess. paho sets its window only before it
+            # connects, so connect again with the broker's (once, at start-up; the
+            # session, if any, carries over).
+            self._client.disconnect()
+            self._client.loop_stop()
+            self._connected.clear()
+            self._first_connack.clear()
+            self._client.max_inflight_messages_set(self.broker_receive_maximum)
+            return self.connect(timeout)
         return self
 
     def close(self) -> None:
@@ -243,24 +259,17 @@ class Connection:
         _check(info.rc, f"publish to {topic}")
         return info
 
-    def corked(self) -> contextlib.AbstractContextManager[None]:
-        """A block whose publishes and acknowledgements (from this thread) go out
-        together when it ends, in one ``send``; see :meth:`FastClient.corked`. Call
-        :meth:`send_held` before waiting inside it for one of them to be acknowledged.
-        With plain paho (an untested paho version) it holds nothing back."""
-        if isinstance(self._client, FastClient):
-            return self._client.corked()
-        return contextlib.nullcontext()
+    def ack(self, msg: Message, connection: int | None = None) -> None:
+        """Acknowledge a message received with ``manual_ack=True``.
 
-    def send_held(self) -> None:
-        """Send now what this thread's :meth:`corked` blocks hold."""
-        if isinstance(self._client, FastClient):
-            self._client.send_held()
-
-    def ack(self, mid: int, qos: int) -> None:
-        """Acknowledge a message received with ``manual_ack=True``."""
-        if qos > 0:
-            self._client.ack(mid, qos)
+        ``connection`` is the value :attr:`connects` had when ``msg`` arrived (read it
+        in ``on_message``, on the network thread that counts connections). A message
+        from an earlier connection is not acknowledged: after a reconnect the broker
+        resends it with the same packet id, and that copy is acknowledged when it is
+        processed; or the broker kept no session, and there is nothing to acknowledge.
+        """
+        if msg.qos > 0 and (connection is None or connection == self.connects):
+            self._client.ack(msg.mid, msg.qos)
 
     # -- paho callbacks (network thread) --------------------------------------------
 
@@ -299,6 +308,8 @@ class Connection:
             return
         self._refused = None
         self.session_present = bool(flags.session_present)
+        if properties is not None and hasattr(properties, "ReceiveMaximum"):
+            self.broker_receive_maximum = int(properties.ReceiveMaximum)
         if self.connects and not self._clean_start and not self.session_present:
             self.sessions_lost += 1
             log.warning(
