@@ -247,7 +247,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds between metrics messages (%(default)s)",
     )
     edge.add_argument(
-        "--queue-size", type=_positive_int, default=1000, help="messages held for processing"
+        "--queue-size",
+        type=_positive_int,
+        default=1000,
+        help="messages held for processing; also the Receive Maximum announced to the "
+        "broker (%(default)s)",
+    )
+    edge.add_argument(
+        "--stall-after",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="/healthz answers 503 once messages have waited this long while the stage "
+        "finished none (%(default)s)",
     )
     edge.add_argument(
         "--deploy-key",
@@ -518,6 +530,7 @@ def cmd_edge(args: argparse.Namespace) -> int:
             partitions=args.partitions,
             window=args.window,
             queue_size=args.queue_size,
+            stall_after=args.stall_after,
             mode=args.mode,
             deploy_key=args.deploy_key,
             anomaly_threshold=args.anomaly_threshold,
