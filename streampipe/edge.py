@@ -481,6 +481,17 @@ class EdgeService:
         if out.qos:
             self._outputs.append(info)
 
+    def _announce_offline(self) -> None:
+        """Retain ``offline`` before the clean disconnect, which sends no will: also
+        after a failed shutdown (a full disk), so that a restart is not refused."""
+        if self.conn.taken_over.is_set():
+            return  # the stage runs in another process now: its status is not ours
+        try:
+            info = self.conn.publish(self.topics.status(self.config.stage_id), OFFLINE, retain=True)
+            info.wait_for_publish(5)
+        except Exception as exc:
+            log.warning("could not announce offline: %s", exc)
+
     def _shutdown(self) -> None:
         try:
             # Finish what was already received; the session (and its subscriptions) stays
@@ -489,11 +500,10 @@ class EdgeService:
             self._publish(self.stage.metrics_message())
             if self.checkpoints is not None and not self._commit(timeout=10):
                 log.warning("outputs not acknowledged by the broker; input left unacknowledged")
-            info = self.conn.publish(self.topics.status(self.config.stage_id), OFFLINE, retain=True)
-            info.wait_for_publish(5)
         except Exception as exc:  # shutting down: report, do not mask the original error
             log.warning("clean shutdown incomplete: %s", exc)
         finally:
+            self._announce_offline()
             self.conn.close()
             if self._http is not None:
                 self._http.shutdown()  # type: ignore[attr-defined]
