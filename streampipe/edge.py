@@ -4,7 +4,8 @@ Threads and their jobs:
 
 - paho's network thread only puts received messages in an :class:`~streampipe.inbox.Inbox`,
   which never blocks it: that thread also reads the acknowledgements the worker
-  waits for, and sends keepalives;
+  waits for, sends keepalives and answers liveness probes (see
+  :meth:`EdgeService._claim_stage`);
 - the worker (the thread that calls :meth:`EdgeService.run`) decodes, validates,
   learns, publishes the outputs and only then acknowledges the input message
   (MQTT v5 manual acknowledgement), so a reading is never acknowledged before its
@@ -29,9 +30,12 @@ too. QoS 0 input that finds the queue full is counted
 from __future__ import annotations
 
 import collections
+import contextlib
+import hashlib
 import json
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -64,6 +68,13 @@ DRAIN_AT_ONCE = 256
 #: the worker waits for the oldest: bounds the client's memory, leaves its network
 #: thread time to send them, and keeps within MQTT's 65,535 packet ids.
 MAX_UNACKED_OUTPUTS = 2000
+#: How long a starting stage waits for the process that claims the stage (whose retained
+#: status is ``online``) to answer a liveness probe; unanswered, the claim is stale. A
+#: live edge answers on its network thread, busy or not, within milliseconds.
+PROBE_TIMEOUT = 3.0
+#: A probe (QoS 0) is sent again this often until answered or PROBE_TIMEOUT is up.
+PROBE_EVERY = 0.5
+_NONCE = re.compile(r"[0-9a-f]{1,64}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +166,10 @@ class EdgeService:
         self._progress = time.monotonic()
         self.instance = uuid.uuid4().hex  # this process, in the stage's retained claim
         self._instance_topic = self.topics.instance(config.stage_id)
+        # Liveness probes come here; each is answered on <instance>/pong/<its nonce>.
+        self._ping_topic = f"{self._instance_topic}/ping"
+        self._whoami = _this_process()
+        self._probe_answer = json.dumps({"instance": self.instance, **self._whoami}).encode()
         # Processed but not yet acknowledged input (with the connection it came in on),
         # and the outputs published but not yet acknowledged by the broker, oldest first.
         self._uncommitted: list[tuple[int, Message]] = []
@@ -181,10 +196,31 @@ class EdgeService:
     # -- network thread ------------------------------------------------------------
 
     def _enqueue(self, msg: Message) -> None:
+        if self._answer_probe(msg):
+            return
         # Never blocks (see streampipe.inbox). The connection number is read here, on
         # the thread that counts connections, so it is the one msg came in on.
         if not self.inbox.put(msg, qos=msg.qos, connection=self.conn.connects):
             self.stats.reject("queue_full")
+
+    def _answer_probe(self, msg: Message) -> bool:
+        """Answer a liveness probe (:meth:`_claim_stage`) if ``msg`` is one; say whether
+        it was. On the network thread, ahead of any backlog; never blocks, never raises."""
+        try:
+            if msg.topic != self._ping_topic:
+                return False
+        except Exception:  # a topic paho cannot decode: not ours to judge here
+            return False
+        try:
+            nonce = msg.payload.decode("ascii", "replace")
+            if _NONCE.fullmatch(nonce):
+                pong = f"{self._instance_topic}/pong/{nonce}"
+                self.conn.publish(pong, self._probe_answer, qos=0)
+            # Subscribed at QoS 0; should one come at QoS 1, it is done with.
+            self.conn.ack(msg, self.conn.connects)
+        except Exception as exc:  # not connected, say: the prober asks again
+            log.debug("could not answer a liveness probe: %s", exc)
+        return True
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -235,9 +271,11 @@ class EdgeService:
                 cfg.stage_id,
             )
         self.stats.sessions_lost = lambda: self.conn.sessions_lost
+        # Answering probes before claiming: whoever sees the claim may probe it at once.
+        self.conn.subscribe(self._ping_topic, qos=0)
         claim = json.dumps(
-            {"instance": self.instance, "host": socket.gethostname(), "pid": os.getpid(),
-             "since": time.time()}
+            {"instance": self.instance, **self._whoami, "since": time.time(),
+             "lock": self._lock_id()}
         ).encode()  # fmt: skip
         self.conn.publish(self._instance_topic, claim, retain=True).wait_for_publish(10)
         if self.receiver is not None:
@@ -264,12 +302,21 @@ class EdgeService:
         return self
 
     def _claim_stage(self) -> None:
-        """Refuse to start while another process runs this stage.
+        """Refuse to start while another live process runs this stage.
 
-        The running one's status is ``online``; if it died without a word, the broker
-        publishes its will (``offline``) within 1.5 keepalives, so wait that long.
+        The running one's retained status is ``online`` and its claim (``instance``)
+        names it. A process that died without a word can leave both behind with no will
+        ever to come: a power cut that took the broker down with it, or a clean
+        disconnect after a failed shutdown. So the claim is checked: made in this pid
+        namespace of this boot by a pid that no longer exists (or on the state dir lock
+        this process now holds), it is stale at once; otherwise the claimer is sent a
+        liveness probe, which a live stage answers within milliseconds
+        (:meth:`_answer_probe`): an answer refuses this start, none within
+        :data:`PROBE_TIMEOUT` makes the claim stale.
         """
-        status_topic = self.topics.status(self.config.stage_id)
+        stage = self.config.stage_id
+        status_topic = self.topics.status(stage)
+        pong_topic = f"{self._instance_topic}/pong/{self.instance}"
         seen: dict[str, bytes] = {}
         changed = threading.Condition()
 
@@ -285,7 +332,7 @@ class EdgeService:
         probe.connect()
         try:
             marker = f"{self._instance_topic}/probe/{self.instance}"
-            probe.subscribe([status_topic, self._instance_topic, marker], qos=1)
+            probe.subscribe([status_topic, self._instance_topic, marker, pong_topic], qos=1)
             # Retained messages come before anything published after subscribing.
             probe.publish(marker, b"", qos=1)
             limit = time.monotonic() + 10
@@ -293,22 +340,64 @@ class EdgeService:
                 changed.wait_for(lambda: marker in seen, max(0.0, limit - time.monotonic()))
                 if seen.get(status_topic) != ONLINE:
                     return
-                patience = 1.5 * self.config.keepalive
-                log.warning(
-                    "stage %s is online elsewhere (%s); waiting up to %.0f s for it to end",
-                    self.config.stage_id,
-                    seen.get(self._instance_topic, b"?").decode(errors="replace"),
-                    patience,
-                )
-                if changed.wait_for(lambda: seen.get(status_topic) != ONLINE, patience):
-                    return
+                claim = _parse_claim(seen.get(self._instance_topic, b""))
+            why = self._claimer_gone(claim)
+            if why is None:
+
+                def ended_or_answered() -> bool:
+                    return seen.get(status_topic) != ONLINE or pong_topic in seen
+
+                deadline = time.monotonic() + PROBE_TIMEOUT
+                with changed:
+                    while not ended_or_answered() and (left := deadline - time.monotonic()) > 0:
+                        # QoS 0, as the edge subscribes: asked again in case one is lost.
+                        probe.publish(self._ping_topic, self.instance, qos=0)
+                        changed.wait_for(ended_or_answered, min(PROBE_EVERY, left))
+                    if seen.get(status_topic) != ONLINE:
+                        return  # it stopped meanwhile
+                    answer = seen.get(pong_topic)
+                if answer is not None:
+                    raise AlreadyRunning(
+                        f"stage {stage!r} is already running "
+                        f"({answer.decode(errors='replace')}): stop it first, or give this "
+                        "one another --stage-id"
+                    )
+                why = f"did not answer a probe within {PROBE_TIMEOUT:g} s"
+            log.warning(
+                "stage %s was claimed by pid %s on %s, which %s: the claim is stale; starting",
+                stage, claim.get("pid", "?"), claim.get("host", "?"), why,
+            )  # fmt: skip
         finally:
             probe.close()
-        raise AlreadyRunning(
-            f"stage {self.config.stage_id!r} is already running "
-            f"({seen.get(self._instance_topic, b'?').decode(errors='replace')}): stop it "
-            "first, or give this one another --stage-id"
-        )
+
+    def _claimer_gone(self, claim: dict[str, object]) -> str | None:
+        """Why the process that made ``claim`` is surely gone; ``None`` if only a probe
+        can tell (another machine, another boot or pid namespace, a pid in use)."""
+        lock = self._lock_id()
+        if lock is not None and claim.get("lock") == lock:
+            # It held this lock (the same file, this boot) until after it disconnected.
+            return "no longer exists (this process holds the state dir lock it held)"
+        pid = claim.get("pid")
+        if (
+            self._whoami["pidns"] is None
+            or claim.get("pidns") != self._whoami["pidns"]
+            or type(pid) is not int
+            or pid <= 0
+        ):
+            return None
+        # (A pid in use may be another process by now, or this one, or another stage in
+        # this process: the probe tells.)
+        return None if _pid_alive(pid) else "no longer exists"
+
+    def _lock_id(self) -> str | None:
+        """The state dir lock this process holds, as one file of this boot."""
+        if self.checkpoints is None or _BOOT is None:
+            return None
+        try:
+            st = os.stat(self.checkpoints.dir / f"{self.config.stage_id}.lock")
+        except OSError:
+            return None
+        return _digest(_BOOT, str(st.st_dev), str(st.st_ino))
 
     def stop(self) -> None:
         """Ask :meth:`run` to finish what it has and return."""
@@ -510,3 +599,52 @@ class EdgeService:
             if self.checkpoints is not None:
                 self.checkpoints.close()
             log.info("edge %s stopped", self.config.stage_id)
+
+
+def _read_boot_id() -> str | None:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip() or None
+    except OSError:  # not Linux
+        return None
+
+
+#: This boot of this machine (Linux); ``None`` where unknown.
+_BOOT = _read_boot_id()
+
+
+def _digest(*parts: str) -> str:
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:32]
+
+
+def _this_process() -> dict[str, object]:
+    """Who runs a stage, as its claim and its probe answers say. ``pidns`` stands for
+    this boot's pid namespace (Linux), within which a pid names one live process."""
+    pidns = None
+    if _BOOT is not None:
+        with contextlib.suppress(OSError):
+            pidns = _digest(_BOOT, os.readlink("/proc/self/ns/pid"))
+    return {"host": socket.gethostname(), "pid": os.getpid(), "pidns": pidns}
+
+
+def _parse_claim(payload: bytes) -> dict[str, object]:
+    try:
+        claim = json.loads(payload)
+    except ValueError:
+        return {}
+    return claim if isinstance(claim, dict) else {}
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists here (a zombie, killed but not yet reaped, is gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: it exists
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rpartition(b")")[2].split()[:1] != [b"Z"]
+    except OSError:
+        return True

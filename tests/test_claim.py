@@ -2,14 +2,18 @@
 
 A crashed stage (a power cut that takes the broker down with it, a full disk) must start
 again at once under its supervisor, while a second live process for one stage is still
-refused.
+refused: a live stage answers a liveness probe, a dead one cannot.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
 import os
 import signal
 import subprocess
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -19,6 +23,8 @@ from conftest import Capture
 from test_faults import start_edge
 
 from streampipe import codec
+from streampipe.broker import PrivateMosquitto
+from streampipe.edge import PROBE_TIMEOUT, AlreadyRunning, EdgeConfig, EdgeService
 from streampipe.readings import Batch, Reading
 from streampipe.topics import Topics
 from streampipe.transport import BrokerURL, Connection
@@ -52,6 +58,147 @@ def finish(proc: subprocess.Popen) -> tuple[int, str]:
         proc.kill()
         _, err = proc.communicate()
     return proc.returncode, err
+
+
+def wait_saved(broker: PrivateMosquitto, after_ns: int, timeout: float = 10.0) -> bool:
+    """Wait for the broker to write its database (it does every second) after a time."""
+    db = broker.dir / "mosquitto.db"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(FileNotFoundError):
+            if db.stat().st_mtime_ns > after_ns:
+                return True
+        time.sleep(0.05)
+    return False
+
+
+def test_a_stage_killed_together_with_its_broker_starts_again_at_once(tmp_path):
+    """A power cut: the broker restores the retained ``online`` and never sends the
+    edge's will; the restarted edge finds its claim's process gone and starts."""
+    topics = Topics(f"t{uuid.uuid4().hex[:6]}")
+    with PrivateMosquitto(persistence=True) as broker:
+        url = f"mqtt://127.0.0.1:{broker.port}"
+        cap = Capture(broker.url, [topics.status(STAGE)])
+        edge = start_edge(url, topics, tmp_path / "state")
+        try:
+            assert cap.wait(lambda: live_onlines(cap, topics) == 1)
+            assert wait_saved(broker, time.time_ns()), "the broker saved nothing"
+            cap.close()
+            edge.kill()  # the power cut: both at once, nothing said
+            broker.stop(signal.SIGKILL)
+            edge.wait(10)
+            broker.start()
+            cap = Capture(broker.url, [topics.status(STAGE), topics.predictions()])
+            # What the cut left: the dead edge's online, retained.
+            assert cap.wait(lambda: any(m.retain for m in cap.on(topics.status(STAGE))), 10)
+            assert [m.payload for m in cap.on(topics.status(STAGE))] == [b"online"]
+            started = time.monotonic()
+            edge = start_edge(url, topics, tmp_path / "state")
+            assert cap.wait(lambda: live_onlines(cap, topics) == 1, PROMPTLY), (
+                f"not online within {PROMPTLY:g} s of its restart"
+            )
+            took = time.monotonic() - started
+            publish_reading(broker.url, topics, "after-the-cut")
+            assert cap.wait(lambda: bool(cap.on(topics.predictions("after-the-cut"))), 10)
+        finally:
+            code, err = finish(edge)
+            cap.close()
+    assert code == 0, err
+    assert took < PROMPTLY
+    # Decided at once: the claim names a process of this machine that no longer exists.
+    assert "stale" in err and "no longer exists" in err, err
+
+
+def test_a_claim_that_no_process_answers_for_is_stale(broker, topics, caplog):
+    """A claim from another machine cannot be checked locally: unanswered, it is stale."""
+    pub = Connection(broker.url, f"claim-{uuid.uuid4().hex[:6]}").connect()
+    try:
+        claim = {"instance": "0" * 32, "host": "elsewhere", "pid": 4242, "since": 0}
+        pub.publish(topics.instance("gone"), json.dumps(claim), retain=True).wait_for_publish(10)
+        pub.publish(topics.status("gone"), b"online", retain=True).wait_for_publish(10)
+    finally:
+        pub.close()
+    caplog.set_level(logging.INFO, logger="streampipe.edge")
+    config = EdgeConfig(broker.url, "gone", topic_root=topics.root, keepalive=10)
+    started = time.monotonic()
+    service = EdgeService(config).start()
+    took = time.monotonic() - started
+    try:
+        assert service.conn.connected
+    finally:
+        service.stop()
+        service.run()
+    assert took < PROBE_TIMEOUT + 3
+    stale = [r.getMessage() for r in caplog.records if "stale" in r.getMessage()]
+    assert len(stale) == 1 and "elsewhere" in stale[0] and "4242" in stale[0], stale
+
+
+@pytest.mark.parametrize("state_dirs", ["none", "separate", "shared"])
+def test_a_second_live_process_for_a_stage_is_refused_at_once(
+    broker, topics, capture, tmp_path, state_dirs
+):
+    """Without a shared state dir its lock cannot tell; the running edge's answer does."""
+    first_dir, second_dir = {
+        "none": (None, None),
+        "separate": (tmp_path / "a", tmp_path / "b"),
+        "shared": (tmp_path / "s", tmp_path / "s"),
+    }[state_dirs]
+    url = f"mqtt://127.0.0.1:{broker.port}"
+    cap = capture([topics.status(STAGE)])
+    first = start_edge(url, topics, first_dir)
+    try:
+        assert cap.wait(lambda: live_onlines(cap, topics) == 1)
+        started = time.monotonic()
+        second = start_edge(url, topics, second_dir)
+        try:
+            _, err = second.communicate(timeout=60)
+        finally:
+            code, _ = finish(second)
+        took = time.monotonic() - started
+        assert first.poll() is None, "the running edge stopped"
+    finally:
+        first_code, first_err = finish(first)
+    assert code != 0
+    if state_dirs == "shared":  # the state dir's lock refuses it before it asks the broker
+        assert "is using stage id faults" in err, err
+    else:
+        assert f"stage '{STAGE}' is already running" in err, err
+        assert str(first.pid) in err, err  # it says which process
+    assert took < PROMPTLY
+    assert first_code == 0, first_err
+
+
+def test_a_stage_busy_with_a_backlog_still_answers_at_once(broker, topics):
+    """The probe is answered on the network thread, not behind the queued readings."""
+    config = EdgeConfig(broker.url, "busy", topic_root=topics.root)
+    first = EdgeService(config)
+    handle = first.stage.handle_message
+    busy, release = threading.Event(), threading.Event()
+
+    def stuck_handle(topic: str, payload: bytes, token: object):
+        busy.set()
+        release.wait(60)  # a model far slower than the readings come
+        return handle(topic, payload, token)
+
+    first.stage.handle_message = stuck_handle  # type: ignore[method-assign]
+    first.start()
+    thread = threading.Thread(target=first.run, daemon=True)
+    thread.start()
+    try:
+        for device in range(50):
+            publish_reading(broker.url, topics, f"d{device}")
+        assert busy.wait(10)
+        assert first.inbox.qsize() > 0  # a backlog waits behind the reading in hand
+        started = time.monotonic()
+        with pytest.raises(AlreadyRunning, match="stage 'busy' is already running"):
+            EdgeService(config).start()
+        took = time.monotonic() - started
+        assert first.conn.connected and first.conn.connects == 1
+    finally:
+        release.set()
+        first.stop()
+        thread.join(60)
+    assert took < PROBE_TIMEOUT
 
 
 def _mount_tmpfs(path: Path, size: str) -> None:

@@ -509,7 +509,7 @@ def test_a_second_edge_with_the_same_stage_id_is_refused(broker, topics):
     first = EdgeService(config).start()
     try:
         with pytest.raises(AlreadyRunning, match="stage 'twin' is already running"):
-            EdgeService(config).start()  # waits 1.5 keepalives for a will, then refuses
+            EdgeService(config).start()  # the first answers its probe: refused at once
         assert first.conn.connected and first.conn.connects == 1
     finally:
         first.stop()
