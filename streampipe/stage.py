@@ -29,7 +29,8 @@ from __future__ import annotations
 import base64
 import logging
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,7 +57,8 @@ log = logging.getLogger(__name__)
 #: How much of a rejected payload a dead letter carries (base64), and how many readings.
 DEADLETTER_PREFIX_BYTES = 256
 DEADLETTER_MAX_READINGS = 100
-#: Frames that wait for their schema: at most this many, for at most this long.
+#: Frames that wait for their schema, or behind a frame of their device that does: at
+#: most this many, none for longer than this (those behind go when the first one does).
 MAX_HELD = 1000
 HOLD_SECONDS = 10.0
 #: What ``--on-drift`` may do: publish the event only, or also replace the device's model.
@@ -64,6 +66,10 @@ ON_DRIFT = ("alert", "reset")
 #: Checkpoint keys of a challenger's device states: "challenger/<device>" (a device id
 #: never holds a "/", so these cannot collide with the champion's).
 CHALLENGER = "challenger"
+#: Checkpoint keys of the field-name schemas the stage has seen: "schema/<id>", each
+#: written once, so that after a restart the frames queued meanwhile need not wait for
+#: the retained schemas (the broker sends those only after what it queued).
+SCHEMA = "schema"
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +80,66 @@ class Outgoing:
     payload: bytes
     qos: int = 1
     retain: bool = False
+
+
+@dataclass(slots=True)
+class HeldFrame:
+    """A readings message that waits: for its schema, or behind a frame of its device
+    that does (``schema_id`` is the unknown schema it needs, None until it was tried)."""
+
+    since: float
+    topic: str
+    payload: bytes
+    token: object
+    schema_id: str | None = None
+
+
+class HeldFrames:
+    """Frames waiting, per device, in the order they came: a device's frames are learned
+    in that order, so none can move its watermark past an earlier one that waits.
+
+    The first frame of each device waits for a schema; those behind it wait for it.
+    Bounded in frames (:meth:`has_room` is the one place a bound is checked).
+    """
+
+    def __init__(self, max_frames: int = MAX_HELD) -> None:
+        self.max_frames = max_frames
+        self._by_device: dict[str, deque[HeldFrame]] = {}
+        self._count = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __contains__(self, device: object) -> bool:
+        return device in self._by_device
+
+    def has_room(self, device: str, payload: bytes) -> bool:
+        """Whether one more frame (of ``device``, of that size) may wait."""
+        return self._count < self.max_frames
+
+    def add(self, device: str, frame: HeldFrame) -> None:
+        self._by_device.setdefault(device, deque()).append(frame)
+        self._count += 1
+
+    def first(self, device: str) -> HeldFrame | None:
+        frames = self._by_device.get(device)
+        return frames[0] if frames else None
+
+    def pop_first(self, device: str) -> HeldFrame:
+        frames = self._by_device[device]
+        frame = frames.popleft()
+        self._count -= 1
+        if not frames:
+            del self._by_device[device]
+        return frame
+
+    def devices(self) -> list[str]:
+        """The devices with frames waiting, in the order their waiting began."""
+        return list(self._by_device)
+
+    def waiting_for(self, schema_id: str) -> list[str]:
+        """The devices whose first waiting frame needs ``schema_id``."""
+        return [d for d, frames in self._by_device.items() if frames[0].schema_id == schema_id]
 
 
 def _json(obj: Any) -> bytes:
@@ -104,6 +170,7 @@ class EdgeStage:
         challenger: ModelSpec | None = None,
         challenger_name: str | None = None,
         promote: PromotionRule | None = None,
+        max_held: int = MAX_HELD,
     ) -> None:
         self.stage_id = check_name(stage_id, "stage id")
         self.spec = spec or ModelSpec.parse(DEFAULT_MODEL_SPEC)
@@ -116,12 +183,11 @@ class EdgeStage:
         self.stats.model_name = model_name or self.spec.name
         self.stats.model_version = 1
         self.schemas = codec.SchemaRegistry()
+        self._unsaved_schemas: set[str] = set()  # learnt since the last snapshot
         self._control_topic = self.topics.control(self.stage_id)
         self.clock = clock
         self.on_latency = on_latency
-        # schema id -> frames waiting for it: (arrival time, topic, payload, token)
-        self._held: dict[str, list[tuple[float, str, bytes, object]]] = {}
-        self._held_count = 0
+        self._held = HeldFrames(max_held)
         kind = self.learner.kind
         self.anomaly_threshold = anomaly_threshold
         if anomaly_threshold is not None and kind != "anomaly":
@@ -191,25 +257,38 @@ class EdgeStage:
         self, topic: str, payload: bytes, token: object
     ) -> tuple[list[Outgoing], list[object]]:
         """Process one message; return its outputs and the tokens of the messages now
-        done with (``token`` itself, unless the message waits for its schema; those
-        of waiting messages that a schema released)."""
+        done with (``token`` itself, unless the message waits for its schema or behind
+        a frame of its device that does; those of waiting messages it released)."""
         if topic.startswith(self.topics.schemas("")):
             return self._handle_schema(topic, payload, token)
         if topic == self._control_topic:
             return self._handle_control(topic, payload), [token]
-        self.stats.messages += 1
         device = self.topics.device_of_reading_topic(topic)
         if device is None:
-            return [self.dead_letter(topic, payload, "wrong_topic", "not a readings topic")], [
-                token
-            ]
+            self.stats.messages += 1
+            dead = self.dead_letter(topic, payload, "wrong_topic", "not a readings topic")
+            return [dead], [token]
+        if device in self._held:  # learned after the device's frames that wait
+            return self._hold(device, HeldFrame(self.clock(), topic, payload, token))
+        out, missing = self._readings(topic, payload, device)
+        if missing is not None:
+            return self._hold(device, HeldFrame(self.clock(), topic, payload, token, missing))
+        return out, [token]
+
+    def _readings(
+        self, topic: str, payload: bytes, device: str
+    ) -> tuple[list[Outgoing], str | None]:
+        """Decode and learn one readings message; or, when its schema is unknown, do
+        nothing and return that schema's id (the message is counted once processed)."""
         try:
             batch = codec.decode(payload, self.schemas)
         except codec.CodecError as exc:
             if exc.reason == "unknown_schema" and exc.schema_id is not None:
-                return self._hold(topic, payload, token, exc)
-            return [self.dead_letter(topic, payload, exc.reason, str(exc))], [token]
-        return self._checked(topic, payload, device, batch), [token]
+                return [], exc.schema_id
+            self.stats.messages += 1
+            return [self.dead_letter(topic, payload, exc.reason, str(exc))], None
+        self.stats.messages += 1
+        return self._checked(topic, payload, device, batch), None
 
     def _checked(self, topic: str, payload: bytes, device: str, batch: Batch) -> list[Outgoing]:
         try:
@@ -223,36 +302,55 @@ class EdgeStage:
 
     # -- frames that arrive before their schema ---------------------------------------
 
-    def _hold(
-        self, topic: str, payload: bytes, token: object, exc: codec.CodecError
-    ) -> tuple[list[Outgoing], list[object]]:
+    def _hold(self, device: str, frame: HeldFrame) -> tuple[list[Outgoing], list[object]]:
         """Keep a frame whose schema has not arrived yet (MQTT orders messages per
-        topic, not across the schema and readings topics), within bounds."""
-        if self._held_count >= MAX_HELD:
-            return [self.dead_letter(topic, payload, exc.reason, str(exc))], [token]
-        sid = exc.schema_id
-        assert sid is not None
-        self._held.setdefault(sid, []).append((self.clock(), topic, payload, token))
-        self._held_count += 1
-        self.stats.messages -= 1  # counted when it is processed
-        return [], []
+        topic, not across the schema and readings topics), or that must be learned
+        after one of its device's that waits, within bounds."""
+        if self._held.has_room(device, frame.payload):
+            self._held.add(device, frame)
+            return [], []
+        self.stats.messages += 1
+        if frame.schema_id is not None:
+            detail = f"schema {frame.schema_id} is unknown"
+        else:  # learned now, it would move the device's watermark past those that wait
+            detail = f"an earlier frame of {device} waits for its schema"
+        detail += f", and {len(self._held)} frames wait already"
+        dead = self.dead_letter(frame.topic, frame.payload, "unknown_schema", detail)
+        return [dead], [frame.token]
+
+    def _release(
+        self, device: str, expired: float | None = None, max_age: float = HOLD_SECONDS
+    ) -> tuple[list[Outgoing], list[object]]:
+        """Process ``device``'s waiting frames in order, up to the first whose schema is
+        still unknown; one that came at or before ``expired`` is dead-lettered instead."""
+        out: list[Outgoing] = []
+        done: list[object] = []
+        while (frame := self._held.first(device)) is not None:
+            outputs, missing = self._readings(frame.topic, frame.payload, device)
+            if missing is not None:
+                if expired is None or frame.since > expired:
+                    frame.schema_id = missing
+                    break
+                self.stats.messages += 1
+                detail = f"schema {missing} did not arrive within {max_age:g} s of its frame"
+                outputs = [self.dead_letter(frame.topic, frame.payload, "unknown_schema", detail)]
+            self._held.pop_first(device)
+            out += outputs
+            done.append(frame.token)
+        return out, done
 
     def expire_held(self, max_age: float = HOLD_SECONDS) -> tuple[list[Outgoing], list[object]]:
-        """Dead-letter frames that waited more than ``max_age`` seconds for a schema."""
+        """Dead-letter frames that waited more than ``max_age`` seconds for a schema, and
+        process the frames of their devices that waited behind them."""
         out: list[Outgoing] = []
         done: list[object] = []
         cutoff = self.clock() - max_age
-        for sid in list(self._held):
-            waiting = self._held[sid]
-            while waiting and waiting[0][0] <= cutoff:
-                _, topic, payload, token = waiting.pop(0)
-                self._held_count -= 1
-                self.stats.messages += 1
-                detail = f"schema {sid} did not arrive within {max_age:g} s of its frame"
-                out.append(self.dead_letter(topic, payload, "unknown_schema", detail))
-                done.append(token)
-            if not waiting:
-                del self._held[sid]
+        for device in self._held.devices():
+            first = self._held.first(device)
+            if first is not None and first.since <= cutoff:
+                more, finished = self._release(device, cutoff, max_age)
+                out += more
+                done += finished
         return out, done
 
     def _handle_schema(
@@ -261,15 +359,18 @@ class EdgeStage:
         if not payload:  # a cleared retained schema
             return [], [token]
         sid = topic.rsplit("/", 1)[-1]
+        known = sid in self.schemas
         try:
             self.schemas.add_frame(payload, schema_id=sid)
         except codec.CodecError as exc:
             return [self.dead_letter(topic, payload, exc.reason, str(exc))], [token]
+        if known:
+            return [], [token]
+        self._unsaved_schemas.add(sid)
         out: list[Outgoing] = []
         done = [token]
-        for _, held_topic, held_payload, held_token in self._held.pop(sid, []):
-            self._held_count -= 1
-            more, finished = self.handle_message(held_topic, held_payload, held_token)
+        for device in self._held.waiting_for(sid):
+            more, finished = self._release(device)
             out += more
             done += finished
         return out, done
@@ -473,10 +574,30 @@ class EdgeStage:
                 **changed,
                 **{f"{CHALLENGER}/{d}": st for d, st in challenger_changed.items()},
             }
+        new = self.schemas if full else self._unsaved_schemas
+        if new:
+            changed = {**changed, **self._schema_rows(new)}
+        self._unsaved_schemas = set()
         return meta, changed, full
+
+    def _schema_rows(self, ids: Iterable[str]) -> dict[str, bytes]:
+        """Checkpoint rows of these schemas: their frames, checked again on restore."""
+        rows = {}
+        for sid in ids:
+            schema = self.schemas.get(sid)
+            if schema is not None:
+                rows[f"{SCHEMA}/{sid}"] = schema.frame()
+        return rows
 
     def restore(self, meta: dict[str, Any], devices: dict[Any, Any]) -> None:
         """Resume from a checkpoint; one written after a promotion resumes promoted."""
+        prefix = f"{SCHEMA}/"
+        for key, frame in devices.items():
+            if key.startswith(prefix):
+                try:  # authenticated, but checked as any schema is
+                    self.schemas.add_frame(frame, schema_id=key[len(prefix) :])
+                except codec.CodecError as exc:
+                    log.warning("checkpointed schema %s refused: %s", key[len(prefix) :], exc)
         if (
             self.challenger is not None
             and CHALLENGER not in meta

@@ -1,10 +1,13 @@
 """Authenticated, incremental checkpoints of a stage's learned state.
 
 A checkpoint holds the stage-level state (``meta``: model spec, metric scores, counters)
-and one row per device (its model and ``(epoch, seq)`` watermark). :meth:`save` is one
-SQLite transaction that replaces ``meta`` and only the devices it is given, so its cost
-follows what changed, not how many devices there are. SQLite gives the atomicity: a
-process killed at any moment leaves the previous commit whole, meta and devices alike.
+and one row per device (its model and ``(epoch, seq)`` watermark); a stage may keep
+other rows beside them, which the store treats alike, under names no device id has
+(with a ``/``: a challenger's devices, the field-name schemas the stage has seen).
+:meth:`save` is one SQLite transaction that replaces ``meta`` and only the devices it
+is given, so its cost follows what changed, not how many devices there are. SQLite
+gives the atomicity: a process killed at any moment leaves the previous commit whole,
+meta and devices alike.
 
 Every row is pickled and carries an HMAC-SHA256 over a domain tag, the stage id, the
 row's kind, the device name, its commit number and the pickle, so a tampered row, a row

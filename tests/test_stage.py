@@ -16,6 +16,7 @@ from streampipe.learn.spec import ModelSpec
 from streampipe.metrics import StageCollector
 from streampipe.readings import Batch, Reading
 from streampipe.stage import EdgeStage
+from streampipe.state import CheckpointStore
 
 
 @pytest.fixture
@@ -294,3 +295,129 @@ def test_a_frame_whose_schema_never_comes_is_dead_lettered_after_a_while():
     out, done = stage.expire_held(10.0)
     assert done == ["frame"] and bodies(out, "deadletter")[0]["reason"] == "unknown_schema"
     assert stage.stats.rejected == {"unknown_schema": 1}
+
+
+def only_a(device: str, n: int, start: int = 0) -> list[Reading]:
+    """Readings of another schema than :func:`readings` makes: feature ``a`` only."""
+    return [Reading(device, s, float(s), {"a": float(s % 7)}, 2.0) for s in range(start, start + n)]
+
+
+def seqs_of(out) -> list[int]:
+    return [p["seq"] for b in bodies(out, "predictions") for p in b["predictions"]]
+
+
+def test_a_devices_frames_wait_behind_its_frame_that_waits_for_a_schema():
+    """Whatever their schema, a device's later frames are learned after the one that
+    waits: learned first, they would move its watermark past it (making it duplicates)."""
+    stage = EdgeStage("edge-1", clock=lambda: 100.0)
+    topic = stage.topics.readings("d1")
+    ab = Batch.from_readings(readings("d1", 3))
+    sid_ab, schema_ab = codec.schema_frame(ab)
+    sid_a, schema_a = codec.schema_frame(Batch.from_readings(only_a("d1", 1)))
+    stage.handle_message(stage.topics.schemas(sid_a), schema_a, "schema a")
+    assert stage.handle_message(topic, codec.encode(ab, schema_id=True), "f1") == ([], [])
+    assert stage.handle_message(topic, frame(readings("d1", 3, start=3)), "f2") == ([], [])
+    by_a = codec.encode(Batch.from_readings(only_a("d1", 3, start=6)), schema_id=True)
+    assert stage.handle_message(topic, by_a, "f3") == ([], [])  # its schema is known
+    by_ab = codec.encode(Batch.from_readings(readings("d1", 2, start=9)), schema_id=True)
+    assert stage.handle_message(topic, by_ab, "f4") == ([], [])
+    out, done = stage.handle_message(stage.topics.readings("d2"), frame(readings("d2", 2)), "d2")
+    assert done == ["d2"] and seqs_of(out) == [0, 1]  # other devices do not wait
+    out, done = stage.handle_message(stage.topics.schemas(sid_ab), schema_ab, "schema ab")
+    assert done == ["schema ab", "f1", "f2", "f3", "f4"]
+    assert seqs_of(out) == list(range(11))
+    assert bodies(out, "deadletter") == [] and stage.stats.rejected == {}
+    assert stage.stats.gaps == 0 and stage.stats.messages == 5
+
+
+def test_frames_behind_one_whose_schema_never_comes_are_learned_in_order_once_it_expires():
+    now = [100.0]
+    stage = EdgeStage("edge-1", clock=lambda: now[0])
+    topic = stage.topics.readings("d1")
+    ab = Batch.from_readings(readings("d1", 3))
+    sid_ab, schema_ab = codec.schema_frame(ab)
+    by_a = codec.encode(Batch.from_readings(only_a("d1", 3, start=6)), schema_id=True)
+    for t, payload, token in [
+        (100.0, codec.encode(ab, schema_id=True), "f1"),  # its schema comes at 105
+        (101.0, frame(readings("d1", 3, start=3)), "f2"),
+        (102.0, by_a, "f3"),  # its schema never comes
+        (103.0, frame(readings("d1", 2, start=9)), "f4"),
+    ]:
+        now[0] = t
+        assert stage.handle_message(topic, payload, token) == ([], [])
+    now[0] = 105.0
+    out, done = stage.handle_message(stage.topics.schemas(sid_ab), schema_ab, "schema")
+    assert done == ["schema", "f1", "f2"] and seqs_of(out) == list(range(6))
+    now[0] = 111.9
+    assert stage.expire_held(10.0) == ([], [])
+    now[0] = 112.0
+    out, done = stage.expire_held(10.0)
+    assert done == ["f3", "f4"] and seqs_of(out) == [9, 10]
+    assert [b["reason"] for b in bodies(out, "deadletter")] == ["unknown_schema"]
+    assert stage.stats.rejected == {"unknown_schema": 1}  # no duplicate
+
+
+def test_the_first_frame_that_expires_releases_the_frames_behind_it():
+    now = [100.0]
+    stage = EdgeStage("edge-1", clock=lambda: now[0])
+    topic = stage.topics.readings("d1")
+    by_id = codec.encode(Batch.from_readings(readings("d1", 3)), schema_id=True)
+    assert stage.handle_message(topic, by_id, "f1") == ([], [])
+    now[0] = 105.0
+    assert stage.handle_message(topic, frame(readings("d1", 3, start=3)), "f2") == ([], [])
+    now[0] = 110.0
+    out, done = stage.expire_held(10.0)
+    assert done == ["f1", "f2"] and seqs_of(out) == [3, 4, 5]
+    assert [b["reason"] for b in bodies(out, "deadletter")] == ["unknown_schema"]
+    assert stage.handle(topic, frame(readings("d1", 1, start=6))) != []  # nothing waits now
+
+
+def test_a_frame_that_cannot_wait_behind_its_devices_held_one_is_dead_lettered():
+    stage = EdgeStage("edge-1", clock=lambda: 100.0, max_held=2)
+    topic = stage.topics.readings("d1")
+    by_id = codec.encode(Batch.from_readings(readings("d1", 3)), schema_id=True)
+    assert stage.handle_message(topic, by_id, "f1") == ([], [])
+    assert stage.handle_message(topic, frame(readings("d1", 3, start=3)), "f2") == ([], [])
+    out, done = stage.handle_message(topic, frame(readings("d1", 3, start=6)), "f3")
+    assert done == ["f3"] and seqs_of(out) == []  # learned now, it would pass f1 and f2
+    assert [b["reason"] for b in bodies(out, "deadletter")] == ["unknown_schema"]
+    out, done = stage.handle_message(stage.topics.readings("d2"), frame(readings("d2", 1)), "d2")
+    assert done == ["d2"] and seqs_of(out) == [0]
+
+
+def test_a_restarted_stage_knows_the_schemas_it_had_seen(tmp_path):
+    """Frames queued for a stopped edge reach it before the retained schemas do."""
+    stage = EdgeStage("edge-1", clock=lambda: 100.0)
+    topic = stage.topics.readings("d1")
+    store = CheckpointStore(tmp_path, "edge-1")
+    for data in [readings("d1", 3), only_a("d1", 2, start=3)]:
+        batch = Batch.from_readings(data)
+        sid, schema = codec.schema_frame(batch)
+        stage.handle_message(stage.topics.schemas(sid), schema, "schema")
+        stage.handle(topic, codec.encode(batch, schema_id=True))
+        meta, changed, full = stage.snapshot()
+        assert [k for k in changed if k.startswith("schema/")] == [f"schema/{sid}"]  # new only
+        store.save(meta, changed, full=full)
+    stage.handle_message(stage.topics.schemas(sid), schema, "schema")  # retained, again
+    assert not [k for k in stage.snapshot()[1] if k.startswith("schema/")]
+    restarted = EdgeStage("edge-1", clock=lambda: 100.0)
+    restarted.restore(*store.load())
+    store.close()
+    assert set(restarted.learner.devices) == {"d1"}
+    for data, token in [(readings("d1", 2, start=5), "f1"), (only_a("d1", 2, start=7), "f2")]:
+        batch = Batch.from_readings(data)
+        out, done = restarted.handle_message(topic, codec.encode(batch, schema_id=True), token)
+        assert done == [token] and seqs_of(out) == [r.seq for r in data]
+    assert restarted.stats.rejected == {} and restarted.stats.gaps == 0
+
+
+def test_a_checkpoint_written_whole_after_a_promotion_keeps_the_schemas():
+    stage = EdgeStage("edge-1", challenger=ModelSpec.parse("linear_model.LinearRegression"))
+    batch = Batch.from_readings(readings("d1", 3))
+    sid, schema = codec.schema_frame(batch)
+    stage.handle_message(stage.topics.schemas(sid), schema, "schema")
+    stage.handle(stage.topics.readings("d1"), codec.encode(batch, schema_id=True))
+    stage.snapshot()
+    stage.promote("command")
+    _, changed, full = stage.snapshot()
+    assert full and set(changed) == {"d1", f"schema/{sid}"}  # the rows not given are deleted
