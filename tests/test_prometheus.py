@@ -152,7 +152,7 @@ def test_prometheus_scrapes_the_numbers_the_stage_publishes_on_mqtt(
             == 0
         )
         until(
-            lambda: edge.stats.predictions == rows and edge.queue.qsize() == 0,
+            lambda: edge.stats.predictions == rows and edge.inbox.qsize() == 0,
             30,
             "the stage to predict every reading",
         )
