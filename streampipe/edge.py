@@ -454,13 +454,11 @@ class EdgeService:
         if got is None:
             return False
         connection, msg = got
-        conn = self.conn
-        if connection != conn.connects and conn.session_present:
+        if self.conn.resent(connection):
             # The broker resumed our session and resends every unacknowledged message
             # with its packet id: this older copy would be a duplicate, whose readings
             # the watermark refuses. (With the session lost, nothing is resent: the
             # older copy is all there is, and it is processed.)
-            self.inbox.drop_older(conn.connects)
             return True
         self._process(connection, msg)
         self._progress = time.monotonic()

@@ -6,10 +6,10 @@ reading), sends keepalives and reconnects. An edge whose network thread blocked 
 full queue while its worker waited for acknowledgements hung for good. So
 :meth:`Inbox.put` never blocks, and what bounds the inbox is the broker: it sends at
 most *Receive Maximum* unacknowledged QoS 1 messages on a connection, and the edge
-announces its capacity as its Receive Maximum. After a reconnect the broker resends
-what was not acknowledged, so the older copies still queued are dropped
-(:meth:`Inbox.drop_older`) rather than held twice. QoS 0 messages, which no broker
-limits, are refused beyond the capacity.
+announces its capacity as its Receive Maximum (after a reconnect, the copies left
+from the earlier connection are still queued, and the worker skips them when the
+broker resends them: :meth:`streampipe.transport.Connection.resent`). QoS 0
+messages, which no broker limits, are refused beyond the capacity.
 
 >>> inbox = Inbox(capacity=2)
 >>> inbox.put("a", qos=1, connection=1), inbox.put("b", qos=0, connection=1)
@@ -18,10 +18,8 @@ limits, are refused beyond the capacity.
 False
 >>> inbox.put("d", qos=1, connection=2)  # QoS 1 never is: the broker bounds it
 True
->>> inbox.drop_older(2)  # the broker resends what connection 1 left unacknowledged
-2
->>> inbox.get(0.0), inbox.get(0.0)
-((2, 'd'), None)
+>>> [inbox.get(0.0) for _ in range(4)]
+[(1, 'a'), (1, 'b'), (2, 'd'), None]
 """
 
 from __future__ import annotations
@@ -65,13 +63,6 @@ class Inbox(Generic[T]):
                 return None
             connection, item, _ = self._items.popleft()
             return connection, item
-
-    def drop_older(self, connection: int) -> int:
-        """Drop what arrived on connections before ``connection``; how many were."""
-        with self._cond:
-            before = len(self._items)
-            self._items = deque(i for i in self._items if i[0] >= connection)
-            return before - len(self._items)
 
     def oldest_age(self) -> float:
         """Seconds the oldest queued message has waited (0 when empty)."""

@@ -407,7 +407,7 @@ def test_copies_from_before_a_reconnect_are_left_to_the_broker_to_resend():
         msg = Message(mid, b"r/d")
         msg.qos = 1
         service.inbox.put(msg, qos=1, connection=1)
-    service.conn.connects, service.conn.session_present = 2, True
+    service.conn.connects, service.conn._resumed = 2, {1: False, 2: True}
     resent = Message(1, b"r/d")
     service.inbox.put(resent, qos=1, connection=2)
     service._drain(10)
@@ -415,7 +415,7 @@ def test_copies_from_before_a_reconnect_are_left_to_the_broker_to_resend():
 
     # With the session lost nothing is resent: the older copy is all there is.
     service.inbox.put(Message(3, b"r/d"), qos=1, connection=2)
-    service.conn.connects, service.conn.session_present = 3, False
+    service.conn.connects, service.conn._resumed[3] = 3, False
     service._drain(10)
     assert processed == [(2, 1), (2, 3)]
 

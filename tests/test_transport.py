@@ -92,3 +92,19 @@ def test_publishers_a_network_thread_and_an_acknowledging_worker_lose_nothing(
         assert first.get(timeout=10).payload == b"marker"
     finally:
         again.close()
+
+
+def test_the_in_flight_window_is_what_the_broker_takes() -> None:
+    """A broker that advertises a Receive Maximum below our window (a stock Mosquitto
+    says 20) gets no more QoS 1 messages in flight than that: paho ignores it, so the
+    connection connects again with the broker's figure."""
+    with PrivateMosquitto(extra_config="max_inflight_messages 20\n") as small:
+        conn = Connection(small.url, f"window-{uuid.uuid4().hex[:6]}", max_inflight=100)
+        with conn.connect():
+            assert conn.broker_receive_maximum == 20
+            assert conn._client.max_inflight_messages == 20
+            infos = [conn.publish("window/t", b"x", qos=1) for _ in range(500)]
+            for info in infos:
+                info.wait_for_publish(10)
+            assert all(info.is_published() for info in infos)
+            assert conn.sessions_lost == 0

@@ -115,8 +115,10 @@ class Connection:
         self._suback_failures: dict[int, str] = {}
         self.session_present = False
         #: Connections made (reconnects included) and sessions found missing on reconnect.
-        #: ``connects`` also numbers the connection a message came in on (:meth:`ack`).
+        #: ``connects`` also numbers the connection a message came in on (:meth:`ack`,
+        #: :meth:`resent`).
         self.connects = 0
+        self._resumed: dict[int, bool] = {}  # connection number -> session present
         #: The broker's Receive Maximum (how many QoS 1 messages we may have in flight
         #: to it), from its CONNACK; 65,535 when it sets none.
         self.broker_receive_maximum = 65_535
@@ -181,17 +183,19 @@ class Connection:
         if self._refused is not None:
             self.close()
             raise ConnectError(f"broker {self.url} refused the connection: {self._refused}")
-        if self.broker_receive_maximum < self._client.max_inflight_messages:
-            # The broker takes fewer QoS 1 messages in flight than our window: a broker
-            # may refuse or drop the excess. paho sets its window only before it
-            # connects, so connect again with the broker's (once, at start-up; the
-            # session, if any, carries over).
-            self._client.disconnect()
-            self._client.loop_stop()
-            self._connected.clear()
-            self._first_connack.clear()
-            self._client.max_inflight_messages_set(self.broker_receive_maximum)
-            return self.connect(timeout)
+        if self.broker_receive_maximum >= self._client.max_inflight_messages:
+            return self
+        # The broker takes fewer QoS 1 messages in flight than our window: a broker may
+        # refuse or drop the excess. paho sets its window only before it connects, so
+        # connect again with the broker's (once, at start-up; a session carries over).
+        self._client.disconnect()
+        self._client.loop_stop()
+        self._connected.clear()
+        self._first_connack.clear()
+        self._client.max_inflight_messages_set(self.broker_receive_maximum)
+        found = self.session_present
+        self.connect(timeout)
+        self.session_present = found  # whether the broker had kept a session for us
         return self
 
     def close(self) -> None:
@@ -271,6 +275,12 @@ class Connection:
         if msg.qos > 0 and (connection is None or connection == self.connects):
             self._client.ack(msg.mid, msg.qos)
 
+    def resent(self, connection: int) -> bool:
+        """Whether the broker resends what connection number ``connection`` left
+        unacknowledged: the next connection resumed the session, and in MQTT v5 a
+        resumed session gets every unacknowledged message again, with its packet id."""
+        return connection < self.connects and self._resumed.get(connection + 1, False)
+
     # -- paho callbacks (network thread) --------------------------------------------
 
     def _send_subscribe(self, subs: list[tuple[str, int]], timeout: float | None) -> None:
@@ -318,6 +328,9 @@ class Connection:
                 self.url,
                 self.client_id,
             )
+        # Recorded before the count moves on, so whoever reads the new count finds it.
+        self._resumed[self.connects + 1] = self.session_present
+        self._resumed.pop(self.connects - 64, None)
         self.connects += 1
         with self._lock:
             subs = list(self._subscriptions.items())
