@@ -580,6 +580,7 @@ class EdgeService:
             log.warning("could not announce offline: %s", exc)
 
     def _shutdown(self) -> None:
+        self._stop.set()  # also when run() ends by an exception: no wait without a bound
         try:
             # Finish what was already received; the session (and its subscriptions) stays
             # with the broker, which keeps what arrives from now on for the next start.
