@@ -130,6 +130,10 @@ class EdgeService:
         self.stage = EdgeStage(
             config.stage_id,
             ModelSpec.parse(config.model),
+            # Held frames are not acknowledged: they take places in the broker's window
+            # of Receive Maximum (the queue's size), which the schema they wait for
+            # needs a place in too.
+            max_held=max(1, config.queue_size // 2),
             topics=self.topics,
             stats=self.stats,
             model_name=config.model_name,

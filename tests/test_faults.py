@@ -546,3 +546,35 @@ def test_an_edge_whose_session_is_taken_over_stops_instead_of_fighting_for_it(br
     finally:
         second.stop()
         second.run()
+
+
+def test_frames_waiting_for_their_schema_leave_the_schema_a_place_in_the_window(
+    broker, topics, capture
+):
+    """Held frames are not acknowledged, so they hold places in the broker's window of
+    Receive Maximum (the queue's size). If they could fill it, the schema they wait for
+    could not be delivered before they expire: the hold is half the window."""
+    cap = capture([topics.predictions(), topics.deadletter()])
+    service = EdgeService(EdgeConfig(broker.url, "window", topic_root=topics.root, queue_size=4))
+    service.start()
+    thread = threading.Thread(target=service.run, daemon=True)
+    thread.start()
+    sender = Connection(broker.url, f"window-{uuid.uuid4().hex[:6]}").connect()
+    try:
+        frames = [
+            Batch.from_readings([Reading("d1", s, float(s), {"a": float(s)}, 1.0)])
+            for s in range(4)
+        ]
+        sid, schema = codec.schema_frame(frames[0])
+        for batch in frames:
+            sender.publish(topics.readings("d1"), codec.encode(batch, schema_id=True))
+        # The two the hold keeps wait; the others are dead-lettered at once.
+        assert cap.wait(lambda: len(cap.on(topics.deadletter())) == 2, timeout=5)
+        sender.publish(topics.schemas(sid), schema).wait_for_publish(5)
+        assert cap.wait(lambda: len(cap.on(topics.predictions())) == 2, timeout=5)
+    finally:
+        sender.close()
+        service.stop()
+        thread.join(30)
+    seqs = [p["seq"] for body in cap.json(topics.predictions()) for p in body["predictions"]]
+    assert seqs == [0, 1]
