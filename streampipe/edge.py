@@ -478,7 +478,9 @@ class EdgeService:
             if receiver is not None and msg.topic == receiver.topic:
                 outputs, done = receiver.handle(msg.topic, msg.payload), [token]
             else:
-                outputs, done = self.stage.handle_message(msg.topic, msg.payload, token)
+                outputs, done = self.stage.handle_message(
+                    msg.topic, msg.payload, token, redelivered=msg.dup
+                )
         except Exception as exc:  # a bug, not bad input: keep the stage alive, report it
             log.exception("internal error processing a message on %s", msg.topic)
             outputs = [self.stage.dead_letter(msg.topic, msg.payload, "internal_error", repr(exc))]

@@ -69,6 +69,8 @@ class StageStats:
         self.gap_events = 0
         #: Devices first seen after their sequence had begun (what came before is no gap).
         self.joined_midstream = 0
+        #: Readings the broker delivered again after a reconnect that were already learned.
+        self.redelivered = 0
         self.non_finite_predictions = 0
         self.queue_depth: Callable[[], int] = lambda: 0
         self.sessions_lost: Callable[[], int] = lambda: 0
@@ -137,6 +139,7 @@ class StageStats:
             "cleaned_values": self.cleaned,
             "sequence_gaps": self.gaps,
             "devices_joined_midstream": self.joined_midstream,
+            "redelivered_readings": self.redelivered,
             "non_finite_predictions": self.non_finite_predictions,
             "devices": self.devices,
             "queue_depth": self.queue_depth(),
@@ -262,6 +265,11 @@ class StageCollector(Collector):
             "devices_joined_midstream",
             "Devices first seen after their first reading (earlier ones are not counted as gaps).",
             s.joined_midstream,
+        )
+        yield counter(
+            "redelivered_readings",
+            "Readings the broker delivered again after a reconnect, already learned: skipped.",
+            s.redelivered,
         )
         yield counter(
             "non_finite_predictions",

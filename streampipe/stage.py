@@ -254,11 +254,17 @@ class EdgeStage:
         return self.handle_message(topic, payload, None)[0]
 
     def handle_message(
-        self, topic: str, payload: bytes, token: object
+        self, topic: str, payload: bytes, token: object, *, redelivered: bool = False
     ) -> tuple[list[Outgoing], list[object]]:
         """Process one message; return its outputs and the tokens of the messages now
         done with (``token`` itself, unless the message waits for its schema or behind
-        a frame of its device that does; those of waiting messages it released)."""
+        a frame of its device that does; those of waiting messages it released).
+
+        ``redelivered``: the broker delivers this message again (MQTT's DUP flag, which
+        only the broker sets on what it sends us), after a reconnect before it was
+        acknowledged. Readings in it that were already learned are expected, and
+        counted as redelivered rather than refused as duplicates.
+        """
         if topic.startswith(self.topics.schemas("")):
             return self._handle_schema(topic, payload, token)
         if topic == self._control_topic:
@@ -270,13 +276,13 @@ class EdgeStage:
             return [dead], [token]
         if device in self._held:  # learned after the device's frames that wait
             return self._hold(device, HeldFrame(self.clock(), topic, payload, token))
-        out, missing = self._readings(topic, payload, device)
+        out, missing = self._readings(topic, payload, device, redelivered)
         if missing is not None:
             return self._hold(device, HeldFrame(self.clock(), topic, payload, token, missing))
         return out, [token]
 
     def _readings(
-        self, topic: str, payload: bytes, device: str
+        self, topic: str, payload: bytes, device: str, redelivered: bool = False
     ) -> tuple[list[Outgoing], str | None]:
         """Decode and learn one readings message; or, when its schema is unknown, do
         nothing and return that schema's id (the message is counted once processed)."""
@@ -288,9 +294,11 @@ class EdgeStage:
             self.stats.messages += 1
             return [self.dead_letter(topic, payload, exc.reason, str(exc))], None
         self.stats.messages += 1
-        return self._checked(topic, payload, device, batch), None
+        return self._checked(topic, payload, device, batch, redelivered), None
 
-    def _checked(self, topic: str, payload: bytes, device: str, batch: Batch) -> list[Outgoing]:
+    def _checked(
+        self, topic: str, payload: bytes, device: str, batch: Batch, redelivered: bool = False
+    ) -> list[Outgoing]:
         try:
             check_name(batch.device)
         except InvalidName as exc:
@@ -298,7 +306,7 @@ class EdgeStage:
         if batch.device != device:
             detail = f"frame is from device {batch.device!r} but topic names {device!r}"
             return [self.dead_letter(topic, payload, "device_mismatch", detail, len(batch))]
-        return self._learn(topic, payload, batch)
+        return self._learn(topic, payload, batch, redelivered)
 
     # -- frames that arrive before their schema ---------------------------------------
 
@@ -390,7 +398,9 @@ class EdgeStage:
             return [self.dead_letter(topic, payload, "bad_command", "no challenger to promote")]
         return [self.promote("command")]
 
-    def _learn(self, topic: str, payload: bytes, batch: Batch) -> list[Outgoing]:
+    def _learn(
+        self, topic: str, payload: bytes, batch: Batch, redelivered: bool = False
+    ) -> list[Outgoing]:
         stats = self.stats
         stats.readings += len(batch)
         checked = validate(batch, self.max_abs, self.labels)
@@ -399,9 +409,13 @@ class EdgeStage:
             self._keep_in_step(batch.device)
         result = self.learner.process(checked)
         rejected = checked.rejected
-        if result.duplicates or result.stale:
+        duplicates = result.duplicates
+        if redelivered and duplicates:
+            stats.redelivered += len(duplicates)
+            duplicates = []
+        if duplicates or result.stale:
             rejected = list(rejected)
-            rejected += [Rejection("duplicate", "already learned", s) for s in result.duplicates]
+            rejected += [Rejection("duplicate", "already learned", s) for s in duplicates]
             rejected += [Rejection("stale_epoch", "older boot epoch", s) for s in result.stale]
         if result.gap:
             stats.gaps += result.gap

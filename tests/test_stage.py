@@ -421,3 +421,17 @@ def test_a_checkpoint_written_whole_after_a_promotion_keeps_the_schemas():
     stage.promote("command")
     _, changed, full = stage.snapshot()
     assert full and set(changed) == {"d1", f"schema/{sid}"}  # the rows not given are deleted
+
+
+def test_a_message_the_broker_delivers_again_is_skipped_not_refused():
+    """After a reconnect the broker resends what was processed but not yet acknowledged
+    (MQTT DUP): its readings were learned, which is expected, not a sender's fault."""
+    stage = EdgeStage("edge-1")
+    topic, payload = stage.topics.readings("d1"), frame(readings("d1", 5))
+    stage.handle_message(topic, payload, "first")
+    out, done = stage.handle_message(topic, payload, "again", redelivered=True)
+    assert (out, done) == ([], ["again"])
+    assert stage.stats.redelivered == 5 and stage.stats.rejected == {}
+    out, _ = stage.handle_message(topic, payload, "a sender's repeat")  # no DUP: refused
+    assert bodies(out, "deadletter")[0]["reason"] == "duplicate"
+    assert stage.stats.rejected == {"duplicate": 5} and stage.stats.redelivered == 5
