@@ -175,10 +175,10 @@ def test_a_stage_busy_with_a_backlog_still_answers_at_once(broker, topics):
     handle = first.stage.handle_message
     busy, release = threading.Event(), threading.Event()
 
-    def stuck_handle(topic: str, payload: bytes, token: object):
+    def stuck_handle(topic: str, payload: bytes, token: object, **kwargs: bool):
         busy.set()
         release.wait(60)  # a model far slower than the readings come
-        return handle(topic, payload, token)
+        return handle(topic, payload, token, **kwargs)
 
     first.stage.handle_message = stuck_handle  # type: ignore[method-assign]
     first.start()

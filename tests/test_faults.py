@@ -352,10 +352,10 @@ def test_a_model_slower_than_the_keepalive_does_not_disconnect(broker, topics, c
     handle = service.stage.handle_message
     slow_calls = []
 
-    def slow_handle(topic: str, payload: bytes, token: object):
+    def slow_handle(topic: str, payload: bytes, token: object, **kwargs: bool):
         slow_calls.append(topic)
         time.sleep(3.5)  # longer than 1.5 keepalives: the broker would drop a silent client
-        return handle(topic, payload, token)
+        return handle(topic, payload, token, **kwargs)
 
     service.stage.handle_message = slow_handle  # type: ignore[method-assign]
     service.start()

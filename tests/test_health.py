@@ -69,10 +69,10 @@ def test_healthz_says_unavailable_while_the_worker_is_stuck(tmp_path):
         entered, release = threading.Event(), threading.Event()
         handle = service.stage.handle_message
 
-        def stuck(topic, payload, token):
+        def stuck(topic, payload, token, **kwargs):
             entered.set()
             release.wait(30)
-            return handle(topic, payload, token)
+            return handle(topic, payload, token, **kwargs)
 
         service.stage.handle_message = stuck
         thread = threading.Thread(target=service.run, daemon=True)

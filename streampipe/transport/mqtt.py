@@ -109,6 +109,7 @@ class Connection:
         self._subscriptions: dict[str, int] = {}
         self._lock = threading.Lock()
         self._connected = threading.Event()
+        self._disconnected = threading.Event()  # set by every on_disconnect
         self._first_connack = threading.Event()
         self._refused: str | None = None
         self._pending_subacks: dict[int, threading.Event] = {}
@@ -198,10 +199,19 @@ class Connection:
         self.session_present = found  # whether the broker had kept a session for us
         return self
 
-    def close(self) -> None:
-        """Disconnect cleanly (the will is not published) and stop the network thread."""
+    def close(self, timeout: float = 5.0) -> None:
+        """Disconnect cleanly (the will is not published) and stop the network thread.
+
+        Waits (up to ``timeout``) for the DISCONNECT to be written, and so for every
+        packet queued before it: acknowledgements and publishes. Stopping paho's loop
+        straight after ``disconnect()`` could end it with some still unsent (seen: the
+        last acknowledgements, whose messages the broker then delivered again).
+        """
+        self._disconnected.clear()
         try:
-            self._client.disconnect()
+            rc = self._client.disconnect()
+            if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and self._connected.is_set():
+                self._disconnected.wait(timeout)
         finally:
             self._client.loop_stop()
             self._connected.clear()
@@ -352,6 +362,7 @@ class Connection:
         properties: Properties | None,
     ) -> None:
         self._connected.clear()
+        self._disconnected.set()
         if not self._first_connack.is_set():
             # Closed before any CONNACK: at start-up that is a refusal, not a reason to retry.
             self._refused = f"it closed the connection before answering ({reason})"
