@@ -47,7 +47,7 @@ from streampipe.learn.learner import LearnResult, OnlineLearner
 from streampipe.learn.spec import DEFAULT_MODEL_SPEC, ModelSpec, _final_step
 from streampipe.metrics import StageStats
 from streampipe.readings import Batch
-from streampipe.topics import InvalidName, Topics, check_name
+from streampipe.topics import InvalidName, Topics, check_name, partition_level
 from streampipe.validate import DEFAULT_MAX_ABS, Rejection, Validated, validate
 
 __all__ = ["EdgeStage", "Outgoing"]
@@ -274,6 +274,11 @@ class EdgeStage:
             self.stats.messages += 1
             dead = self.dead_letter(topic, payload, "wrong_topic", "not a readings topic")
             return [dead], [token]
+        if topic != self.topics.readings(device):  # another edge may own this device
+            self.stats.messages += 1
+            level = topic.rsplit("/", 2)[-2]
+            detail = f"device {device!r} is on partition {partition_level(device)}, not {level!r}"
+            return [self.dead_letter(topic, payload, "wrong_partition", detail)], [token]
         if device in self._held:  # learned after the device's frames that wait
             return self._hold(device, HeldFrame(self.clock(), topic, payload, token))
         out, missing = self._readings(topic, payload, device, redelivered)

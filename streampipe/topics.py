@@ -42,6 +42,7 @@ __all__ = [
     "InvalidName",
     "Topics",
     "check_name",
+    "partition_level",
     "partition_of",
 ]
 
@@ -100,6 +101,15 @@ def partition_of(device: str) -> int:
     return zlib.crc32(device.encode()) % PARTITIONS
 
 
+def partition_level(device: str) -> str:
+    """The partition level of a device's readings topic.
+
+    >>> partition_level("boiler-1")
+    'p39'
+    """
+    return f"p{partition_of(device):02d}"
+
+
 @dataclass(frozen=True, slots=True)
 class Topics:
     """Builds and parses the topics under one root."""
@@ -112,7 +122,7 @@ class Topics:
             check_name(level, "topic root level")
 
     def readings(self, device: str) -> str:
-        return f"{self.root}/readings/p{partition_of(device):02d}/{device}"
+        return f"{self.root}/readings/{partition_level(device)}/{device}"
 
     def readings_filter(self, partitions: tuple[int, ...] | None = None) -> list[str]:
         """Subscription filters for all readings, or for some partitions only."""
