@@ -309,12 +309,18 @@ def build_parser() -> argparse.ArgumentParser:
     promote = sub.add_parser(
         "promote",
         help="promote an edge stage's challenger to serve",
-        description='Publish {"promote": "challenger"} on ROOT/control/STAGE_ID. The stage '
-        "answers with a promotion event on ROOT/events/STAGE_ID, or a dead letter if it has "
-        "no challenger.",
+        description='Publish {"promote": "challenger"} on ROOT/control/STAGE_ID (QoS 1, not '
+        "retained). The stage answers with a promotion event on ROOT/events/STAGE_ID, or a "
+        "dead letter if it has no challenger or its challenger has scored fewer readings "
+        "than the stage's --promote-after.",
     )
     _add_broker(promote, DEFAULT_BROKER)
     promote.add_argument("--stage-id", required=True, help="the stage whose challenger serves")
+    promote.add_argument(
+        "--force",
+        action="store_true",
+        help="promote even a challenger that has scored fewer readings than --promote-after",
+    )
 
     demo = sub.add_parser("demo", help="run broker, sensors and an edge stage; watch it learn")
     _add_broker(demo)
@@ -754,7 +760,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
     topic = Topics(args.topic_root).control(check_name(args.stage_id, "stage id"))
     conn = Connection(args.broker, _client_id("promote")).connect()
     try:
-        command = orjson.dumps({"promote": "challenger"})
+        command = orjson.dumps({"promote": "challenger", **({"force": True} if args.force else {})})
         info = conn.publish(topic, command, qos=1, content_type="application/json")
         info.wait_for_publish(30)
     finally:

@@ -479,7 +479,7 @@ class EdgeService:
                 outputs, done = receiver.handle(msg.topic, msg.payload), [token]
             else:
                 outputs, done = self.stage.handle_message(
-                    msg.topic, msg.payload, token, redelivered=msg.dup
+                    msg.topic, msg.payload, token, redelivered=msg.dup, retained=msg.retain
                 )
         except Exception as exc:  # a bug, not bad input: keep the stage alive, report it
             log.exception("internal error processing a message on %s", msg.topic)

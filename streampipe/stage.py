@@ -40,7 +40,7 @@ from river import base
 
 from streampipe import codec
 from streampipe.events import anomaly_event, drift_event, promotion_event
-from streampipe.learn.challenger import Duel, PromotionRule
+from streampipe.learn.challenger import PROMOTE_AFTER, Duel, PromotionRule
 from streampipe.learn.drift import DriftMonitor
 from streampipe.learn.labels import stricter
 from streampipe.learn.learner import LearnResult, OnlineLearner
@@ -254,7 +254,13 @@ class EdgeStage:
         return self.handle_message(topic, payload, None)[0]
 
     def handle_message(
-        self, topic: str, payload: bytes, token: object, *, redelivered: bool = False
+        self,
+        topic: str,
+        payload: bytes,
+        token: object,
+        *,
+        redelivered: bool = False,
+        retained: bool = False,
     ) -> tuple[list[Outgoing], list[object]]:
         """Process one message; return its outputs and the tokens of the messages now
         done with (``token`` itself, unless the message waits for its schema or behind
@@ -264,11 +270,14 @@ class EdgeStage:
         only the broker sets on what it sends us), after a reconnect before it was
         acknowledged. Readings in it that were already learned are expected, and
         counted as redelivered rather than refused as duplicates.
+
+        ``retained``: the broker kept this message and sends it because we subscribed
+        (MQTT's retain flag on what it sends us): a command so sent is an old one.
         """
         if topic.startswith(self.topics.schemas("")):
             return self._handle_schema(topic, payload, token)
         if topic == self._control_topic:
-            return self._handle_control(topic, payload), [token]
+            return self._handle_control(topic, payload, retained), [token]
         device = self.topics.device_of_reading_topic(topic)
         if device is None:
             self.stats.messages += 1
@@ -388,20 +397,37 @@ class EdgeStage:
             done += finished
         return out, done
 
-    def _handle_control(self, topic: str, payload: bytes) -> list[Outgoing]:
-        """A command: ``{"promote": "challenger"}`` is the only one so far."""
+    def _handle_control(self, topic: str, payload: bytes, retained: bool = False) -> list[Outgoing]:
+        """A command: ``{"promote": "challenger"}``, with ``"force": true`` to promote a
+        challenger that has scored fewer readings than the promotion rule's window.
+
+        A retained command is never obeyed: the broker sends it again on every restart
+        and resubscription, so it would promote again each time.
+        """
         if not payload:  # a cleared retained command
             return []
+        if retained:
+            detail = "a retained command is old: publish commands without retain, and clear it"
+            return [self.dead_letter(topic, payload, "retained_command", detail)]
         try:
             command = orjson.loads(payload)
         except orjson.JSONDecodeError:
             return [self.dead_letter(topic, payload, "bad_command", "not JSON")]
-        if command != {"promote": "challenger"}:
-            detail = 'unknown command; the stage knows {"promote": "challenger"}'
+        force = command.pop("force", False) if isinstance(command, dict) else False
+        if command != {"promote": "challenger"} or not isinstance(force, bool):
+            detail = 'unknown command; the stage knows {"promote": "challenger", "force": false}'
             return [self.dead_letter(topic, payload, "bad_command", detail)]
         if self.challenger is None:
             return [self.dead_letter(topic, payload, "bad_command", "no challenger to promote")]
-        return [self.promote("command")]
+        after = self.duel.rule.after if self.duel is not None else PROMOTE_AFTER
+        scored = self.challenger.metrics.as_dict()["count"]
+        if scored < after and not force:
+            detail = (
+                f"the challenger has scored {scored} readings, fewer than {after} "
+                '(--promote-after): send "force": true (promote --force) to promote it anyway'
+            )
+            return [self.dead_letter(topic, payload, "premature_promotion", detail)]
+        return [self.promote("command", readings=scored, forced=scored < after)]
 
     def _learn(
         self, topic: str, payload: bytes, batch: Batch, redelivered: bool = False

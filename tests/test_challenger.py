@@ -170,9 +170,10 @@ def test_streampipe_promote_promotes_over_mqtt(broker, topics, capture):
     def versions() -> list[int]:
         return [b["version"] for b in cap.json(topics.predictions())]
 
-    def promote() -> int:
+    def promote() -> int:  # after 100 readings, fewer than --promote-after: forced
         url = f"mqtt://127.0.0.1:{broker.port}"
-        return main(["promote", "--broker", url, "--stage-id", "cc", "--topic-root", topics.root])
+        args = ["--stage-id", "cc", "--topic-root", topics.root, "--force"]
+        return main(["promote", "--broker", url, *args])
 
     try:
         for f in frames(data[:100]):
@@ -190,7 +191,7 @@ def test_streampipe_promote_promotes_over_mqtt(broker, topics, capture):
         service.stop()
         thread.join(30)
     (event,) = cap.json(topics.events("cc"))
-    assert (event["kind"], event["reason"]) == ("promotion", "command")
+    assert (event["kind"], event["reason"], event["forced"]) == ("promotion", "command", True)
     assert event["to"] == {"model": "StatisticRegressor", "version": 2}
     assert versions() == [1, 1, 2, 2]
     (dead,) = cap.json(topics.deadletter("cc"))

@@ -93,3 +93,60 @@ def test_healthz_says_unavailable_while_the_worker_is_stuck(tmp_path):
             service.stop()
             thread.join(30)
     assert not thread.is_alive()
+
+
+def test_slow_clients_hold_at_most_the_connection_cap_and_only_for_the_timeout():
+    """Issue 18 §9: half-sent requests (slowloris) must not take every file descriptor
+    the edge has: the server serves MAX_CONNECTIONS at once, closes any further one at
+    once, and closes the held ones after REQUEST_TIMEOUT; then /healthz answers again."""
+    import selectors
+    import socket
+
+    from prometheus_client import CollectorRegistry
+
+    from streampipe.http import MAX_CONNECTIONS, REQUEST_TIMEOUT, Health, MetricsServer
+
+    registry = CollectorRegistry()
+    server = MetricsServer("127.0.0.1", 0, registry, lambda: Health(True, True))
+    clients: list[socket.socket] = []
+    selector = selectors.DefaultSelector()
+    start = time.monotonic()  # before the first connection, so before any timer starts
+    try:
+        for _ in range(MAX_CONNECTIONS + 60):
+            s = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # and no more
+            s.setblocking(False)
+            selector.register(s, selectors.EVENT_READ)
+            clients.append(s)
+
+        def closed_within(seconds: float, count: int) -> int:
+            """Wait until ``count`` clients saw the server close; how many did."""
+            deadline = time.monotonic() + seconds
+            while selector.get_map() and len(clients) - len(selector.get_map()) < count:
+                for key, _ in selector.select(max(0.0, deadline - time.monotonic())):
+                    try:
+                        if key.fileobj.recv(4096):  # type: ignore[union-attr]
+                            continue
+                    except (ConnectionResetError, BlockingIOError):
+                        pass
+                    selector.unregister(key.fileobj)
+                if time.monotonic() >= deadline:
+                    break
+            return len(clients) - len(selector.get_map())
+
+        # Beyond the cap, connections are closed at once, well before the timeout.
+        assert closed_within(REQUEST_TIMEOUT / 2, 60) == 60
+        assert time.monotonic() - start < REQUEST_TIMEOUT
+        refused = registry.get_sample_value(
+            "streampipe_http_connections_refused_total", {"reason": "too_many_connections"}
+        )
+        assert refused == 60
+        # The ones served wait at most the timeout for the rest of their request.
+        assert closed_within(REQUEST_TIMEOUT + 5, len(clients)) == len(clients)
+        assert time.monotonic() - start >= REQUEST_TIMEOUT
+        assert get(server.port, "/healthz")[0] == 200
+    finally:
+        for s in clients:
+            s.close()
+        selector.close()
+        server.close()

@@ -26,7 +26,11 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Duel", "PromotionRule"]
+__all__ = ["PROMOTE_AFTER", "Duel", "PromotionRule"]
+
+#: Readings a challenger must have scored before it may serve: the rule's window, and
+#: what a promotion by command needs unless it is forced (``--promote-after``).
+PROMOTE_AFTER = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,7 +39,7 @@ class PromotionRule:
     readings is at least ``better_by`` percent below the champion's."""
 
     better_by: float
-    after: int = 1000
+    after: int = PROMOTE_AFTER
 
     def __post_init__(self) -> None:
         if not 0 <= self.better_by < 100:
