@@ -87,6 +87,8 @@ class StageStats:
         self.anomalies = 0  # anomaly events published
         self.promotions = 0
         self._drifts: dict[str, int] = {}  # by model name: bounded (champion, challenger)
+        #: Per-sender bounds by name (a fixed vocabulary): how much is used, and the bound.
+        self.limits: dict[str, Callable[[], tuple[float, float]]] = {}
 
     @property
     def devices(self) -> int:
@@ -110,6 +112,10 @@ class StageStats:
     def drifts(self) -> dict[str, int]:
         with self._lock:
             return dict(self._drifts)
+
+    def limits_used(self) -> dict[str, tuple[float, float]]:
+        """``{limit: (used, bound)}``: how close each per-sender bound is."""
+        return {name: used() for name, used in self.limits.items()}
 
     def model_metrics(self) -> dict[str, Any]:
         return self.model.metrics.as_dict() if self.model is not None else {}
@@ -146,6 +152,7 @@ class StageStats:
             "commits": self.commits,
             "model_swaps": self.swaps,
             "sessions_lost": self.sessions_lost(),
+            "limits": {k: {"used": u, "limit": b} for k, (u, b) in self.limits_used().items()},
             "metrics": self.model_metrics(),
             **self._evaluation(),
         }
@@ -296,6 +303,21 @@ class StageCollector(Collector):
         yield gauge("devices", "Devices with a model on this stage.", s.devices)
         yield gauge("queue_depth", "Messages waiting to be processed.", s.queue_depth())
         yield gauge("queue_capacity", "Capacity of the message queue.", s.queue_capacity)
+        limits = s.limits_used()
+        bound = GaugeMetricFamily(
+            f"{NAMESPACE}_limit", "A per-sender bound of this stage, by name.", labels=["limit"]
+        )
+        used = GaugeMetricFamily(
+            f"{NAMESPACE}_limit_used",
+            "How much of a per-sender bound is used (for a per-device one: by the device "
+            "that uses most).",
+            labels=["limit"],
+        )
+        for name, (u, b) in sorted(limits.items()):
+            used.add_metric([name], u)
+            bound.add_metric([name], b)
+        yield bound
+        yield used
         info = GaugeMetricFamily(
             f"{NAMESPACE}_model_info",
             "The model this stage serves (value is always 1).",

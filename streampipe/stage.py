@@ -43,12 +43,24 @@ from streampipe.events import anomaly_event, drift_event, promotion_event
 from streampipe.learn.challenger import PROMOTE_AFTER, Duel, PromotionRule
 from streampipe.learn.drift import DriftMonitor
 from streampipe.learn.labels import stricter
-from streampipe.learn.learner import LearnResult, OnlineLearner
+from streampipe.learn.learner import (
+    MAX_DEVICES,
+    MAX_FEATURES,
+    MAX_SEQ_JUMP,
+    LearnResult,
+    OnlineLearner,
+)
 from streampipe.learn.spec import DEFAULT_MODEL_SPEC, ModelSpec, _final_step
 from streampipe.metrics import StageStats
 from streampipe.readings import Batch
 from streampipe.topics import InvalidName, Topics, check_name, partition_level
-from streampipe.validate import DEFAULT_MAX_ABS, Rejection, Validated, validate
+from streampipe.validate import (
+    DEFAULT_MAX_ABS,
+    MAX_CLOCK_AHEAD,
+    Rejection,
+    Validated,
+    validate,
+)
 
 __all__ = ["EdgeStage", "Outgoing"]
 
@@ -61,6 +73,14 @@ DEADLETTER_MAX_READINGS = 100
 #: most this many, none for longer than this (those behind go when the first one does).
 MAX_HELD = 1000
 HOLD_SECONDS = 10.0
+#: Held frames of one device: a sensor publishes its schema before its frames, so a few
+#: at most wait for it; a device naming a schema nobody published holds no more, and
+#: so no more of the receive window (held frames are not acknowledged).
+MAX_HELD_PER_DEVICE = 16
+#: Bytes of held frames, in all and per device: frames are kept whole (up to 4 MiB
+#: each), and a frame that names a schema is small (fewer than 32 readings).
+MAX_HELD_BYTES = 32 << 20
+MAX_HELD_BYTES_PER_DEVICE = 1 << 20
 #: What ``--on-drift`` may do: publish the event only, or also replace the device's model.
 ON_DRIFT = ("alert", "reset")
 #: Checkpoint keys of a challenger's device states: "challenger/<device>" (a device id
@@ -99,13 +119,25 @@ class HeldFrames:
     in that order, so none can move its watermark past an earlier one that waits.
 
     The first frame of each device waits for a schema; those behind it wait for it.
-    Bounded in frames (:meth:`has_room` is the one place a bound is checked).
+    Bounded in frames and bytes, in all and per device, so that one device cannot take
+    the room of others (:meth:`has_room` is the one place a bound is checked).
     """
 
-    def __init__(self, max_frames: int = MAX_HELD) -> None:
+    def __init__(
+        self,
+        max_frames: int = MAX_HELD,
+        max_bytes: int = MAX_HELD_BYTES,
+        per_device: int = MAX_HELD_PER_DEVICE,
+        bytes_per_device: int = MAX_HELD_BYTES_PER_DEVICE,
+    ) -> None:
         self.max_frames = max_frames
+        self.max_bytes = max_bytes
+        self.per_device = per_device
+        self.bytes_per_device = bytes_per_device
         self._by_device: dict[str, deque[HeldFrame]] = {}
+        self._bytes_of: dict[str, int] = {}
         self._count = 0
+        self.bytes = 0
 
     def __len__(self) -> int:
         return self._count
@@ -115,10 +147,36 @@ class HeldFrames:
 
     def has_room(self, device: str, payload: bytes) -> bool:
         """Whether one more frame (of ``device``, of that size) may wait."""
-        return self._count < self.max_frames
+        size = len(payload)
+        frames = self._by_device.get(device)
+        return (
+            self._count < self.max_frames
+            and self.bytes + size <= self.max_bytes
+            and (frames is None or len(frames) < self.per_device)
+            and self._bytes_of.get(device, 0) + size <= self.bytes_per_device
+        )
+
+    def full_because(self, device: str, payload: bytes) -> str:
+        """Which bound :meth:`has_room` found reached, in words."""
+        frames = self._by_device.get(device, ())
+        if len(frames) >= self.per_device:
+            return f"{len(frames)} frames of {device} wait already (the most per device)"
+        if self._bytes_of.get(device, 0) + len(payload) > self.bytes_per_device:
+            return f"{device}'s waiting frames would exceed {self.bytes_per_device:,} bytes"
+        if self.bytes + len(payload) > self.max_bytes:
+            return f"waiting frames would exceed {self.max_bytes:,} bytes"
+        return f"{self._count} frames wait already"
+
+    def most_of_one_device(self) -> tuple[int, int]:
+        """The most frames, and the most bytes, that one device has waiting."""
+        frames = max(map(len, self._by_device.values()), default=0)
+        return frames, max(self._bytes_of.values(), default=0)
 
     def add(self, device: str, frame: HeldFrame) -> None:
         self._by_device.setdefault(device, deque()).append(frame)
+        size = len(frame.payload)
+        self._bytes_of[device] = self._bytes_of.get(device, 0) + size
+        self.bytes += size
         self._count += 1
 
     def first(self, device: str) -> HeldFrame | None:
@@ -129,8 +187,12 @@ class HeldFrames:
         frames = self._by_device[device]
         frame = frames.popleft()
         self._count -= 1
+        size = len(frame.payload)
+        self.bytes -= size
+        self._bytes_of[device] -= size
         if not frames:
             del self._by_device[device]
+            del self._bytes_of[device]
         return frame
 
     def devices(self) -> list[str]:
@@ -171,12 +233,19 @@ class EdgeStage:
         challenger_name: str | None = None,
         promote: PromotionRule | None = None,
         max_held: int = MAX_HELD,
+        max_held_per_device: int = MAX_HELD_PER_DEVICE,
+        max_held_bytes: int = MAX_HELD_BYTES,
+        max_devices: int = MAX_DEVICES,
+        max_features: int = MAX_FEATURES,
+        max_seq_jump: int = MAX_SEQ_JUMP,
+        max_clock_ahead: float = MAX_CLOCK_AHEAD,
     ) -> None:
         self.stage_id = check_name(stage_id, "stage id")
         self.spec = spec or ModelSpec.parse(DEFAULT_MODEL_SPEC)
         self.topics = topics or Topics()
         self.max_abs = max_abs
         kwargs = {} if window is None else {"window": window}
+        kwargs.update(max_devices=max_devices, max_features=max_features, max_seq_jump=max_seq_jump)
         self.learner = OnlineLearner(self.spec, mode=mode, **kwargs)
         self.stats = stats or StageStats(stage_id)
         self.stats.model = self.learner
@@ -187,7 +256,22 @@ class EdgeStage:
         self._control_topic = self.topics.control(self.stage_id)
         self.clock = clock
         self.on_latency = on_latency
-        self._held = HeldFrames(max_held)
+        self._held = HeldFrames(
+            max_held,
+            max_held_bytes,
+            max_held_per_device,
+            min(max_held_bytes, MAX_HELD_BYTES_PER_DEVICE),
+        )
+        self.max_clock_ahead = max_clock_ahead
+        held = self._held
+        self.stats.limits.update(
+            devices=lambda: (len(self.learner.devices), self.learner.max_devices),
+            features_per_device=lambda: (self.learner.most_features, self.learner.max_features),
+            held_frames=lambda: (len(held), held.max_frames),
+            held_bytes=lambda: (held.bytes, held.max_bytes),
+            held_frames_per_device=lambda: (held.most_of_one_device()[0], held.per_device),
+            held_bytes_per_device=lambda: (held.most_of_one_device()[1], held.bytes_per_device),
+        )
         kind = self.learner.kind
         self.anomaly_threshold = anomaly_threshold
         if anomaly_threshold is not None and kind != "anomaly":
@@ -336,7 +420,7 @@ class EdgeStage:
             detail = f"schema {frame.schema_id} is unknown"
         else:  # learned now, it would move the device's watermark past those that wait
             detail = f"an earlier frame of {device} waits for its schema"
-        detail += f", and {len(self._held)} frames wait already"
+        detail += f", and {self._held.full_because(device, frame.payload)}"
         dead = self.dead_letter(frame.topic, frame.payload, "unknown_schema", detail)
         return [dead], [frame.token]
 
@@ -434,10 +518,13 @@ class EdgeStage:
     ) -> list[Outgoing]:
         stats = self.stats
         stats.readings += len(batch)
-        checked = validate(batch, self.max_abs, self.labels)
+        latest = self.clock() + self.max_clock_ahead
+        checked = validate(batch, self.max_abs, self.labels, latest)
         stats.cleaned += checked.cleaned
         if self.challenger is not None:
             self._keep_in_step(batch.device)
+        # Per-device bounds (devices, features, seq jumps), judged once for both models.
+        checked = self.learner.admit(checked)
         result = self.learner.process(checked)
         rejected = checked.rejected
         duplicates = result.duplicates
@@ -493,6 +580,7 @@ class EdgeStage:
             if champion is not None:
                 st = self.challenger.state(device)
                 st.epoch, st.seq = champion.epoch, champion.seq
+                st.features = set(champion.features)
 
     # -- evaluation ----------------------------------------------------------------
 

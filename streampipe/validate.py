@@ -12,6 +12,11 @@ does not cost its neighbours:
 - a non-finite target rejects the reading (``non_finite_target``): a target of NaN
   is a broken label, not a missing one (a missing target is simply absent);
 - a non-finite or negative timestamp rejects the reading (``invalid_timestamp``);
+- given ``latest`` (the edge's clock plus :data:`MAX_CLOCK_AHEAD`), a timestamp later
+  than it rejects the reading (``future_timestamp``), and so does a boot epoch later
+  than it in milliseconds (``future_epoch``): one reading cannot make the latency
+  histogram's sum −inf, nor move its device's epoch watermark where its next boot
+  cannot follow;
 - a negative sequence number, or one not above its predecessor in the batch, rejects
   the reading (``invalid_sequence``);
 - a reading left with no features rejects (``no_features``);
@@ -43,10 +48,15 @@ import numpy as np
 
 from streampipe.readings import Batch, Reading
 
-__all__ = ["DEFAULT_MAX_ABS", "LABELS", "Rejection", "Validated", "validate"]
+__all__ = ["DEFAULT_MAX_ABS", "LABELS", "MAX_CLOCK_AHEAD", "Rejection", "Validated", "validate"]
 
 #: Largest accepted magnitude. 1e15² = 1e30, so variances and dot products stay finite.
 DEFAULT_MAX_ABS = 1e15
+#: Seconds a reading's timestamp, or its boot epoch (a boot counter, or the boot time in
+#: seconds or milliseconds, as ``streampipe sensors`` sends it), may be ahead of the
+#: edge's clock: room for clocks set by hand, yet a forged epoch locks its device out
+#: (``stale_epoch``) for at most this long, until a real reboot's epoch passes it.
+MAX_CLOCK_AHEAD = 3600.0
 #: What a target must be for a model that learns labels: 0/1, or a whole number.
 LABELS = ("binary", "integer")
 
@@ -92,6 +102,15 @@ class Validated:
 
     def __len__(self) -> int:
         return len(self.index)
+
+    def refuse_from(self, keep: int, reason: str, detail: str) -> Validated:
+        """These readings with all but the first ``keep`` accepted ones refused."""
+        if keep >= len(self.index):
+            return self
+        refused = [Rejection(reason, detail, s) for s in self.seqs[keep:]]
+        return Validated(
+            self.batch, self.index[:keep], self.rejected + refused, self.cleaned, self._keep
+        )
 
     @property
     def seqs(self) -> list[int]:
@@ -182,13 +201,27 @@ def _dict_of(names: tuple[str, ...]) -> Callable[..., dict[str, float]]:
 
 
 def validate(
-    batch: Batch, max_abs: float = DEFAULT_MAX_ABS, labels: str | None = None
+    batch: Batch,
+    max_abs: float = DEFAULT_MAX_ABS,
+    labels: str | None = None,
+    latest: float = math.inf,
 ) -> Validated:
     """Split a batch into clean readings and per-reading rejections; ``labels`` (one of
-    :data:`LABELS`) also refuses targets that are not labels of that kind."""
-    if _all_clean(batch, max_abs) and (labels is None or _all_labels(batch, labels)):
+    :data:`LABELS`) also refuses targets that are not labels of that kind, and
+    ``latest`` (seconds since the Unix epoch) timestamps and boot epochs after it."""
+    if (
+        _all_clean(batch, max_abs)
+        and (labels is None or _all_labels(batch, labels))
+        and (latest == math.inf or _all_in_time(batch, latest))
+    ):
         return Validated(batch, np.arange(len(batch)), [], 0, None)
-    return _apply_rules(batch, max_abs, labels)
+    return _apply_rules(batch, max_abs, labels, latest)
+
+
+def _all_in_time(batch: Batch, latest: float) -> bool:
+    ts = batch.ts
+    late = ts[0] > latest if len(ts) == 1 else bool((ts > latest).any())
+    return not late and batch.epoch <= latest * 1000
 
 
 def _not_label(y: np.ndarray, labels: str) -> np.ndarray:
@@ -208,7 +241,9 @@ def _all_labels(batch: Batch, labels: str) -> bool:
     return not _not_label(y, labels).any()
 
 
-def _apply_rules(batch: Batch, max_abs: float, labels: str | None = None) -> Validated:
+def _apply_rules(
+    batch: Batch, max_abs: float, labels: str | None = None, latest: float = math.inf
+) -> Validated:
     n = len(batch)
     values = batch.values
     present = batch.present
@@ -230,6 +265,8 @@ def _apply_rules(batch: Batch, max_abs: float, labels: str | None = None) -> Val
     bad = [
         ((seq < 0) | (seq <= np.concatenate(([-1], seq[:-1]))), "invalid_sequence"),
         (~np.isfinite(batch.ts) | (batch.ts < 0), "invalid_timestamp"),
+        (np.full(n, batch.epoch > latest * 1000), "future_epoch"),
+        (batch.ts > latest, "future_timestamp"),
         (too_big.any(axis=1), "value_out_of_range"),
     ]
     if batch.target is not None:
@@ -289,6 +326,8 @@ _DETAILS = {
     "invalid_timestamp": "timestamp is not a finite, non-negative number",
     "value_out_of_range": f"a value's magnitude exceeds the limit ({DEFAULT_MAX_ABS:g} by default)",
     "non_finite_target": "target is NaN or infinite",
+    "future_epoch": "boot epoch is later than the edge's clock (in ms) allows",
+    "future_timestamp": "timestamp is later than the edge's clock allows",
     "no_features": "no finite feature values",
     "invalid_label": "target is not a label of this model (0 or 1 for a binary one, "
     "a whole number for a multiclass one)",

@@ -73,6 +73,19 @@ __all__ = [
 #: ``exact``: predict, score and learn reading by reading (River's progressive
 #: validation). ``minibatch``: ``predict_many`` then ``learn_many`` per batch.
 MODES = ("exact", "minibatch")
+#: Devices with a model on one stage. Beyond it a new device is refused
+#: (``too_many_devices``) rather than an idle one evicted: eviction would make the
+#: devices already learned pay for whoever invents ids. ~6 KB each for the default model.
+MAX_DEVICES = 10_000
+#: Feature names one device's model may learn. Beyond it a reading that brings a new
+#: name is refused (``too_many_features``): models grow with every name (and each
+#: checkpoint of a device pickles its whole model), so this keeps both small.
+MAX_FEATURES = 1024
+#: How far past its device's watermark a reading's seq may go (in one boot epoch). A
+#: reading beyond it is refused (``seq_jump``) unless the device's next batch follows
+#: on from it, as a real jump would: one stray seq (2**63-1, say) cannot make the
+#: device's next readings ``duplicate`` nor add 9e18 to the gaps counter.
+MAX_SEQ_JUMP = 1_000_000
 
 
 @dataclass(slots=True)
@@ -84,9 +97,13 @@ class DeviceState:
     seq: int = -1  # highest sequence number learned in ``epoch``
     learned: int = 0
     version: int = 1  # of the model this one was built or deployed as, then learned on
+    features: set[str] = field(default_factory=set)  # names its model has learned
+    #: ``(epoch, seq)`` of the last reading refused as ``seq_jump``, until one is learned.
+    jumped_to: tuple[int, int] | None = None
 
     def __setstate__(self, state: tuple[None, dict[str, Any]]) -> None:
         self.version = 1  # checkpoints from before deployments did not record it
+        self.features, self.jumped_to = set(), None  # nor these
         for name, value in state[1].items():
             setattr(self, name, value)
 
@@ -149,10 +166,22 @@ class OnlineLearner:
     """One River model per device, learned reading by reading (or batch by batch)."""
 
     def __init__(
-        self, spec: ModelSpec, *, window: int = DEFAULT_WINDOW, mode: str = "exact"
+        self,
+        spec: ModelSpec,
+        *,
+        window: int = DEFAULT_WINDOW,
+        mode: str = "exact",
+        max_devices: int = MAX_DEVICES,
+        max_features: int = MAX_FEATURES,
+        max_seq_jump: int = MAX_SEQ_JUMP,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+        self.max_devices = max_devices
+        self.max_features = max_features
+        self.max_seq_jump = max_seq_jump
+        #: The most feature names any one device's model has learned.
+        self.most_features = 0
         self.spec = spec
         self.kind = spec.kind
         self.mode = mode
@@ -219,6 +248,7 @@ class OnlineLearner:
         self.spec_version = meta.get("spec_version", 1)
         self.deployed = list(meta.get("deployed", ()))
         self.dirty = set()
+        self.most_features = max((len(st.features) for st in self.devices.values()), default=0)
 
     def deploy(self, version: int, model: bytes, devices: str = "*", sha256: str = "") -> int:
         """Hot swap to a deployed model (``model`` is its verified pickle); return how
@@ -281,9 +311,61 @@ class OnlineLearner:
         st.model, st.version = self.spec.build(), self.spec_version
         self.dirty.add(device)
 
+    def admit(self, batch: Validated) -> Validated:
+        """``batch`` with the readings refused that would pass a per-device bound: all of
+        a new device's beyond :attr:`max_devices`; from the first past its watermark by
+        more than :attr:`max_seq_jump`; every new one, if the batch brings feature names
+        beyond :attr:`max_features`. Changes no model (only a confirmed seq jump moves
+        the watermark): call it once, then :meth:`process` the result with each model.
+        """
+        seqs = batch.seqs
+        if not seqs:
+            return batch
+        device, epoch = batch.batch.device, batch.batch.epoch
+        st = self.devices.get(device)
+        if st is None:
+            if len(self.devices) >= self.max_devices:
+                detail = f"the stage has a model for {len(self.devices):,} devices, its most"
+                return batch.refuse_from(0, "too_many_devices", detail)
+            start, known = 0, set()
+        elif epoch < st.epoch:
+            return batch  # stale_epoch, all of it
+        else:
+            base = st.seq if epoch == st.epoch else -1
+            start, known = bisect.bisect_right(seqs, base), st.features
+            far = bisect.bisect_right(seqs, base + self.max_seq_jump)
+            if far < len(seqs):
+                jumped = st.jumped_to
+                if (
+                    far == 0
+                    and jumped is not None
+                    and jumped[0] == epoch
+                    and 0 < seqs[0] - jumped[1] <= self.max_seq_jump
+                ):  # the device follows on from the seq refused before: a real jump
+                    st.epoch, st.seq, st.jumped_to = epoch, jumped[1], None
+                    self.dirty.add(device)
+                else:
+                    st.jumped_to = (epoch, seqs[-1])
+                    detail = f"seq jumps past {base} by more than {self.max_seq_jump:,}"
+                    batch = batch.refuse_from(far, "seq_jump", detail)
+            elif start < len(seqs):
+                st.jumped_to = None
+        names = batch.batch.features
+        if start < len(batch) and not known.issuperset(names):
+            new = len(set(names) - known)
+            if len(known) + new > self.max_features:
+                detail = (
+                    f"{new} new feature names on top of {len(known)} pass the device's "
+                    f"most, {self.max_features:,}"
+                )
+                batch = batch.refuse_from(start, "too_many_features", detail)
+        return batch
+
     def process(self, batch: Validated) -> LearnResult:
         """Predict, score, then learn each new reading of one device's batch, in order."""
         out = LearnResult()
+        if not len(batch):  # all refused: a device is not made for it
+            return out
         st = self.state(batch.batch.device)
         out.version = st.version
         epoch = batch.batch.epoch
@@ -333,6 +415,10 @@ class OnlineLearner:
         out.y_true = ys
         st.seq = seqs[-1]
         st.learned += len(y_pred)
+        names = batch.batch.features
+        if not st.features.issuperset(names):
+            st.features.update(names)
+            self.most_features = max(self.most_features, len(st.features))
         self.dirty.add(batch.batch.device)
         return out
 
