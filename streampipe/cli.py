@@ -377,7 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--version",
         type=_positive_int,
         metavar="N",
-        help="version number (default: the deployed version + 1; 2 for a first deployment)",
+        help="version number (default: one more than the highest retained or recorded in "
+        "deploy.versions beside --signing-key; 2 for a first deployment)",
     )
     deploy.add_argument("--spec", metavar="SPEC", help="the model's spec, recorded in its header")
     deploy.add_argument(
@@ -837,7 +838,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
-    from streampipe.models.deploy import ModelPublisher, read_model_file
+    from streampipe.models.deploy import ModelPublisher, VersionLedger, read_model_file
     from streampipe.models.keys import load_signing_key
 
     if (args.model_file is None) == (args.rollback is None):
@@ -858,8 +859,10 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     with ModelPublisher(
         args.broker, topics, timeout=args.timeout, client_id=_client_id("deploy")
     ) as pub:
+        # The versions this deployer published: what is retained can be an old one.
+        ledger = VersionLedger.beside(args.signing_key)
         if model is None:
-            done = pub.rollback(name, key)
+            done = pub.rollback(name, key, ledger=ledger)
         else:
             data, kind = model
             done = pub.deploy(
@@ -870,6 +873,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
                 version=args.version,
                 devices=args.devices,
                 spec=args.spec,
+                ledger=ledger,
             )
     h = done.header
     what = "rolled back" if model is None else "deployed"

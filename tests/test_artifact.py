@@ -334,7 +334,10 @@ def test_downgrades_wrong_names_and_kinds_are_refused_and_counted(stage):
     assert deadletters(rx.handle(rx.topic, v3)) == []
     assert rx.handle(rx.topic, v3) == []  # the same artifact again: a redelivery, not an error
     assert rx.handle(rx.topic, artifact(version=3)) == []  # re-signed, same model: the same
-    assert deadletters(rx.handle(rx.topic, artifact(trained(seed=2), version=3))) == ["downgrade"]
+    # Another model under the version that runs: a collision, not a mere downgrade.
+    assert deadletters(rx.handle(rx.topic, artifact(trained(seed=2), version=3))) == [
+        "version_collision"
+    ]
     assert deadletters(rx.handle(rx.topic, artifact(version=2))) == ["downgrade"]
     assert deadletters(rx.handle(rx.topic, artifact(version=4, name="other"))) == [
         "wrong_model_name"
@@ -349,7 +352,12 @@ def test_downgrades_wrong_names_and_kinds_are_refused_and_counted(stage):
         "wrong_model_kind"
     ]
     assert stage.learner.version == 3
-    assert stage.stats.rejected == {"downgrade": 2, "wrong_model_name": 1, "wrong_model_kind": 3}
+    assert stage.stats.rejected == {
+        "downgrade": 1,
+        "version_collision": 1,
+        "wrong_model_name": 1,
+        "wrong_model_kind": 3,
+    }
     assert rx.handle(rx.topic, b"") == []  # a cleared retained artifact
 
 
@@ -384,3 +392,26 @@ def test_a_checkpoint_keeps_the_deployed_version_and_models(stage, tmp_path):
     (new,) = predictions(again.handle(again.topics.readings("z"), frame("z", 0, 1)))
     assert new["version"] == 2
     assert new["predictions"][0]["y_pred"] == trained(seed=5).predict_one({"a": 0.0, "b": 0.0})
+
+
+def test_a_stage_restored_from_its_checkpoint_refuses_an_older_retained_artifact(stage, tmp_path):
+    """Issue 18 §6: an edge restarted with its checkpoint knows the version it ran, so a
+    re-published older artifact, retained when it resubscribes, is refused."""
+    rx = ModelReceiver(stage, KEY.public, "power")
+    v2, v3 = artifact(trained(seed=2), version=2), artifact(trained(seed=3), version=3)
+    assert deadletters(rx.handle(rx.topic, v2) + rx.handle(rx.topic, v3)) == []
+    store = CheckpointStore(tmp_path, "edge-1")
+    store.save(*stage.learner.snapshot(everything=True))
+    store.close()
+
+    again = EdgeStage("edge-1", clock=lambda: 1000.0)
+    store = CheckpointStore(tmp_path, "edge-1")
+    again.learner.restore(*store.load())
+    store.close()
+    rx2 = ModelReceiver(again, KEY.public, "power")
+    assert deadletters(rx2.handle(rx2.topic, v2)) == ["downgrade"]
+    other_v3 = artifact(trained(seed=4), version=3)
+    assert deadletters(rx2.handle(rx2.topic, other_v3)) == ["version_collision"]
+    assert (
+        again.learner.version == 3 and again.learner.deployed[-1].sha256 == read_header(v3).sha256
+    )

@@ -23,7 +23,7 @@ from river import linear_model, preprocessing, tree
 
 from streampipe.edge import EdgeConfig, EdgeService
 from streampipe.models.artifact import CONTENT_TYPE, make_artifact, read_header
-from streampipe.models.deploy import DeployError, ModelPublisher
+from streampipe.models.deploy import DeployError, ModelPublisher, VersionLedger
 from streampipe.models.keys import SigningKey, init_keys, load_signing_key
 from streampipe.publish import ReadingPublisher
 from streampipe.readings import Reading
@@ -419,3 +419,41 @@ def test_export_says_what_is_missing_and_creates_nothing(broker, topics, capture
     assert not list(state.glob("other*")), "a mistyped stage id left files behind"
     assert not (tmp_path / "o.pkl").exists()
     assert export_model(state, "s", "d1", tmp_path / "o.pkl").learned == 3
+
+
+def test_a_re_published_old_artifact_does_not_make_two_models_share_a_version(
+    broker, topics, keys, tmp_path
+):
+    """Issue 18 §6: whoever may publish on ROOT/models/<name> can re-publish an old,
+    validly signed artifact. The next deployment must not number itself from it (that
+    made a second, different "version 3"): the deployer's ledger remembers version 3."""
+    url = f"mqtt://127.0.0.1:{broker.port}"
+
+    def deploy(seed: int, *extra: str) -> subprocess.CompletedProcess[str]:
+        path = tmp_path / f"model-{seed}.pkl"
+        path.write_bytes(pickle.dumps(pretrained(seed=seed, n=50)))
+        args = ["--broker", url, "--topic-root", topics.root, "--model", NAME]
+        return run_cli("deploy", str(path), *args, "--signing-key", str(keys.private), *extra)
+
+    first = deploy(1)
+    assert first.returncode == 0 and f"model {NAME} version 2" in first.stdout, first.stderr
+    with ModelPublisher(broker.url, topics) as pub:
+        old_v2, _ = pub.retained(NAME)
+    assert old_v2 is not None
+    assert f"model {NAME} version 3" in deploy(2).stdout
+    replayer = Connection(broker.url, "replayer").connect()
+    try:
+        replayer.publish(topics.models(NAME), old_v2, qos=1, retain=True).wait_for_publish(10)
+    finally:
+        replayer.close()
+
+    nxt = deploy(3)
+    assert nxt.returncode == 0, nxt.stderr
+    assert f"model {NAME} version 4" in nxt.stdout
+    assert "re-published an old artifact" in nxt.stderr
+    again = deploy(4, "--version", "4")  # a version already published: refused
+    assert again.returncode != 0 and "not newer than version 4" in again.stderr
+    ledger = VersionLedger.beside(keys.private).highest(topics.root, NAME)
+    with ModelPublisher(broker.url, topics) as pub:
+        current, _ = pub.retained(NAME)
+    assert ledger == (4, read_header(current).sha256)

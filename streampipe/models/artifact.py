@@ -99,6 +99,7 @@ REASONS: frozenset[str] = frozenset(
         "digest_mismatch",  # signed, but the payload is not what the header's SHA-256 says
         "wrong_model_name",  # an artifact of another model name, on this model's topic
         "downgrade",  # a version not newer than the one the edge runs
+        "version_collision",  # a version the edge runs (or ran) with another model in it
         "wrong_model_kind",  # e.g. a classifier for a regression stage
         "model_load_failed",  # verified, but it does not decompress or unpickle to a model
         "model_incompatible",  # e.g. a model without learn_many for a --mode minibatch stage

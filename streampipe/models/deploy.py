@@ -4,10 +4,19 @@ An artifact is published retained, QoS 1, on ``ROOT/models/<name>``: an edge sta
 later gets it the moment it subscribes. The artifact it replaces is first re-published,
 retained, on ``ROOT/models/<name>/previous``; that is what ``--rollback`` goes back to.
 
-Versions only go up, because edges refuse a version not newer than the one they run:
+Versions only go up, because edges refuse a version not newer than the one they run,
+and a version names one artifact: an edge refuses another model under a version it
+runs (``version_collision``). What is retained on the broker is not enough to number
+the next version: anyone who can publish there can re-publish an old, validly signed
+artifact, after which "retained + 1" would be a version some edges already ran with
+another model. So the deployer also keeps a :class:`VersionLedger` of its own (the CLI:
+``deploy.versions`` beside the signing key) with the highest version it published of
+each model and that artifact's SHA-256:
 
-- a deployment's version defaults to the retained artifact's version + 1 (2 when none is
-  retained: version 1 is what an edge builds from its own ``--model`` spec);
+- a deployment's version defaults to one more than the highest of the retained
+  artifact's, the previous artifact's and the ledger's (2 when there is none: version
+  1 is what an edge builds from its own ``--model`` spec); an explicit ``--version``
+  at or below that highest is refused;
 - a rollback publishes the previous artifact's model, unchanged, as a *new* version
   (current + 1) whose header says which version it ``restores``. The artifact it
   replaces becomes the previous one, so a second rollback undoes the first.
@@ -26,7 +35,10 @@ Neither deploying nor rolling back unpickles a received artifact.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
+import os
 import pickle
 import threading
 import uuid
@@ -49,7 +61,7 @@ from streampipe.models.keys import SigningKey
 from streampipe.topics import Topics, check_name
 from streampipe.transport import BrokerURL, Connection, Message, MQTTError
 
-__all__ = ["DeployError", "ModelPublisher", "Published", "read_model_file"]
+__all__ = ["DeployError", "ModelPublisher", "Published", "VersionLedger", "read_model_file"]
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +77,68 @@ class Published:
     header: ArtifactHeader
     size: int  # bytes of the artifact
     replaced: ArtifactHeader | None
+
+
+class VersionLedger:
+    """The highest version this deployer published of each model, with its SHA-256.
+
+    A JSON file (mode 0600) that only the deployer writes: the versions it numbers from
+    cannot be lowered by what someone re-publishes on the broker. Keyed by topic root
+    and model name, as those are different deployments.
+
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     ledger = VersionLedger(tmp + "/deploy.versions")
+    ...     ledger.record("streampipe", "power", 3, "ab" * 32)
+    ...     VersionLedger(tmp + "/deploy.versions").highest("streampipe", "power")
+    (3, 'abababababababababababababababababababababababababababababababab')
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+
+    @classmethod
+    def beside(cls, signing_key: str | os.PathLike[str]) -> VersionLedger:
+        """The ledger kept next to a signing key file: ``deploy.key`` -> ``deploy.versions``."""
+        key = Path(signing_key)
+        return cls(key.with_name(key.stem + ".versions"))
+
+    def _read(self) -> dict[str, Any]:
+        try:
+            data = json.loads(self.path.read_bytes())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            raise DeployError(
+                f"the version ledger {self.path} cannot be read ({exc}): fix or remove it "
+                "(then give --version above every version deployed so far)"
+            ) from None
+        if not isinstance(data, dict):
+            raise DeployError(f"the version ledger {self.path} is not a JSON object")
+        return data
+
+    def highest(self, root: str, name: str) -> tuple[int, str] | None:
+        """The highest version published of ``name`` under ``root`` and its SHA-256."""
+        entry = self._read().get(f"{root}/{name}")
+        if not isinstance(entry, dict) or type(entry.get("version")) is not int:
+            return None
+        return entry["version"], str(entry.get("sha256", ""))
+
+    def record(self, root: str, name: str, version: int, sha256: str) -> None:
+        """Remember a published version: written to a temporary file, synced, renamed."""
+        data = self._read()
+        key = f"{root}/{name}"
+        old = data.get(key)
+        if isinstance(old, dict) and type(old.get("version")) is int and old["version"] > version:
+            return
+        data[key] = {"version": version, "sha256": sha256}
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(json.dumps(data, indent=1, sort_keys=True).encode() + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
 
 
 def read_model_file(path: str | Path, limits: ArtifactLimits = DEFAULT_LIMITS) -> tuple[bytes, str]:
@@ -175,27 +249,58 @@ class ModelPublisher:
         version: int | None = None,
         devices: str = "*",
         spec: str | None = None,
+        ledger: VersionLedger | None = None,
     ) -> Published:
-        """Sign ``model_pickle`` and publish it as the next version of model ``name``."""
+        """Sign ``model_pickle`` and publish it as the next version of model ``name``,
+        numbered after the highest version retained or in ``ledger``."""
         if not devices or len(devices) > MAX_PATTERN_CHARS:
             raise DeployError(f"--devices must be 1 to {MAX_PATTERN_CHARS} characters")
-        current, _ = self.retained(name)
+        current, previous = self.retained(name)
         replaced = _header_or_none(current, self.topics.models(name), explicit=version)
-        running = replaced.version if replaced is not None else 1
+        highest, why = self._highest(name, replaced, previous, ledger)
         if version is None:
-            version = running + 1
-        elif version <= running:
+            version = highest + 1
+        elif version <= highest:
             raise DeployError(
-                f"version {version} is not newer than version {running}"
-                + (" (what an edge builds from its --model)" if replaced is None else "")
-                + ", so edges would refuse it as a downgrade"
+                f"version {version} is not newer than version {highest} ({why}), so edges "
+                "would refuse it as a downgrade, or as a version_collision where that "
+                "version is another model"
             )
         artifact = make_artifact(
             model_pickle, name=name, version=version, kind=kind, key=key, devices=devices, spec=spec
         )
-        return self._publish(name, artifact, current if replaced is not None else None)
+        return self._publish(name, artifact, current if replaced is not None else None, ledger)
 
-    def rollback(self, name: str, key: SigningKey) -> Published:
+    def _highest(
+        self,
+        name: str,
+        current: ArtifactHeader | None,
+        previous: bytes | None,
+        ledger: VersionLedger | None,
+    ) -> tuple[int, str]:
+        """The highest version of ``name`` anyone may run, and where it was seen."""
+        topic = self.topics.models(name)
+        seen = [(1, "what an edge builds from its --model")]
+        if current is not None:
+            seen.append((current.version, f"retained on {topic}"))
+        if previous is not None:
+            with contextlib.suppress(ArtifactError):
+                seen.append((read_header(previous).version, "the previous version"))
+        published = ledger.highest(self.topics.root, name) if ledger is not None else None
+        if ledger is not None and published is not None:
+            seen.append((published[0], f"published last, says {ledger.path}"))
+            if current is not None and current.version < published[0]:
+                log.warning(
+                    "model %s version %d is retained on %s, but version %d was published "
+                    "after it: someone re-published an old artifact; edges started since "
+                    "run it until this deployment",
+                    name, current.version, topic, published[0],
+                )  # fmt: skip
+        return max(seen, key=lambda s: s[0])
+
+    def rollback(
+        self, name: str, key: SigningKey, *, ledger: VersionLedger | None = None
+    ) -> Published:
         """Publish the previous artifact's model again, as a new version."""
         current, previous = self.retained(name)
         topic = self.topics.models(name)
@@ -216,10 +321,11 @@ class ModelPublisher:
                 f"the previous artifact of model {name!r} cannot be re-published: {exc}"
             ) from None
         h = old.header
+        highest, _ = self._highest(name, now, previous, ledger)
         artifact = make_artifact(
             model,
             name=name,
-            version=max(now.version, h.version) + 1,
+            version=highest + 1,
             kind=h.kind,
             key=key,
             devices=h.devices,
@@ -228,9 +334,15 @@ class ModelPublisher:
             python=h.python,
             restores=h.version,
         )
-        return self._publish(name, artifact, current)
+        return self._publish(name, artifact, current, ledger)
 
-    def _publish(self, name: str, artifact: bytes, replaced: bytes | None) -> Published:
+    def _publish(
+        self,
+        name: str,
+        artifact: bytes,
+        replaced: bytes | None,
+        ledger: VersionLedger | None = None,
+    ) -> Published:
         if len(artifact) > DEFAULT_LIMITS.max_artifact_bytes:
             raise DeployError(
                 f"the artifact is {len(artifact):,} bytes; edges accept at most "
@@ -239,9 +351,13 @@ class ModelPublisher:
         if replaced is not None:
             topic = self.topics.previous_model(name)
             self._wait(self._send(topic, replaced), topic)
+        header = read_header(artifact)
+        if ledger is not None:
+            # Before sending: a publish that times out may still reach edges, and its
+            # version must not be numbered again.
+            ledger.record(self.topics.root, name, header.version, header.sha256)
         topic = self.topics.models(name)
         self._wait(self._send(topic, artifact), topic)
-        header = read_header(artifact)
         log.debug("published %s on %s", header.describe(), topic)
         return Published(header, len(artifact), read_header(replaced) if replaced else None)
 

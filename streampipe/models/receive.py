@@ -112,6 +112,15 @@ class ModelReceiver:
             raise ArtifactError(
                 "wrong_model_name", f"an artifact of model {h.name!r} on {self.name!r}'s topic"
             )
+        known = {d.sha256 for d in learner.deployed if d.version == h.version and d.sha256}
+        if known and h.sha256 not in known:
+            # Two different models signed as one version: whichever an edge runs, the
+            # version would not say which predictions came from which (issue 18 §6).
+            raise ArtifactError(
+                "version_collision",
+                f"version {h.version} is already another model here (SHA-256 "
+                f"{min(known)[:12]}…, not {h.sha256[:12]}…): a version names one artifact",
+            )
         if h.version <= learner.version:
             raise ArtifactError(
                 "downgrade",
