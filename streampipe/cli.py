@@ -20,6 +20,7 @@ from typing import Any
 from streampipe import __version__
 from streampipe.broker import MosquittoNotFound
 from streampipe.learn import DEFAULT_MODEL_SPEC
+from streampipe.limits import MAX_CLOCK_AHEAD, MAX_DEVICES, MAX_FEATURES, MAX_SEQ_JUMP
 from streampipe.secure.certs import MissingCryptography
 from streampipe.sources.csv import CsvError
 from streampipe.state import CheckpointError
@@ -252,6 +253,39 @@ def build_parser() -> argparse.ArgumentParser:
         default=1000,
         help="messages held for processing; also the Receive Maximum announced to the "
         "broker (%(default)s)",
+    )
+    edge.add_argument(
+        "--max-devices",
+        type=_positive_int,
+        default=MAX_DEVICES,
+        metavar="N",
+        help="devices this stage keeps a model for; readings of further ones are refused "
+        "as too_many_devices (%(default)s)",
+    )
+    edge.add_argument(
+        "--max-features",
+        type=_positive_int,
+        default=MAX_FEATURES,
+        metavar="N",
+        help="feature names one device's model may learn; readings bringing more are "
+        "refused as too_many_features (%(default)s)",
+    )
+    edge.add_argument(
+        "--max-seq-jump",
+        type=_positive_int,
+        default=MAX_SEQ_JUMP,
+        metavar="N",
+        help="how far past its device's last seq a reading may go; beyond it, it is "
+        "refused as seq_jump unless the device's next batch follows on from it "
+        "(%(default)s)",
+    )
+    edge.add_argument(
+        "--max-clock-ahead",
+        type=_non_negative_float,
+        default=MAX_CLOCK_AHEAD,
+        metavar="S",
+        help="seconds a reading's timestamp or boot epoch (in ms) may be ahead of this "
+        "edge's clock; beyond: future_timestamp, future_epoch (%(default)s)",
     )
     edge.add_argument(
         "--stall-after",
@@ -537,6 +571,10 @@ def cmd_edge(args: argparse.Namespace) -> int:
             partitions=args.partitions,
             window=args.window,
             queue_size=args.queue_size,
+            max_devices=args.max_devices,
+            max_features=args.max_features,
+            max_seq_jump=args.max_seq_jump,
+            max_clock_ahead=args.max_clock_ahead,
             stall_after=args.stall_after,
             mode=args.mode,
             deploy_key=args.deploy_key,

@@ -49,6 +49,14 @@ from streampipe.http import Health, MetricsServer
 from streampipe.inbox import Inbox
 from streampipe.learn.challenger import PromotionRule
 from streampipe.learn.spec import DEFAULT_MODEL_SPEC, ModelSpec
+from streampipe.limits import (
+    MAX_CLOCK_AHEAD,
+    MAX_DEVICES,
+    MAX_FEATURES,
+    MAX_HELD_BYTES,
+    MAX_HELD_PER_DEVICE,
+    MAX_SEQ_JUMP,
+)
 from streampipe.metrics import LatencyHistogram, StageCollector, StageStats
 from streampipe.models.keys import load_verify_key
 from streampipe.models.receive import ModelReceiver
@@ -94,6 +102,13 @@ class EdgeConfig:
     window: int = 1000
     mode: str = "exact"  # or "minibatch": see streampipe.learn.learner
     queue_size: int = 1000
+    # Per-sender bounds (issue 18; the README's Limits table): see streampipe.stage.
+    max_devices: int = MAX_DEVICES  # devices with a model; new ones beyond are refused
+    max_features: int = MAX_FEATURES  # feature names per device
+    max_seq_jump: int = MAX_SEQ_JUMP  # past a device's watermark, unless followed on from
+    max_clock_ahead: float = MAX_CLOCK_AHEAD  # s a timestamp or boot epoch may lead our clock
+    max_held_per_device: int = MAX_HELD_PER_DEVICE  # frames waiting for a schema, per device
+    max_held_bytes: int = MAX_HELD_BYTES  # bytes of frames waiting for a schema, in all
     keepalive: int = 30
     #: /healthz says "unavailable" once messages have waited this long while the worker
     #: finished none: a stage that is stuck, not merely behind.
@@ -134,6 +149,12 @@ class EdgeService:
             # of Receive Maximum (the queue's size), which the schema they wait for
             # needs a place in too.
             max_held=max(1, config.queue_size // 2),
+            max_held_per_device=config.max_held_per_device,
+            max_held_bytes=config.max_held_bytes,
+            max_devices=config.max_devices,
+            max_features=config.max_features,
+            max_seq_jump=config.max_seq_jump,
+            max_clock_ahead=config.max_clock_ahead,
             topics=self.topics,
             stats=self.stats,
             model_name=config.model_name,
@@ -169,6 +190,8 @@ class EdgeService:
         #: When the worker last finished a message or found none waiting (monotonic).
         self._progress = time.monotonic()
         self.instance = uuid.uuid4().hex  # this process, in the stage's retained claim
+        self._claim = b""  # that claim, as published (worker thread, once started)
+        self._claimed_on = 0  # the connection it was published on (see _check_claim)
         self._instance_topic = self.topics.instance(config.stage_id)
         # Liveness probes come here; each is answered on <instance>/pong/<its nonce>.
         self._ping_topic = f"{self._instance_topic}/ping"
@@ -281,6 +304,7 @@ class EdgeService:
             {"instance": self.instance, **self._whoami, "since": time.time(),
              "lock": self._lock_id()}
         ).encode()  # fmt: skip
+        self._claim, self._claimed_on = claim, self.conn.connects
         self.conn.publish(self._instance_topic, claim, retain=True).wait_for_publish(10)
         if self.receiver is not None:
             # First, so that a stage starting afresh runs the deployed model from its
@@ -493,10 +517,26 @@ class EdgeService:
         except (ValueError, AttributeError):
             owner = None
         self.conn.ack(msg, connection)
-        if owner is not None and owner != self.instance:
-            # Another process started as this stage and took our session over. Taking it
-            # back would make the two fight forever: this one stops.
+        if owner is None or owner == self.instance:
+            return
+        if connection > self._claimed_on:
+            # Our connection was lost since we claimed the stage, and another process
+            # claims it now: it started as this stage and took our session over (which
+            # closes our connection; Mosquitto 2.0 says so with no reason code, so the
+            # claim is what tells). Taking it back would make the two fight forever:
+            # this one stops.
             self.conn.taken_over.set()
+            return
+        # Claimed while we held the connection we claimed on: no process took our
+        # session, since that would have closed it first. Whoever can publish on the
+        # status topic does not stop a stage: the claim is ours again (issue 18 §7).
+        log.warning(
+            "ignored a claim of stage %s by instance %.32r made while this process held its "
+            "connection (a session takeover would have closed it); claiming it again",
+            self.config.stage_id, owner,
+        )  # fmt: skip
+        self.stats.reject("foreign_claim")
+        self.conn.publish(self._instance_topic, self._claim, retain=True)
 
     def _finish(self, outputs: list[Outgoing], done: list[tuple[int, Message]]) -> None:
         """Publish outputs; acknowledge the messages done with, now or at the next commit.

@@ -43,24 +43,21 @@ from streampipe.events import anomaly_event, drift_event, promotion_event
 from streampipe.learn.challenger import PROMOTE_AFTER, Duel, PromotionRule
 from streampipe.learn.drift import DriftMonitor
 from streampipe.learn.labels import stricter
-from streampipe.learn.learner import (
+from streampipe.learn.learner import LearnResult, OnlineLearner
+from streampipe.learn.spec import DEFAULT_MODEL_SPEC, ModelSpec, _final_step
+from streampipe.limits import (
+    MAX_CLOCK_AHEAD,
     MAX_DEVICES,
     MAX_FEATURES,
+    MAX_HELD_BYTES,
+    MAX_HELD_BYTES_PER_DEVICE,
+    MAX_HELD_PER_DEVICE,
     MAX_SEQ_JUMP,
-    LearnResult,
-    OnlineLearner,
 )
-from streampipe.learn.spec import DEFAULT_MODEL_SPEC, ModelSpec, _final_step
 from streampipe.metrics import StageStats
 from streampipe.readings import Batch
 from streampipe.topics import InvalidName, Topics, check_name, partition_level
-from streampipe.validate import (
-    DEFAULT_MAX_ABS,
-    MAX_CLOCK_AHEAD,
-    Rejection,
-    Validated,
-    validate,
-)
+from streampipe.validate import DEFAULT_MAX_ABS, Rejection, Validated, validate
 
 __all__ = ["EdgeStage", "Outgoing"]
 
@@ -73,14 +70,6 @@ DEADLETTER_MAX_READINGS = 100
 #: most this many, none for longer than this (those behind go when the first one does).
 MAX_HELD = 1000
 HOLD_SECONDS = 10.0
-#: Held frames of one device: a sensor publishes its schema before its frames, so a few
-#: at most wait for it; a device naming a schema nobody published holds no more, and
-#: so no more of the receive window (held frames are not acknowledged).
-MAX_HELD_PER_DEVICE = 16
-#: Bytes of held frames, in all and per device: frames are kept whole (up to 4 MiB
-#: each), and a frame that names a schema is small (fewer than 32 readings).
-MAX_HELD_BYTES = 32 << 20
-MAX_HELD_BYTES_PER_DEVICE = 1 << 20
 #: What ``--on-drift`` may do: publish the event only, or also replace the device's model.
 ON_DRIFT = ("alert", "reset")
 #: Checkpoint keys of a challenger's device states: "challenger/<device>" (a device id

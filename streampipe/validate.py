@@ -46,17 +46,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from streampipe.limits import MAX_CLOCK_AHEAD
 from streampipe.readings import Batch, Reading
 
 __all__ = ["DEFAULT_MAX_ABS", "LABELS", "MAX_CLOCK_AHEAD", "Rejection", "Validated", "validate"]
 
 #: Largest accepted magnitude. 1e15² = 1e30, so variances and dot products stay finite.
 DEFAULT_MAX_ABS = 1e15
-#: Seconds a reading's timestamp, or its boot epoch (a boot counter, or the boot time in
-#: seconds or milliseconds, as ``streampipe sensors`` sends it), may be ahead of the
-#: edge's clock: room for clocks set by hand, yet a forged epoch locks its device out
-#: (``stale_epoch``) for at most this long, until a real reboot's epoch passes it.
-MAX_CLOCK_AHEAD = 3600.0
 #: What a target must be for a model that learns labels: 0/1, or a whole number.
 LABELS = ("binary", "integer")
 

@@ -59,6 +59,7 @@ from river import base
 from streampipe.learn.labels import label_kind
 from streampipe.learn.scores import DEFAULT_WINDOW, Scores, scores_for
 from streampipe.learn.spec import ModelSpec, _final_step
+from streampipe.limits import MAX_DEVICES, MAX_FEATURES, MAX_SEQ_JUMP
 from streampipe.validate import Validated
 
 __all__ = [
@@ -73,19 +74,6 @@ __all__ = [
 #: ``exact``: predict, score and learn reading by reading (River's progressive
 #: validation). ``minibatch``: ``predict_many`` then ``learn_many`` per batch.
 MODES = ("exact", "minibatch")
-#: Devices with a model on one stage. Beyond it a new device is refused
-#: (``too_many_devices``) rather than an idle one evicted: eviction would make the
-#: devices already learned pay for whoever invents ids. ~6 KB each for the default model.
-MAX_DEVICES = 10_000
-#: Feature names one device's model may learn. Beyond it a reading that brings a new
-#: name is refused (``too_many_features``): models grow with every name (and each
-#: checkpoint of a device pickles its whole model), so this keeps both small.
-MAX_FEATURES = 1024
-#: How far past its device's watermark a reading's seq may go (in one boot epoch). A
-#: reading beyond it is refused (``seq_jump``) unless the device's next batch follows
-#: on from it, as a real jump would: one stray seq (2**63-1, say) cannot make the
-#: device's next readings ``duplicate`` nor add 9e18 to the gaps counter.
-MAX_SEQ_JUMP = 1_000_000
 
 
 @dataclass(slots=True)
