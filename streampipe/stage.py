@@ -75,9 +75,10 @@ ON_DRIFT = ("alert", "reset")
 #: Checkpoint keys of a challenger's device states: "challenger/<device>" (a device id
 #: never holds a "/", so these cannot collide with the champion's).
 CHALLENGER = "challenger"
-#: Checkpoint keys of the field-name schemas the stage has seen: "schema/<id>", each
+#: Checkpoint keys of the field-name schemas frames have named: "schema/<id>", each
 #: written once, so that after a restart the frames queued meanwhile need not wait for
-#: the retained schemas (the broker sends those only after what it queued).
+#: the retained schemas (the broker sends those only after what it queued). Schemas no
+#: frame named (junk, or one whose frames have not come yet) are not written.
 SCHEMA = "schema"
 
 
@@ -241,7 +242,8 @@ class EdgeStage:
         self.stats.model_name = model_name or self.spec.name
         self.stats.model_version = 1
         self.schemas = codec.SchemaRegistry()
-        self._unsaved_schemas: set[str] = set()  # learnt since the last snapshot
+        self._saved_schemas: set[str] = set()  # ids with a row in the checkpoint
+        self.stats.limits["schemas"] = lambda: (len(self.schemas), self.schemas.max_schemas)
         self._control_topic = self.topics.control(self.stage_id)
         self.clock = clock
         self.on_latency = on_latency
@@ -461,7 +463,6 @@ class EdgeStage:
             return [self.dead_letter(topic, payload, exc.reason, str(exc))], [token]
         if known:
             return [], [token]
-        self._unsaved_schemas.add(sid)
         out: list[Outgoing] = []
         done = [token]
         for device in self._held.waiting_for(sid):
@@ -686,8 +687,12 @@ class EdgeStage:
     def snapshot(self) -> tuple[dict[str, Any], dict[Any, Any], bool]:
         """What a checkpoint needs: stage-wide state, the device states that changed
         (a challenger's under ``challenger/<device>``), and whether it must replace
-        the previous checkpoint whole (after a promotion)."""
+        the previous checkpoint whole (after a promotion, or once the rows of schemas
+        the registry forgot are as many as it holds)."""
         full, self._full_snapshot = self._full_snapshot, False
+        used = self.schemas.used()  # junk that no frame named never reaches the checkpoint
+        forgotten = len(self._saved_schemas.difference(used))
+        full = full or forgotten >= self.schemas.max_schemas
         meta, changed = self.learner.snapshot(everything=full)
         if self.challenger is not None:
             challenger_meta, challenger_changed = self.challenger.snapshot(everything=full)
@@ -696,17 +701,17 @@ class EdgeStage:
                 **changed,
                 **{f"{CHALLENGER}/{d}": st for d, st in challenger_changed.items()},
             }
-        new = self.schemas if full else self._unsaved_schemas
+        new = used if full else [sid for sid in used if sid not in self._saved_schemas]
         if new:
             changed = {**changed, **self._schema_rows(new)}
-        self._unsaved_schemas = set()
+        self._saved_schemas = set(used) if full else self._saved_schemas.union(new)
         return meta, changed, full
 
     def _schema_rows(self, ids: Iterable[str]) -> dict[str, bytes]:
         """Checkpoint rows of these schemas: their frames, checked again on restore."""
         rows = {}
         for sid in ids:
-            schema = self.schemas.get(sid)
+            schema = self.schemas.peek(sid)
             if schema is not None:
                 rows[f"{SCHEMA}/{sid}"] = schema.frame()
         return rows
@@ -716,8 +721,9 @@ class EdgeStage:
         prefix = f"{SCHEMA}/"
         for key, frame in devices.items():
             if key.startswith(prefix):
-                try:  # authenticated, but checked as any schema is
-                    self.schemas.add_frame(frame, schema_id=key[len(prefix) :])
+                self._saved_schemas.add(key[len(prefix) :])
+                try:  # authenticated, but checked as any schema is; frames had named it
+                    self.schemas.add_frame(frame, schema_id=key[len(prefix) :], used=True)
                 except codec.CodecError as exc:
                     log.warning("checkpointed schema %s refused: %s", key[len(prefix) :], exc)
         if (

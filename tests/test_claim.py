@@ -266,3 +266,43 @@ def test_a_stage_stopped_by_a_full_disk_starts_again_once_there_is_room(
         assert took < PROMPTLY
     finally:
         subprocess.run(["umount", "-l", str(state)], capture_output=True, timeout=30)
+
+
+def test_a_claim_from_a_client_that_did_not_take_the_session_does_not_stop_a_stage(
+    broker, topics, capture
+):
+    """Issue 18 §7: a 24-byte publish on ROOT/status/<stage>/instance made a running edge
+    exit. A process that starts as this stage takes its session over, which closes the
+    stage's connection first; a claim arriving on the connection the stage claimed on
+    is from someone else, and the stage claims the stage again."""
+    stage = f"victim-{uuid.uuid4().hex[:6]}"
+    service = EdgeService(EdgeConfig(broker.url, stage, topic_root=topics.root)).start()
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            service.run()
+        except BaseException as exc:
+            failure.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    topic = topics.instance(stage)
+    cap = capture([topic])
+    forger = Connection(broker.url, f"forger-{uuid.uuid4().hex[:6]}").connect()
+    try:
+        forged = json.dumps({"instance": "f" * 22}).encode()  # 24 bytes, as in the issue
+        forger.publish(topic, forged, qos=1, retain=True).wait_for_publish(10)
+
+        def reclaimed() -> bool:
+            claims = [json.loads(m.payload).get("instance") for m in cap.on(topic) if m.payload]
+            return "f" * 22 in claims and claims[-1] == service.instance
+
+        assert cap.wait(reclaimed, PROMPTLY)
+        assert service.stats.rejected.get("foreign_claim") == 1
+        assert not service.conn.taken_over.is_set() and thread.is_alive() and not failure
+    finally:
+        forger.close()
+        service.stop()
+        thread.join(30)
+    assert not thread.is_alive() and not failure

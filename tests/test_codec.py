@@ -466,14 +466,19 @@ def test_schema_ids_depend_on_names_and_target() -> None:
     assert len(ids) == 4 and all(len(i) == 8 for i in ids)
 
 
-def test_registry_is_bounded() -> None:
-    registry = SchemaRegistry(max_schemas=2)
-    registry.add(Schema(("a",), False))
-    registry.add(Schema(("b",), False))
-    registry.add(Schema(("a",), False))  # already known: fine
-    with pytest.raises(CodecError) as info:
-        registry.add(Schema(("c",), False))
-    assert info.value.reason == "too_many_schemas"
+def test_registry_is_bounded_and_forgets_what_no_frame_named_first() -> None:
+    registry = SchemaRegistry(max_schemas=4)
+    a, b, c, d, e = (Schema((name,), False) for name in "abcde")
+    for schema in (a, b, c, d):
+        registry.add(schema)
+    registry.add(a)  # already known: fine
+    assert registry.get(b.id) == b and registry.get(a.id) == a  # frames name b, then a
+    registry.add(e)  # full: c, the oldest that no frame named, goes
+    assert list(registry) == [d.id, e.id, b.id, a.id] and registry.evicted == 1
+    assert registry.get(d.id) == d and registry.get(e.id) == e  # at most 3 count as named
+    assert registry.used() == [a.id, d.id, e.id] and b.id in registry
+    registry.add(c)  # b, named least recently, no longer counts: it goes first
+    assert b.id not in registry and len(registry) == 4 and registry.evicted == 2
 
 
 @FAST

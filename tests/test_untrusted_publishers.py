@@ -15,6 +15,7 @@ from streampipe.learn.challenger import PromotionRule
 from streampipe.learn.spec import ModelSpec
 from streampipe.readings import Batch, Reading
 from streampipe.stage import EdgeStage
+from streampipe.state import CheckpointStore
 from streampipe.topics import partition_of
 from streampipe.transport import Connection
 
@@ -131,3 +132,84 @@ def test_a_retained_promotion_does_not_promote_a_starting_edge(broker, topics, c
     (dead,) = cap.json(topics.deadletter("cc"))
     assert dead["reason"] == "retained_command"
     assert cap.on(topics.events("cc")) == [] and service.stats.model_version == 1
+
+
+# -- schemas by the thousand ------------------------------------------------------------
+
+
+def junk(n: int, tag: str = "junk") -> list[tuple[str, bytes]]:
+    """Valid schemas no frame will ever name: what a sensor may publish, retained."""
+    return [
+        codec.schema_frame(Batch.from_readings([Reading("x", 0, 0.0, {f"{tag}{i}": 1.0})]))
+        for i in range(n)
+    ]
+
+
+def small(device: str, feature: str, seq: int) -> tuple[str, bytes, bytes]:
+    """A one-reading frame that names its fields by schema id, and that schema."""
+    batch = Batch.from_readings([Reading(device, seq, float(seq), {feature: 1.0}, 2.0)])
+    sid, schema = codec.schema_frame(batch)
+    return sid, schema, codec.encode(batch, schema_id=True)
+
+
+def publish_schemas(stage: EdgeStage, schemas) -> list:
+    out = []
+    for sid, schema in schemas:
+        out += stage.handle_message(stage.topics.schemas(sid), schema, sid, retained=True)[0]
+    return out
+
+
+def test_thousands_of_junk_schemas_do_not_keep_a_new_schema_out(stage):
+    """4,096 retained schemas used to fill the registry for good: every new schema was
+    too_many_schemas, in every stage started later. Now junk pushes out junk."""
+    sid, schema, used_frame = small("d1", "temp", 0)
+    publish_schemas(stage, [(sid, schema)])
+    assert bodies(stage.handle(stage.topics.readings("d1"), used_frame), "predictions")
+    flood = junk(stage.schemas.max_schemas + 10)
+    assert bodies(publish_schemas(stage, flood), "deadletter") == []
+    assert len(stage.schemas) == stage.schemas.max_schemas
+    new_sid, new_schema, new_frame = small("d2", "rh", 0)
+    assert bodies(publish_schemas(stage, [(new_sid, new_schema)]), "deadletter") == []
+    out, done = stage.handle_message(stage.topics.readings("d2"), new_frame, "f")
+    assert done == ["f"] and bodies(out, "predictions"), "the new schema is known"
+    _, _, later = small("d1", "temp", 1)  # a schema frames named before the flood stays
+    assert bodies(stage.handle(stage.topics.readings("d1"), later), "predictions")
+    assert stage.stats.rejected == {} and stage.schemas.evicted == 12
+    assert stage.stats.limits_used()["schemas"] == (4096, 4096)
+
+
+def test_the_checkpoint_keeps_the_schemas_frames_named_and_never_junk(tmp_path):
+    stage = EdgeStage("edge-1", clock=lambda: 1000.0)
+    stage.schemas = codec.SchemaRegistry(max_schemas=4)
+    store = CheckpointStore(tmp_path, "edge-1")
+    sid, schema, f0 = small("d1", "temp", 0)
+    publish_schemas(stage, [(sid, schema), *junk(3)])
+    stage.handle(stage.topics.readings("d1"), f0)
+    meta, changed, full = stage.snapshot()
+    assert [k for k in changed if k.startswith("schema/")] == [f"schema/{sid}"] and not full
+    store.save(meta, changed, full=full)
+    # A sensor names schemas in frames too: each pushes out the one named least recently,
+    # and its row stays until there are as many such rows as the registry holds.
+    fulls = []
+    for i in range(7):
+        s, sch, f = small("d2", f"x{i}", i)
+        publish_schemas(stage, [(s, sch)])
+        stage.handle(stage.topics.readings("d2"), f)
+        meta, changed, full = stage.snapshot()
+        store.save(meta, changed, full=full)
+        fulls.append(full)
+        if full:
+            rows = {k for k in changed if k.startswith("schema/")}
+            assert rows == {f"schema/{s}" for s in stage.schemas.used()}
+    assert sid not in stage.schemas and fulls == [False] * 5 + [True, False]
+    named = set(stage.schemas.used())
+    assert len(named) == 3, "a quarter of the registry stays for schemas not named yet"
+    restarted = EdgeStage("edge-1", clock=lambda: 1000.0)
+    restarted.schemas = codec.SchemaRegistry(max_schemas=4)
+    restarted.restore(*store.load())
+    store.close()
+    assert set(restarted.schemas.used()) == named
+    publish_schemas(restarted, junk(10, "more"))  # the retained junk, sent again on start
+    assert set(restarted.schemas.used()) == named, "frames had named the restored ones"
+    _, _, f = small("d2", "x6", 7)
+    assert bodies(restarted.handle(restarted.topics.readings("d2"), f), "predictions")

@@ -21,7 +21,6 @@ REASONS: frozenset[str] = frozenset(
         "too_many_values",  # readings x fields over Limits.max_values
         "string_too_long",  # a device id or field name over Limits.max_string_bytes
         "bad_field_names",  # a field name is empty or named twice: no model could take it
-        "too_many_schemas",  # a SchemaRegistry is full
     }
 )
 

@@ -18,7 +18,7 @@ from streampipe.codec import header
 from streampipe.codec.errors import DEFAULT_LIMITS, CodecError, Limits
 from streampipe.readings import Batch
 
-__all__ = ["Schema", "SchemaRegistry", "schema_frame", "unpack_names"]
+__all__ = ["MAX_SCHEMAS", "Schema", "SchemaRegistry", "schema_frame", "unpack_names"]
 
 
 #: Ids of schemas seen, bounded.
@@ -158,29 +158,82 @@ def schema_frame(batch: Batch) -> tuple[str, bytes]:
     return s.id, s.frame()
 
 
+#: Schemas a registry keeps: a sensor names a few; beyond this the one a frame named
+#: least recently is forgotten (:class:`SchemaRegistry`). ~300 bytes each.
+MAX_SCHEMAS = 4096
+#: The share of a registry kept for schemas no frame has named yet, so that however many
+#: schemas frames name, a new one has room to wait for its first frame.
+NEW_SHARE = 4
+
+
 class SchemaRegistry:
     """Schema id -> :class:`Schema`, learnt from schema frames; bounded in size.
 
-    Thread-safe for one writer and many readers (dict operations are atomic).
+    Whoever may publish one schema may publish thousands (sensors may, on the secured
+    broker), and retained ones reach every stage started later; so a full registry
+    never refuses a schema, it forgets one: the oldest of those no frame has named yet
+    (a flood of junk is that). Schemas frames named take at most three quarters of
+    it; beyond that, the one named least recently counts as not named again. A new
+    schema thus waits for its first frame among at least a quarter of the registry,
+    and a frame naming a schema it forgot waits for it like for any unknown one.
+
+    >>> reg = SchemaRegistry(max_schemas=2)
+    >>> a, b, c = (Schema((name,), False) for name in "abc")
+    >>> sid = reg.add(a)
+    >>> reg.get(sid) == a  # a frame names it
+    True
+    >>> _ = reg.add(b), reg.add(c)  # b, named by no frame, goes first
+    >>> sid in reg, b.id in reg, c.id in reg, reg.evicted
+    (True, False, True, 1)
+
+    Owned by one thread: :meth:`get`, which decoding a frame calls, reorders it.
     """
 
-    def __init__(self, max_schemas: int = 4096) -> None:
-        self._by_id: dict[str, Schema] = {}
+    def __init__(self, max_schemas: int = MAX_SCHEMAS) -> None:
+        if max_schemas < 1:
+            raise ValueError("a schema registry holds at least one schema")
         self.max_schemas = max_schemas
+        self._max_used = max(1, max_schemas - max_schemas // NEW_SHARE)
+        self._unused: dict[str, Schema] = {}  # named by no frame yet, oldest first
+        self._used: dict[str, Schema] = {}  # named by a frame, least recently first
+        #: Schemas forgotten to make room for newer ones, ever.
+        self.evicted = 0
 
-    def add(self, schema: Schema) -> str:
-        """Register ``schema``; returns its id."""
+    def add(self, schema: Schema, *, used: bool = False) -> str:
+        """Register ``schema`` (as if a frame had named it, if ``used``); returns its id.
+        When the registry is full, another schema is forgotten to make room."""
         sid = schema.id
-        if sid not in self._by_id:
-            if len(self._by_id) >= self.max_schemas:
-                raise CodecError(
-                    "too_many_schemas", f"the registry already holds {self.max_schemas} schemas"
-                )
-            self._by_id[sid] = schema
+        if sid in self._used:
+            return sid
+        if sid in self._unused:
+            if used:
+                self._named(sid, self._unused.pop(sid))
+            return sid
+        if len(self) >= self.max_schemas:
+            oldest = self._unused or self._used
+            del oldest[next(iter(oldest))]
+            self.evicted += 1
+        if used:
+            self._named(sid, schema)
+        else:
+            self._unused[sid] = schema
         return sid
 
+    def _named(self, sid: str, schema: Schema) -> None:
+        """``schema`` is the one a frame named last; the least recently named one is
+        no longer counted as named if too many are."""
+        self._used[sid] = schema
+        if len(self._used) > self._max_used:
+            old = next(iter(self._used))
+            self._unused[old] = self._used.pop(old)
+
     def add_frame(
-        self, frame: bytes, schema_id: str | None = None, limits: Limits = DEFAULT_LIMITS
+        self,
+        frame: bytes,
+        schema_id: str | None = None,
+        limits: Limits = DEFAULT_LIMITS,
+        *,
+        used: bool = False,
     ) -> str:
         """Register the schema in untrusted ``frame``; returns its id.
 
@@ -192,16 +245,32 @@ class SchemaRegistry:
             raise CodecError(
                 "malformed", f"schema frame has id {schema.id}, published as {schema_id!r}"
             )
-        return self.add(schema)
+        return self.add(schema, used=used)
 
     def get(self, schema_id: str) -> Schema | None:
-        return self._by_id.get(schema_id)
+        """The schema a frame names, which becomes the most recently used; or None."""
+        schema = self._used.pop(schema_id, None)
+        if schema is not None:
+            self._used[schema_id] = schema
+            return schema
+        schema = self._unused.pop(schema_id, None)
+        if schema is not None:
+            self._named(schema_id, schema)
+        return schema
+
+    def peek(self, schema_id: str) -> Schema | None:
+        """The schema of that id, or None, leaving the order alone."""
+        return self._used.get(schema_id) or self._unused.get(schema_id)
+
+    def used(self) -> list[str]:
+        """The ids of the schemas frames have named, least recently named first."""
+        return list(self._used)
 
     def __contains__(self, schema_id: object) -> bool:
-        return schema_id in self._by_id
+        return schema_id in self._used or schema_id in self._unused
 
     def __len__(self) -> int:
-        return len(self._by_id)
+        return len(self._used) + len(self._unused)
 
     def __iter__(self) -> Iterator[str]:
-        return iter(list(self._by_id))
+        return iter([*self._unused, *self._used])
