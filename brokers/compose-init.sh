@@ -7,7 +7,7 @@
 set -eu
 DIR=/secure
 if [ ! -f "$DIR/passwd" ]; then
-    streampipe broker init-secure "$DIR" --host mosquitto --bind 0.0.0.0 --sensors 3 >/dev/null
+    streampipe broker init-secure "$DIR" --host mosquitto --bind 0.0.0.0 --sensors 3 --stage edge-1 --stage edge-2 >/dev/null
 fi
 chmod 0755 "$DIR"
 chown 1883:1883 "$DIR/passwd" "$DIR/server.key"

@@ -450,6 +450,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="a sensor account, named as its device id (repeat for more)",
     )
     init.add_argument(
+        "--stage",
+        action="append",
+        default=[],
+        metavar="STAGE_ID",
+        help="an edge stage's account, named as its --stage-id; it may write only its own "
+        "status and claim (repeat for more; default: edge-1 and edge-2)",
+    )
+    init.add_argument(
         "--sensors",
         type=int,
         default=None,
@@ -818,6 +826,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_broker(args: argparse.Namespace) -> int:
     from streampipe.secure import init_secure, sensor_names
+    from streampipe.secure.mosquitto import DEFAULT_STAGES
 
     sensors = list(args.sensor)
     if args.sensors is not None:
@@ -829,6 +838,7 @@ def cmd_broker(args: argparse.Namespace) -> int:
     setup = init_secure(
         args.dir,
         sensors=sensors,
+        stages=args.stage or DEFAULT_STAGES,
         hosts=args.host,
         port=args.port,
         bind=args.bind,
@@ -841,6 +851,7 @@ def cmd_broker(args: argparse.Namespace) -> int:
     host = next(h for h in setup.hosts if ":" not in h)
     url = f"mqtts://{{user}}@{host}:{setup.port}"
     accounts = ", ".join(setup.roles)
+    stage = next(u for u, role in setup.roles.items() if role == "edge")
     print(
         f"Secured Mosquitto set up in {d}: TLS on {args.bind}:{setup.port} for "
         f"{', '.join(setup.hosts)}.\n"
@@ -851,8 +862,8 @@ def cmd_broker(args: argparse.Namespace) -> int:
         f"  export STREAMPIPE_CA_FILE={q(str(d / 'ca.crt'))} "
         f"STREAMPIPE_CERT_FILE={q(str(d / 'client.crt'))} "
         f"STREAMPIPE_KEY_FILE={q(str(d / 'client.key'))}\n"
-        f"  streampipe edge --broker {url.format(user='edge')} "
-        f"--password-file {q(str(setup.password_file('edge')))} --stage-id edge-1\n"
+        f"  streampipe edge --broker {url.format(user=stage)} "
+        f"--password-file {q(str(setup.password_file(stage)))} --stage-id {stage}\n"
         f"  streampipe sensors --broker {url.format(user='gateway')} "
         f"--password-file {q(str(setup.password_file('gateway')))}"
     )

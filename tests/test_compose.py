@@ -268,8 +268,8 @@ def test_shipped_broker_config_runs_in_mosquitto(secure_dir, tmp_path):
         text += "user root\n"
     (tmp_path / "mosquitto.conf").write_text(text)
     url = with_credentials(
-        BrokerURL("mosquitto", port, tls=True, username="edge"),
-        password_file=str(secure_dir / "passwords/edge"),
+        BrokerURL("mosquitto", port, tls=True, username="edge-1"),
+        password_file=str(secure_dir / "passwords/edge-1"),
         ca_file=str(secure_dir / "ca.crt"),
         cert_file=str(secure_dir / "client.crt"),
         key_file=str(secure_dir / "client.key"),
@@ -282,7 +282,7 @@ def test_shipped_broker_config_runs_in_mosquitto(secure_dir, tmp_path):
             ctx.wrap_socket(raw, server_hostname="mosquitto") as tls,
         ):
             assert tls.version() in ("TLSv1.2", "TLSv1.3")
-        local = BrokerURL("localhost", port, True, "edge", url.password, url.tls_files)
+        local = BrokerURL("localhost", port, True, "edge-1", url.password, url.tls_files)
         conn = Connection(local, "compose-config-check").connect()
         assert conn.connected
         conn.close()

@@ -74,21 +74,26 @@ def test_init_secure_prints_next_steps_and_no_password(tmp_path):
     result = run("broker", "init-secure", str(target), "--sensor", "boiler-1", "--sensors", "2")
     assert result.returncode == 0, result.stderr
     assert f"mosquitto -c {target}/mosquitto.conf" in result.stdout
-    assert f"--password-file {target}/passwords/edge" in result.stdout
+    assert f"--password-file {target}/passwords/edge-1 --stage-id edge-1" in result.stdout
     passwords = {p.name: p.read_text().strip() for p in (target / "passwords").iterdir()}
-    assert set(passwords) == {"operator", "edge", "gateway", "boiler-1", "sensor-000", "sensor-001"}
+    assert set(passwords) == {
+        *("operator", "gateway", "edge-1", "edge-2"),
+        *("boiler-1", "sensor-000", "sensor-001"),
+    }
     assert not any(p in result.stdout + result.stderr for p in passwords.values())
 
     again = run("broker", "init-secure", str(target))
     assert again.returncode == 2 and "--force" in again.stderr
-    assert (target / "passwords" / "edge").read_text().strip() == passwords["edge"]
+    assert (target / "passwords" / "edge-1").read_text().strip() == passwords["edge-1"]
 
 
 @pytest.mark.parametrize(
     ("args", "message"),
     [
         (["--sensor", "a/b"], "sensor name 'a/b' contains '/'"),
-        (["--sensor", "edge"], "taken by the edge account"),
+        (["--sensor", "gateway"], "taken by the gateway account"),
+        (["--sensor", "edge-1"], "stage id 'edge-1' is also a sensor account"),
+        (["--stage", "operator"], "stage id 'operator' is taken by the operator account"),
         (["--topic-root", "a/+"], "topic root level"),
         (["--port", "0"], "port must be"),
     ],

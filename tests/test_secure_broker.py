@@ -77,9 +77,15 @@ def test_files_have_the_modes_a_secret_needs(secure):
         assert setup.path(name).stat().st_mode & 0o777 == 0o600, name
     assert setup.dir.stat().st_mode & 0o077 == 0
     lines = setup.path("passwd").read_text().splitlines()
-    assert {line.split(":")[0] for line in lines} == {"operator", "edge", "gateway", SENSOR}
+    assert {line.split(":")[0] for line in lines} == {
+        "operator",
+        "edge-1",
+        "edge-2",
+        "gateway",
+        SENSOR,
+    }
     assert all(check_password(line, setup.passwords[line.split(":")[0]]) for line in lines)
-    assert setup.passwords["edge"] not in setup.path("passwd").read_text()
+    assert setup.passwords["edge-1"] not in setup.path("passwd").read_text()
 
 
 def test_the_operator_logs_in_over_tls(secure):
@@ -139,8 +145,21 @@ def _publish(conn: Connection, topic: str, payload: bytes) -> None:
             [f"{ROOT.root}/models/default", ROOT.status("edge-1"), ROOT.control("edge-1")],
             ROOT.readings("x"),
         ),
-        ("edge", [f"{ROOT.root}/models/default", ROOT.readings("x")], ROOT.predictions("x")),
-        ("edge", [ROOT.control("edge-1")], ROOT.events("edge-1")),
+        ("edge-1", [f"{ROOT.root}/models/default", ROOT.readings("x")], ROOT.predictions("x")),
+        ("edge-1", [ROOT.control("edge-1")], ROOT.events("edge-1")),
+        # One stage's account cannot claim, stop or speak for another (issue 18 §7).
+        (
+            "edge-1",
+            [
+                ROOT.instance("edge-2"),
+                ROOT.status("edge-2"),
+                f"{ROOT.instance('edge-2')}/ping",
+                ROOT.metrics("edge-2"),
+                ROOT.deadletter("edge-2"),
+                ROOT.events("edge-2"),
+            ],
+            ROOT.instance("edge-1"),
+        ),
         ("operator", [], f"{ROOT.root}/models/default"),
     ],
 )
@@ -170,8 +189,10 @@ def _round_trip(conn: Connection) -> None:
         (SENSOR, ROOT.predictions(), ROOT.predictions(SENSOR)),
         (SENSOR, ROOT.readings_filter()[0], ROOT.readings("boiler-2")),
         ("gateway", ROOT.predictions(), ROOT.predictions(SENSOR)),
-        ("edge", ROOT.predictions(), ROOT.predictions(SENSOR)),
-        ("edge", ROOT.metrics(), ROOT.metrics("edge-2")),
+        ("edge-1", ROOT.predictions(), ROOT.predictions(SENSOR)),
+        ("edge-1", ROOT.metrics(), ROOT.metrics("edge-2")),
+        ("edge-1", f"{ROOT.root}/status/#", ROOT.instance("edge-2")),
+        ("edge-1", ROOT.control(), ROOT.control("edge-2")),
     ],
 )
 def test_accounts_cannot_read_what_is_not_theirs(secure, user, topic_filter, topic):
@@ -204,7 +225,7 @@ def test_a_password_without_a_user_or_given_twice_is_refused(secure):
     with pytest.raises(InvalidCredentials, match="has a password and --password-file"):
         with_credentials(
             BrokerURL("localhost", port, tls=True, username="u", password="x"),
-            password_file=str(setup.password_file("edge")),
+            password_file=str(setup.password_file("edge-1")),
         )
     with pytest.raises(InvalidCredentials, match="cannot load CA file"):
         with_credentials(BrokerURL("localhost", port, tls=True), ca_file=str(setup.path("acl")))
@@ -230,12 +251,12 @@ def test_edge_works_end_to_end_over_tls_and_no_password_is_shown(secure, operato
         "--key-file",
         str(setup.path("client.key")),
     ]
-    stage = f"tls-{uuid.uuid4().hex[:6]}"
-    env = {**os.environ, "STREAMPIPE_PASSWORD_FILE": str(setup.password_file("edge"))}
+    stage = "edge-2"  # its account is named by its stage id
+    env = {**os.environ, "STREAMPIPE_PASSWORD_FILE": str(setup.password_file(stage))}
     edge = subprocess.Popen(
         [
             *(sys.executable, "-m", "streampipe", "--log-level", "DEBUG", "edge"),
-            *("--broker", f"mqtts://edge@localhost:{port}", *tls),
+            *("--broker", f"mqtts://{stage}@localhost:{port}", *tls),
             *("--stage-id", stage, "--metrics-port", "-1"),
         ],
         stderr=subprocess.PIPE,
@@ -285,7 +306,7 @@ def test_edge_works_end_to_end_over_tls_and_no_password_is_shown(secure, operato
     assert edge.returncode == 0, err
     assert seqs() == set(range(rows))
     assert operator.wait(lambda: operator.on(ROOT.status(stage))[-1].payload == b"offline", 10)
-    for user in ("edge", "operator", SENSOR):
+    for user in (stage, "operator", SENSOR):
         assert setup.passwords[user].encode() not in cmdline
         assert setup.passwords[user] not in err
-    assert f"mqtts://edge:***@localhost:{port}" in err
+    assert f"mqtts://{stage}:***@localhost:{port}" in err

@@ -16,11 +16,16 @@
 
 Passwords are random and are never printed: they are in the 0600 files only.
 
+The accounts: ``operator``, ``gateway``, one per sensor (named by its device id) and
+one per edge stage (named by its stage id, ``edge-1`` and ``edge-2`` unless
+``stages`` says otherwise). A stage's account may write only its own status and claim,
+so one stage's login cannot stop another (issue 18 §7).
+
 >>> import tempfile
 >>> with tempfile.TemporaryDirectory() as tmp:
-...     setup = init_secure(tmp + "/secure", sensors=["boiler-1"])
-...     sorted(setup.passwords) == ["boiler-1", "edge", "gateway", "operator"]
-True
+...     setup = init_secure(tmp + "/secure", sensors=["boiler-1"], stages=["edge-1"])
+...     sorted(setup.roles.items())
+[('boiler-1', 'sensor'), ('edge-1', 'edge'), ('gateway', 'gateway'), ('operator', 'operator')]
 """
 
 from __future__ import annotations
@@ -33,7 +38,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from streampipe.secure.certs import DevPKI, MissingCryptography
-from streampipe.secure.mosquitto import ROLES, BrokerFiles, acl_text, config_text, password_line
+from streampipe.secure.mosquitto import (
+    DEFAULT_STAGES,
+    ROLES,
+    BrokerFiles,
+    acl_text,
+    config_text,
+    password_line,
+)
 from streampipe.topics import DEFAULT_ROOT, Topics, check_name
 
 __all__ = ["MissingCryptography", "SecureSetup", "SetupExists", "init_secure", "sensor_names"]
@@ -85,6 +97,7 @@ def init_secure(
     directory: str | Path,
     *,
     sensors: Sequence[str] = (),
+    stages: Sequence[str] = DEFAULT_STAGES,
     hosts: Sequence[str] = (),
     port: int = 8883,
     bind: str = "127.0.0.1",
@@ -102,6 +115,14 @@ def init_secure(
             raise ValueError(f"sensor name {name!r} is taken by the {name} account")
     if len(set(sensors)) != len(sensors):
         raise ValueError("sensor names must differ from each other")
+    for name in stages:
+        check_name(name, "stage id")
+        if name in ROLES:
+            raise ValueError(f"stage id {name!r} is taken by the {name} account")
+        if name in sensors:
+            raise ValueError(f"stage id {name!r} is also a sensor account: name them apart")
+    if len(set(stages)) != len(stages):
+        raise ValueError("stage ids must differ from each other")
     directory = Path(directory).resolve()
     if (directory / "passwd").exists() and not force:
         raise SetupExists(
@@ -114,7 +135,11 @@ def init_secure(
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     (directory / "passwords").mkdir(mode=0o700, exist_ok=True)
     (directory / "data").mkdir(mode=0o700, exist_ok=True)
-    roles = {**{user: user for user in ROLES}, **{name: "sensor" for name in sensors}}
+    roles = {
+        **{user: user for user in ROLES},
+        **{name: "edge" for name in stages},
+        **{name: "sensor" for name in sensors},
+    }
     passwords = {user: secrets.token_urlsafe(24) for user in roles}
 
     _write(directory / "ca.crt", pki.ca_cert_pem, 0o644)
@@ -127,7 +152,7 @@ def init_secure(
         "".join(password_line(u, p) + "\n" for u, p in passwords.items()),
         0o600,
     )
-    _write(directory / "acl", acl_text(topic_root), 0o644)
+    _write(directory / "acl", acl_text(topic_root, stages), 0o644)
     width = max(len(u) for u in roles)
     _write(
         directory / "credentials",

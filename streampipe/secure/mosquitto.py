@@ -17,10 +17,13 @@ import base64
 import hashlib
 import hmac
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 __all__ = [
+    "DEFAULT_STAGES",
     "ROLES",
+    "STAGE_ROLE",
     "BrokerFiles",
     "acl_text",
     "check_password",
@@ -33,14 +36,22 @@ __all__ = [
 PBKDF2_ITERATIONS = 101
 SALT_BYTES = 12
 
-#: The accounts every secured broker has, besides one per sensor, and what they may do.
+#: The accounts every secured broker has, besides one per sensor and one per edge
+#: stage, and what they may do.
 ROLES = {
     "operator": "reads everything; the only account that may publish models",
-    "edge": "edge stages: read readings, schemas, models and control; write predictions, "
-    "metrics, dead letters, status and events",
     "gateway": "publishes readings of any device: the simulator, CSV replays, "
     "gateways that forward for many devices",
 }
+#: What the account of an edge stage (named by its ``--stage-id``) may do. One account
+#: per stage: a stage's login cannot claim, stop or speak for another stage.
+STAGE_ROLE = (
+    "one edge stage, named by its --stage-id: reads readings, schemas, models and its "
+    "control topic; writes predictions, and its own metrics, dead letters, events, "
+    "status and claim"
+)
+#: The stages of docker-compose.yml, and the accounts ``init-secure`` makes by default.
+DEFAULT_STAGES = ("edge-1", "edge-2")
 
 
 def password_line(user: str, password: str, *, salt: bytes | None = None) -> str:
@@ -61,8 +72,8 @@ def check_password(line: str, password: str) -> bool:
     return hmac.compare_digest(got, base64.b64decode(digest))
 
 
-def acl_text(root: str) -> str:
-    """The ACL file for topic root ``root``: who may publish and read what.
+def acl_text(root: str, stages: Sequence[str] = DEFAULT_STAGES) -> str:
+    """The ACL file for topic root ``root`` and edge ``stages``: who may publish and read what.
 
     >>> [line for line in acl_text("streampipe").splitlines() if line.startswith("pattern")]
     ['pattern write streampipe/readings/+/%u', 'pattern write streampipe/schemas/+']
@@ -74,8 +85,9 @@ def acl_text(root: str) -> str:
 #
 #   <device id>  a sensor: publishes only its own readings (and schemas)
 #   gateway      publishes the readings of any device (simulator, replays, gateways)
-#   edge         reads readings, schemas, models, control; writes predictions,
-#                metrics, dead letters, status and events
+#   <stage id>   an edge stage: reads readings, schemas, models and its control
+#                topic; writes predictions, and its own metrics, dead letters,
+#                events, status and claim (so one stage cannot stop another)
 #   operator     reads and writes everything: the only account that publishes models
 
 # Patterns apply to every user. %u is the user name Mosquitto authenticated; the
@@ -91,21 +103,29 @@ pattern write {root}/schemas/+
 user gateway
 topic write {root}/readings/#
 
-user edge
+{"".join(_stage_block(root, stage) for stage in stages)}\
+user operator
+topic readwrite {root}/#
+"""
+
+
+def _stage_block(root: str, stage: str) -> str:
+    """The ACL lines of one edge stage's account, whose user name is its stage id."""
+    return f"""\
+user {stage}
 topic read {root}/readings/#
 topic read {root}/schemas/#
 topic read {root}/models/#
-topic read {root}/control/#
+topic read {root}/control/{stage}
 topic write {root}/predictions/#
-topic write {root}/metrics/#
-topic write {root}/deadletter/#
-# Its status, and the retained claim that keeps a second process from running the
-# same stage (read back at start).
-topic readwrite {root}/status/#
-topic write {root}/events/#
+topic write {root}/metrics/{stage}
+topic write {root}/deadletter/{stage}
+topic write {root}/events/{stage}
+# Its status, the retained claim that keeps a second process from running the stage,
+# and the liveness probes of that claim: this stage's only.
+topic readwrite {root}/status/{stage}
+topic readwrite {root}/status/{stage}/#
 
-user operator
-topic readwrite {root}/#
 """
 
 
