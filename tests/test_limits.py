@@ -11,6 +11,8 @@ import numpy as np
 from prometheus_client import CollectorRegistry
 
 from streampipe import codec
+from streampipe.learn.learner import DeviceState
+from streampipe.learn.spec import ModelSpec
 from streampipe.metrics import LatencyHistogram, StageCollector
 from streampipe.readings import Batch, Reading
 from streampipe.stage import MAX_HELD_PER_DEVICE, EdgeStage
@@ -198,3 +200,25 @@ def test_a_timestamp_far_in_the_future_is_refused_and_latency_stays_finite():
     total = registry.get_sample_value("streampipe_prediction_latency_seconds_sum")
     assert math.isfinite(total) and total == 1.5
     assert stage.stats.rejected == {"future_timestamp": 3}
+
+
+def test_a_challenger_is_held_to_the_same_bounds():
+    stage = make_stage(challenger=ModelSpec.parse("linear_model.LinearRegression"))
+    topic = stage.topics.readings("wide")
+    for i in range(3):
+        stage.handle(topic, wide("wide", i, [f"n{i}_{j}" for j in range(600)]))
+    stage.handle(topic, frame(readings("wide", 1, 2**40)))
+    champion, challenger = stage.learner.devices["wide"], stage.challenger.devices["wide"]
+    assert (champion.seq, challenger.seq) == (0, 0)
+    assert champion.features == challenger.features and len(champion.features) == 600
+    assert stage.stats.rejected == {"too_many_features": 2, "seq_jump": 1}
+
+
+def test_device_states_checkpointed_before_the_bounds_restore():
+    st = DeviceState(model=None, epoch=3, seq=9)
+    old = {name: getattr(st, name) for name in ("model", "epoch", "seq", "learned", "version")}
+    restored = DeviceState.__new__(DeviceState)
+    restored.__setstate__((None, old))
+    assert (restored.seq, restored.features, restored.jumped_to) == (9, set(), None)
+    st.features.add("a")
+    assert pickle.loads(pickle.dumps(st)).features == {"a"}
