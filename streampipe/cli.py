@@ -241,6 +241,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--metrics-host", default="127.0.0.1", help="address to serve metrics on (%(default)s)"
     )
     edge.add_argument(
+        "--metrics-max-connections",
+        type=_positive_int,
+        default=16,
+        metavar="N",
+        help="HTTP connections served at once; more are closed when accepted (%(default)s)",
+    )
+    edge.add_argument(
+        "--metrics-timeout",
+        type=float,
+        default=5.0,
+        metavar="S",
+        help="seconds an HTTP connection has for its request and answer (%(default)s)",
+    )
+    edge.add_argument(
         "--metrics-interval",
         type=float,
         default=5.0,
@@ -573,6 +587,8 @@ def cmd_edge(args: argparse.Namespace) -> int:
             state_dir=args.state_dir,
             metrics_port=None if args.metrics_port < 0 else args.metrics_port,
             metrics_host=args.metrics_host,
+            metrics_max_connections=args.metrics_max_connections,
+            metrics_timeout=args.metrics_timeout,
             metrics_interval=args.metrics_interval,
             checkpoint_interval=args.checkpoint_interval,
             session_expiry=args.session_expiry,

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from paho.mqtt.client import MQTTMessageInfo
 from prometheus_client import CollectorRegistry
 
-from streampipe.http import Health, MetricsServer
+from streampipe.http import MAX_CONNECTIONS, REQUEST_TIMEOUT, Health, MetricsServer
 from streampipe.inbox import Inbox
 from streampipe.learn.challenger import PromotionRule
 from streampipe.learn.spec import DEFAULT_MODEL_SPEC, ModelSpec
@@ -95,6 +95,8 @@ class EdgeConfig:
     state_dir: str | None = None
     metrics_port: int | None = None  # None or 0: no HTTP server
     metrics_host: str = "127.0.0.1"
+    metrics_max_connections: int = MAX_CONNECTIONS  # HTTP connections served at once
+    metrics_timeout: float = REQUEST_TIMEOUT  # s an HTTP connection has for its request
     metrics_interval: float = 5.0
     checkpoint_interval: float = 1.0  # longest a processed message waits for its commit
     session_expiry: int = 86_400  # seconds the broker keeps our session while we are away
@@ -276,6 +278,8 @@ class EdgeService:
                     self.ready.is_set() and not self._stop.is_set(),
                     not self.stalled(),
                 ),
+                max_connections=cfg.metrics_max_connections,
+                timeout=cfg.metrics_timeout,
             )
             self._http = server
             self.metrics_port = server.port
