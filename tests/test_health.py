@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -150,3 +151,36 @@ def test_slow_clients_hold_at_most_the_connection_cap_and_only_for_the_timeout()
             s.close()
         selector.close()
         server.close()
+
+
+def test_the_http_bounds_are_the_edge_flags(tmp_path):
+    """--metrics-max-connections and --metrics-timeout reach the edge's HTTP server."""
+    import socket
+
+    from streampipe.cli import build_parser
+
+    args = build_parser().parse_args(
+        ["edge", "--stage-id", "s", "--metrics-max-connections", "1", "--metrics-timeout", "0.5"]
+    )
+    assert (args.metrics_max_connections, args.metrics_timeout) == (1, 0.5)
+    with PrivateMosquitto(workdir=tmp_path) as broker:
+        config = EdgeConfig(
+            broker.url, "bounds", metrics_port=0, metrics_max_connections=1, metrics_timeout=0.5
+        )
+        service = EdgeService(config).start()
+        try:
+            held = socket.create_connection(("127.0.0.1", service.metrics_port), timeout=5)
+            held.sendall(b"GET /healthz HTTP/1.1\r\n")  # half a request
+            with socket.create_connection(("127.0.0.1", service.metrics_port), timeout=5) as s:
+                s.sendall(b"GET /healthz HTTP/1.1\r\n\r\n")
+                with contextlib.suppress(ConnectionResetError):
+                    assert s.recv(100) == b""  # the one slot is taken: closed unserved
+            start = time.monotonic()
+            with contextlib.suppress(ConnectionResetError):
+                assert held.recv(100) == b""  # closed once its 0.5 s are up
+            assert time.monotonic() - start < 3
+            held.close()
+            assert wait_status(service.metrics_port, 200, 5)["status"] == "ok"
+        finally:
+            service.stop()
+            service.run()
