@@ -457,3 +457,29 @@ def test_a_re_published_old_artifact_does_not_make_two_models_share_a_version(
     with ModelPublisher(broker.url, topics) as pub:
         current, _ = pub.retained(NAME)
     assert ledger == (4, read_header(current).sha256)
+
+
+def test_an_edge_restarted_with_its_checkpoint_refuses_an_older_artifact_retained_meanwhile(
+    broker, topics, capture, keys, tmp_path
+):
+    """Issue 18 §6: an old artifact re-published while an edge was down is retained when
+    it comes back; its checkpoint knows the newer version it ran, so it refuses it."""
+    state = str(tmp_path / "state")
+    key = load_signing_key(keys.private)
+    cap = capture([topics.deadletter(), topics.metrics()])
+    with running_edge(broker, topics, keys, state_dir=state):
+        with ModelPublisher(broker.url, topics) as pub:
+            pub.deploy(pickle.dumps(pretrained(seed=1, n=50)), "regressor", name=NAME, key=key)
+            old_v2, _ = pub.retained(NAME)
+            pub.deploy(pickle.dumps(pretrained(seed=2, n=50)), "regressor", name=NAME, key=key)
+        assert cap.wait(lambda: runs_version(cap, topics, 3))
+    replayer = Connection(broker.url, "replayer-2").connect()
+    try:
+        replayer.publish(topics.models(NAME), old_v2, qos=1, retain=True).wait_for_publish(10)
+    finally:
+        replayer.close()
+    with running_edge(broker, topics, keys, state_dir=state) as edge:
+        assert cap.wait(
+            lambda: any(d["reason"] == "downgrade" for d in cap.json(topics.deadletter()))
+        )
+        assert edge.stats.model_version == 3 and edge.stage.learner.version == 3
