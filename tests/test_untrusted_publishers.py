@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 
 import pytest
 
@@ -213,3 +214,38 @@ def test_the_checkpoint_keeps_the_schemas_frames_named_and_never_junk(tmp_path):
     assert set(restarted.schemas.used()) == named, "frames had named the restored ones"
     _, _, f = small("d2", "x6", 7)
     assert bodies(restarted.handle(restarted.topics.readings("d2"), f), "predictions")
+
+
+def test_a_stage_started_after_a_flood_of_retained_schemas_takes_a_new_one(broker, topics, capture):
+    """The junk is retained: every stage started later gets all of it first."""
+    cap = capture([topics.predictions(), topics.deadletter()])
+    conn = Connection(broker.url, "flooder").connect()
+    full = 4096  # what the registry holds, by default
+    flood = junk(full + 4)
+    sid, schema, reading = small("d1", "temp", 0)
+    service = thread = None
+    try:
+        sent = [conn.publish(topics.schemas(i), s, qos=1, retain=True) for i, s in flood]
+        sent[-1].wait_for_publish(10)
+        config = EdgeConfig(broker.url, "sch", topic_root=topics.root, metrics_port=None)
+        service = EdgeService(config).start()
+        thread = threading.Thread(target=service.run, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 15  # the flood arrives: no message says so
+        while len(service.stage.schemas) < full and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(service.stage.schemas) == full, service.stats.rejected
+        conn.publish(topics.schemas(sid), schema, qos=1, retain=True).wait_for_publish(10)
+        conn.publish(topics.readings("d1"), reading, qos=1).wait_for_publish(10)
+        assert cap.wait(lambda: cap.on(topics.predictions()) or cap.on(topics.deadletter()), 15)
+    finally:
+        for junk_id, _ in flood:
+            conn.publish(topics.schemas(junk_id), b"", qos=0, retain=True)
+        conn.publish(topics.schemas(sid), b"", qos=1, retain=True).wait_for_publish(10)
+        conn.close()
+        if service is not None:
+            service.stop()
+            thread.join(30)
+    assert cap.json(topics.deadletter()) == []
+    (body,) = cap.json(topics.predictions())
+    assert body["device"] == "d1" and len(body["predictions"]) == 1
