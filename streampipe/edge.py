@@ -2,10 +2,13 @@
 
 Threads and their jobs:
 
-- paho's network thread only puts received messages in an :class:`~streampipe.inbox.Inbox`,
-  which never blocks it: that thread also reads the acknowledgements the worker
-  waits for, sends keepalives and answers liveness probes (see
-  :meth:`EdgeService._claim_stage`);
+- the input connection's network thread (paho's) only puts received messages in an
+  :class:`~streampipe.inbox.Inbox` and answers liveness probes (see
+  :meth:`EdgeService._claim_stage`). When the inbox is full it waits for room, so TCP
+  holds the rest at the broker (never for long: it sends the keepalives);
+- the output connection's network thread sends predictions, metrics, dead letters and
+  events and reads their acknowledgements, which the worker waits for. On a
+  connection of their own they never queue behind input the worker has no room for;
 - the worker (the thread that calls :meth:`EdgeService.run`) decodes, validates,
   learns, publishes the outputs and only then acknowledges the input message
   (MQTT v5 manual acknowledgement), so a reading is never acknowledged before its
@@ -18,8 +21,9 @@ hot swap falls between two messages and is committed with them.
 
 Flow control, so that a load larger than the edge can take is a normal condition:
 the stage announces a *Receive Maximum* equal to its queue's capacity, so the broker
-never has more unacknowledged QoS 1 messages in flight to us than that and keeps the
-rest queued for us (``max_queued_messages``); and the worker has at most
+should not have more unacknowledged QoS 1 messages in flight to us than that, and
+keeps the rest queued for us (``max_queued_messages``); where it sends more anyway
+(Mosquitto 2.0.11 does), a full queue stops the input thread reading; and the worker has at most
 :data:`MAX_UNACKED_OUTPUTS` outputs unacknowledged by the broker before it waits for
 them, and acknowledges input only after its outputs are handed on (or, with
 ``--state-dir``, acknowledged and checkpointed), so a slow broker slows the input
@@ -221,15 +225,22 @@ class EdgeService:
             receive_maximum=config.queue_size,
             on_message=self._enqueue,
         )
+        #: Outputs go out on a connection of their own (see the module): it subscribes to
+        #: nothing, so its acknowledgements never wait behind input.
+        self.out = Connection(
+            config.broker, f"{self.conn.client_id}-out", keepalive=config.keepalive
+        )
 
     # -- network thread ------------------------------------------------------------
 
     def _enqueue(self, msg: Message) -> None:
         if self._answer_probe(msg):
             return
-        # Never blocks (see streampipe.inbox). The connection number is read here, on
-        # the thread that counts connections, so it is the one msg came in on.
-        if not self.inbox.put(msg, qos=msg.qos, connection=self.conn.connects):
+        # Waits for room only while the worker does not wait for this thread, and for
+        # well under a keepalive (see streampipe.inbox). The connection number is read
+        # here, on the thread that counts connections, so it is the one msg came in on.
+        wait = min(5.0, self.config.keepalive / 3)
+        if not self.inbox.put(msg, qos=msg.qos, connection=self.conn.connects, wait=wait):
             self.stats.reject("queue_full")
 
     def _answer_probe(self, msg: Message) -> bool:
@@ -264,6 +275,9 @@ class EdgeService:
                 self._http.shutdown()  # type: ignore[attr-defined]
             if self.checkpoints is not None:
                 self.checkpoints.close()
+            for conn in (self.out, self.conn):
+                if conn.connected:
+                    conn.close()
             raise
 
     def _start(self) -> EdgeService:
@@ -274,7 +288,7 @@ class EdgeService:
                 cfg.metrics_port,
                 self.registry,
                 lambda: Health(
-                    self.conn.connected,
+                    self.conn.connected and self.out.connected,
                     self.ready.is_set() and not self._stop.is_set(),
                     not self.stalled(),
                 ),
@@ -294,6 +308,7 @@ class EdgeService:
                 )
         self._claim_stage()
         self.conn.connect()
+        self.out.connect()
         if saved is not None and not self.conn.session_present and cfg.session_expiry:
             self.conn.sessions_lost += 1
             log.warning(
@@ -447,6 +462,7 @@ class EdgeService:
     def run(self) -> None:
         """Process messages until stopped, then drain, report and disconnect cleanly."""
         next_metrics = time.monotonic() + self.config.metrics_interval
+        self.inbox.open()  # from now on a full inbox holds the input thread back
         try:
             while not self._stop.is_set():
                 if self.conn.taken_over.is_set():
@@ -562,9 +578,8 @@ class EdgeService:
         """Wait until at most ``most`` outputs await the broker's acknowledgement;
         False if ``timeout`` passed first, or the stage is stopping (without one).
 
-        Only the network thread reads acknowledgements, and it never waits for this
-        thread (:mod:`streampipe.inbox`), so this wait always ends once the broker is
-        reachable.
+        The output connection's network thread reads the acknowledgements and waits
+        for nothing, so this wait always ends once the broker is reachable.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         outputs = self._outputs
@@ -579,7 +594,7 @@ class EdgeService:
                 try:
                     info.wait_for_publish(min(left, 1.0))
                 except RuntimeError:  # disconnected: paho resends once reconnected
-                    self.conn.wait_connected(min(left, 1.0))
+                    self.out.wait_connected(min(left, 1.0))
             while outputs and outputs[0].is_published():
                 outputs.popleft()
         return True
@@ -612,7 +627,7 @@ class EdgeService:
         older ones if :data:`MAX_UNACKED_OUTPUTS` are outstanding."""
         if out.qos and len(self._outputs) >= MAX_UNACKED_OUTPUTS:
             self._await_outputs(MAX_UNACKED_OUTPUTS // 2)
-        info = self.conn.publish(
+        info = self.out.publish(
             out.topic, out.payload, qos=out.qos, retain=out.retain, content_type="application/json"
         )
         if out.qos:
@@ -631,18 +646,23 @@ class EdgeService:
 
     def _shutdown(self) -> None:
         self._stop.set()  # also when run() ends by an exception: no wait without a bound
+        self.inbox.close()  # the network thread no longer waits for room
         try:
             # Finish what was already received; the session (and its subscriptions) stays
             # with the broker, which keeps what arrives from now on for the next start.
             self._drain(self.inbox.qsize())
             self._publish(self.stage.metrics_message())
-            if self.checkpoints is not None and not self._commit(timeout=10):
-                log.warning("outputs not acknowledged by the broker; input left unacknowledged")
+            if self.checkpoints is not None:
+                if not self._commit(timeout=10):
+                    log.warning("outputs not acknowledged by the broker; input left unacknowledged")
+            elif not self._await_outputs(0, timeout=5):
+                log.warning("the broker did not acknowledge every output before the stop")
         except Exception as exc:  # shutting down: report, do not mask the original error
             log.warning("clean shutdown incomplete: %s", exc)
         finally:
             self._announce_offline()
             self.conn.close()
+            self.out.close()
             if self._http is not None:
                 self._http.shutdown()  # type: ignore[attr-defined]
             if self.checkpoints is not None:

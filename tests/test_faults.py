@@ -378,22 +378,43 @@ def test_a_model_slower_than_the_keepalive_does_not_disconnect(broker, topics, c
     assert statuses() == [b"online", b"offline"]
 
 
-def test_the_network_thread_never_waits_for_the_worker():
-    """A broker that sends more than Receive Maximum (or resends after a reconnect what
-    is still queued) is taken in at once: the network thread, which also reads the
-    acknowledgements the worker waits for, must never wait for the worker. Only QoS 0
-    beyond the capacity is dropped, and counted."""
-    service = EdgeService(EdgeConfig(BrokerURL("127.0.0.1", 1), "full", queue_size=2))
+def test_the_input_thread_waits_for_room_briefly_and_only_while_the_worker_runs():
+    """A broker that sends more than Receive Maximum (Mosquitto 2.0.11 sends a whole
+    Receive Maximum more after every acknowledgement) meets an input thread that waits
+    for room, so TCP holds the rest at the broker; for a bounded time (it sends the
+    keepalives), and not before the worker runs (the edge starting waits on that thread
+    for its subscriptions). QoS 0 beyond the capacity is dropped, and counted."""
+    service = EdgeService(EdgeConfig(BrokerURL("127.0.0.1", 1), "full", queue_size=2, keepalive=3))
     msgs = [Message(mid, b"r/d") for mid in (1, 2, 3, 4)]
     for msg in msgs:
         msg.qos = 1
-    enqueue = threading.Thread(target=lambda: [service._enqueue(m) for m in msgs])
-    enqueue.start()
-    enqueue.join(5)
-    assert not enqueue.is_alive()
-    assert service.inbox.qsize() == 4
-    service._enqueue(Message(5, b"r/d"))  # QoS 0, full
-    assert service.inbox.qsize() == 4 and service.stats.rejected == {"queue_full": 1}
+    for msg in msgs[:3]:  # not running yet: taken at once
+        service._enqueue(msg)
+    assert service.inbox.qsize() == 3
+    service.inbox.open()  # what run() does first
+    assert service.inbox.get(0) is not None
+    fourth = threading.Thread(target=service._enqueue, args=(msgs[3],))
+    fourth.start()
+    fourth.join(0.3)
+    assert fourth.is_alive() and service.inbox.qsize() == 2  # waits for room
+    assert service.inbox.get(0) is not None  # the worker takes one: room
+    fourth.join(5)
+    assert not fourth.is_alive() and service.inbox.qsize() == 2
+
+    started = time.monotonic()
+    service._enqueue(Message(5, b"r/d"))  # QoS 0, full: dropped at once
+    assert time.monotonic() - started < 0.5
+    assert service.inbox.qsize() == 2 and service.stats.rejected == {"queue_full": 1}
+
+    late = Message(6, b"r/d")
+    late.qos = 1
+    started = time.monotonic()
+    service._enqueue(late)  # nobody makes room: taken after a bounded wait (keepalive / 3)
+    assert 0.9 < time.monotonic() - started < 3 and service.inbox.qsize() == 3
+    service.inbox.close()  # what shutting down does first: no more waiting
+    started = time.monotonic()
+    service._enqueue(msgs[0])
+    assert time.monotonic() - started < 0.5 and service.inbox.qsize() == 4
 
 
 def test_copies_from_before_a_reconnect_are_left_to_the_broker_to_resend():
