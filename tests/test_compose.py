@@ -198,6 +198,7 @@ def test_metric_label_sets_are_the_documented_bounded_ones():
     assert labels.pop("streampipe_model_info") == {"model", "version"}
     assert labels.pop("streampipe_build_info") == {"version"}
     assert labels.pop("streampipe_drifts") == {"model"}
+    assert labels.pop("streampipe_limit") == labels.pop("streampipe_limit_used") == {"limit"}
     for name in ("mae", "rmse", "r2"):
         assert labels.pop(f"streampipe_model_{name}") == {"model", "window"}
     assert all(keys == set() for keys in labels.values()), labels
