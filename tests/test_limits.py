@@ -8,6 +8,7 @@ import math
 import pickle
 
 import numpy as np
+import pytest
 from prometheus_client import CollectorRegistry
 
 from streampipe import codec
@@ -222,3 +223,29 @@ def test_device_states_checkpointed_before_the_bounds_restore():
     assert (restored.seq, restored.features, restored.jumped_to) == (9, set(), None)
     st.features.add("a")
     assert pickle.loads(pickle.dumps(st)).features == {"a"}
+
+
+def test_the_bounds_are_edge_flags_that_reach_the_stage(monkeypatch):
+    from streampipe import edge
+    from streampipe.cli import build_parser, cmd_edge
+
+    flags = ["--max-devices", "7", "--max-features", "9", "--max-seq-jump", "11"]
+    args = build_parser().parse_args(["edge", "--stage-id", "s", *flags, "--max-clock-ahead", "60"])
+    made: list[edge.EdgeService] = []
+
+    class Stop(Exception):
+        pass
+
+    def start(self: edge.EdgeService) -> edge.EdgeService:
+        made.append(self)
+        raise Stop  # built with the flags; no broker needed
+
+    monkeypatch.setattr(edge.EdgeService, "start", start)
+    with pytest.raises(Stop):
+        cmd_edge(args)
+    stage = made[0].stage
+    limits = stage.stats.limits_used()
+    assert (limits["devices"][1], limits["features_per_device"][1]) == (7, 9)
+    assert (stage.learner.max_seq_jump, stage.max_clock_ahead) == (11, 60.0)
+    defaults = build_parser().parse_args(["edge", "--stage-id", "s"])
+    assert (defaults.max_devices, defaults.max_clock_ahead) == (10_000, 3600.0)
