@@ -24,6 +24,18 @@ def get(port: int, path: str) -> tuple[int, bytes]:
         return exc.code, exc.read()
 
 
+def get_once_served(port: int, timeout: float = 5.0) -> int:
+    """/healthz's status once a connection slot is free: a slot is given back as its
+    handler's thread ends, just after the connection is closed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return get(port, "/healthz")[0]
+        except ConnectionError:
+            assert time.monotonic() < deadline, "no connection slot came free"
+            time.sleep(0.05)  # polling until a bounded deadline
+
+
 def wait_status(port: int, code: int, timeout: float = 20.0) -> dict:
     deadline = time.monotonic() + timeout
     while True:
@@ -145,7 +157,7 @@ def test_slow_clients_hold_at_most_the_connection_cap_and_only_for_the_timeout()
         # The ones served wait at most the timeout for the rest of their request.
         assert closed_within(REQUEST_TIMEOUT + 5, len(clients)) == len(clients)
         assert time.monotonic() - start >= REQUEST_TIMEOUT
-        assert get(server.port, "/healthz")[0] == 200
+        assert get_once_served(server.port) == 200
     finally:
         for s in clients:
             s.close()
@@ -180,7 +192,7 @@ def test_the_http_bounds_are_the_edge_flags(tmp_path):
                 assert held.recv(100) == b""  # closed once its 0.5 s are up
             assert time.monotonic() - start < 3
             held.close()
-            assert wait_status(service.metrics_port, 200, 5)["status"] == "ok"
+            assert get_once_served(service.metrics_port) == 200
         finally:
             service.stop()
             service.run()
