@@ -316,6 +316,8 @@ class OnlineLearner:
                 detail = f"the stage has a model for {len(self.devices):,} devices, its most"
                 return batch.refuse_from(0, "too_many_devices", detail)
             start, known = 0, set()
+        elif st.epoch < 0:  # no watermark yet: its first reading starts one, wherever
+            start, known = 0, st.features
         elif epoch < st.epoch:
             return batch  # stale_epoch, all of it
         else:
