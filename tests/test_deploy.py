@@ -483,3 +483,29 @@ def test_an_edge_restarted_with_its_checkpoint_refuses_an_older_artifact_retaine
             lambda: any(d["reason"] == "downgrade" for d in cap.json(topics.deadletter()))
         )
         assert edge.stats.model_version == 3 and edge.stage.learner.version == 3
+
+
+def test_deployers_sharing_a_ledger_take_turns_so_no_two_pick_one_version(
+    broker, topics, keys, tmp_path
+):
+    """Two `deploy`s at once on the operator's machine each read "the highest version"
+    before either has published: without taking turns both numbered themselves 2."""
+    key = load_signing_key(keys.private)
+    ledger = VersionLedger.beside(keys.private)
+    start = threading.Barrier(4)
+    versions: list[int] = []
+
+    def deploy(seed: int) -> None:
+        with ModelPublisher(broker.url, topics) as pub:
+            model = pickle.dumps(pretrained(seed=seed, n=20))
+            start.wait(10)
+            done = pub.deploy(model, "regressor", name=NAME, key=key, ledger=ledger)
+            versions.append(done.header.version)
+
+    threads = [threading.Thread(target=deploy, args=(seed,)) for seed in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(versions) == [2, 3, 4, 5]
+    assert ledger.highest(topics.root, NAME)[0] == 5  # type: ignore[index]

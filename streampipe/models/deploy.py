@@ -42,6 +42,7 @@ import os
 import pickle
 import threading
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -116,6 +117,20 @@ class VersionLedger:
         if not isinstance(data, dict):
             raise DeployError(f"the version ledger {self.path} is not a JSON object")
         return data
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Held from reading the highest version to recording the next one: deployers on
+        this machine take turns (an exclusive lock on ``<ledger>.lock``)."""
+        import fcntl  # POSIX; the operator's machine
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path.with_name(self.path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
 
     def highest(self, root: str, name: str) -> tuple[int, str] | None:
         """The highest version published of ``name`` under ``root`` and its SHA-256."""
@@ -252,7 +267,22 @@ class ModelPublisher:
         ledger: VersionLedger | None = None,
     ) -> Published:
         """Sign ``model_pickle`` and publish it as the next version of model ``name``,
-        numbered after the highest version retained or in ``ledger``."""
+        numbered after the highest version retained or in ``ledger``. Deployers sharing
+        a ledger take turns, so two cannot pick one version."""
+        with ledger.locked() if ledger is not None else contextlib.nullcontext():
+            return self._deploy(model_pickle, kind, name, key, version, devices, spec, ledger)
+
+    def _deploy(
+        self,
+        model_pickle: bytes,
+        kind: str,
+        name: str,
+        key: SigningKey,
+        version: int | None,
+        devices: str,
+        spec: str | None,
+        ledger: VersionLedger | None,
+    ) -> Published:
         if not devices or len(devices) > MAX_PATTERN_CHARS:
             raise DeployError(f"--devices must be 1 to {MAX_PATTERN_CHARS} characters")
         current, previous = self.retained(name)
@@ -302,6 +332,10 @@ class ModelPublisher:
         self, name: str, key: SigningKey, *, ledger: VersionLedger | None = None
     ) -> Published:
         """Publish the previous artifact's model again, as a new version."""
+        with ledger.locked() if ledger is not None else contextlib.nullcontext():
+            return self._rollback(name, key, ledger)
+
+    def _rollback(self, name: str, key: SigningKey, ledger: VersionLedger | None) -> Published:
         current, previous = self.retained(name)
         topic = self.topics.models(name)
         if current is None:
