@@ -19,7 +19,10 @@ Every topic starts with a root (``streampipe`` unless told otherwise):
 
 The ``<partition>`` level (``p00`` … ``p63``, a fixed hash of the device id) lets several
 edge workers share the readings while each device's model stays in one place: a worker
-subscribes to the partitions it owns, so one device always reaches the same worker.
+subscribes to the partitions it owns, so one device always reaches the same worker. A
+worker refuses readings on a partition level that is not their device's
+(``wrong_partition``): a sender may publish anywhere its ACL allows, and the ACL cannot
+compute a partition.
 
 >>> t = Topics("streampipe")
 >>> t.readings("boiler-1")
