@@ -94,6 +94,19 @@ def flip(data: bytes, at: int) -> bytes:
     return data[:at] + bytes([data[at] ^ 0x01]) + data[at + 1 :]
 
 
+def restarted(stage: EdgeStage, state_dir) -> EdgeStage:
+    """The stage as a restart resumes it: checkpointed whole into ``state_dir``, then
+    restored into a new stage of the same id."""
+    store = CheckpointStore(state_dir, "edge-1")
+    store.save(*stage.learner.snapshot(everything=True))
+    store.close()
+    again = EdgeStage("edge-1", clock=lambda: 1000.0)
+    store = CheckpointStore(state_dir, "edge-1")
+    again.learner.restore(*store.load())
+    store.close()
+    return again
+
+
 def test_round_trip_keeps_the_learned_model_exactly():
     model = trained()
     art = verify(
@@ -375,14 +388,7 @@ def test_a_checkpoint_keeps_the_deployed_version_and_models(stage, tmp_path):
     stage.handle(stage.topics.readings("a"), frame("a", 0, 10))
     v2 = artifact(trained(seed=5), version=2)
     rx.handle(rx.topic, v2)
-    store = CheckpointStore(tmp_path, "edge-1")
-    store.save(*stage.learner.snapshot(everything=True))
-    store.close()
-
-    again = EdgeStage("edge-1", clock=lambda: 1000.0)
-    store = CheckpointStore(tmp_path, "edge-1")
-    again.learner.restore(*store.load())
-    store.close()
+    again = restarted(stage, tmp_path)
     assert again.learner.version == 2
     rx2 = ModelReceiver(again, KEY.public, "power")
     assert rx2.handle(rx2.topic, v2) == []  # the retained copy, redelivered on restart
@@ -400,14 +406,7 @@ def test_a_stage_restored_from_its_checkpoint_refuses_an_older_retained_artifact
     rx = ModelReceiver(stage, KEY.public, "power")
     v2, v3 = artifact(trained(seed=2), version=2), artifact(trained(seed=3), version=3)
     assert deadletters(rx.handle(rx.topic, v2) + rx.handle(rx.topic, v3)) == []
-    store = CheckpointStore(tmp_path, "edge-1")
-    store.save(*stage.learner.snapshot(everything=True))
-    store.close()
-
-    again = EdgeStage("edge-1", clock=lambda: 1000.0)
-    store = CheckpointStore(tmp_path, "edge-1")
-    again.learner.restore(*store.load())
-    store.close()
+    again = restarted(stage, tmp_path)
     rx2 = ModelReceiver(again, KEY.public, "power")
     assert deadletters(rx2.handle(rx2.topic, v2)) == ["downgrade"]
     other_v3 = artifact(trained(seed=4), version=3)
