@@ -10,6 +10,7 @@ import contextlib
 import socket
 import threading
 from pathlib import Path
+from typing import Any
 
 from replaying import predict_then_learn, write_csv
 from river import datasets
@@ -106,3 +107,19 @@ def friedman_csv(path: Path, n: int, seed: int = 7) -> list[float]:
     rows = friedman_rows(n, seed)
     write_csv(path, rows)  # repr()s: what the edge reads back is bit-identical
     return predict_then_learn(rows)
+
+
+def run_in_thread(service: Any) -> tuple[threading.Thread, list[BaseException]]:
+    """``service.run()`` on a started daemon thread, and the list that gets what it
+    raised, if anything, for the test to assert on."""
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            service.run()
+        except BaseException as exc:
+            failure.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, failure

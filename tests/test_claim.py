@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from conftest import Capture
+from faults import run_in_thread
 from test_faults import start_edge
 
 from streampipe import codec
@@ -277,16 +278,7 @@ def test_a_claim_from_a_client_that_did_not_take_the_session_does_not_stop_a_sta
     is from someone else, and the stage claims the stage again."""
     stage = f"victim-{uuid.uuid4().hex[:6]}"
     service = EdgeService(EdgeConfig(broker.url, stage, topic_root=topics.root)).start()
-    failure: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            service.run()
-        except BaseException as exc:
-            failure.append(exc)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
+    thread, failure = run_in_thread(service)
     topic = topics.instance(stage)
     cap = capture([topic])
     forger = Connection(broker.url, f"forger-{uuid.uuid4().hex[:6]}").connect()

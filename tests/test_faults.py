@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from conftest import Capture
-from faults import TcpProxy, friedman_csv, friedman_rows
+from faults import TcpProxy, friedman_csv, friedman_rows, run_in_thread
 from replaying import predict_then_learn, write_csv
 from replaying import start_replay as replay_in_background
 
@@ -542,23 +542,15 @@ def test_an_edge_whose_session_is_taken_over_stops_instead_of_fighting_for_it(br
 
     config = EdgeConfig(broker.url, "twin", topic_root=topics.root)
     first = EdgeService(config).start()
-    failure: list[BaseException] = []
-
-    def run_first() -> None:
-        try:
-            first.run()
-        except TakenOver as exc:
-            failure.append(exc)
-
-    thread = threading.Thread(target=run_first, daemon=True)
-    thread.start()
+    thread, failure = run_in_thread(first)
     second = EdgeService(config)
     second._claim_stage = lambda: None  # type: ignore[method-assign]  # as if it raced
     second.start()
     try:
         thread.join(30)
         assert not thread.is_alive()
-        assert failure and "another process connected as stage 'twin'" in str(failure[0])
+        assert failure and isinstance(failure[0], TakenOver)
+        assert "another process connected as stage 'twin'" in str(failure[0])
         assert second.conn.wait_connected(10)
         connects = second.conn.connects
         # The first one's reconnect took the session back once; it then saw the second's
