@@ -49,6 +49,25 @@ def publish_reading(url: BrokerURL, topics: Topics, device: str) -> None:
         conn.close()
 
 
+def serves_promptly(
+    cap: Capture,
+    broker: PrivateMosquitto,
+    topics: Topics,
+    started: float,
+    onlines: int,
+    device: str,
+) -> float:
+    """Wait for a restarted edge's ``onlines``-th live ``online`` (within PROMPTLY of
+    ``started``) and for it to predict a reading of ``device``; how long it took."""
+    assert cap.wait(lambda: live_onlines(cap, topics) == onlines, PROMPTLY), (
+        f"not online within {PROMPTLY:g} s of its restart"
+    )
+    took = time.monotonic() - started
+    publish_reading(broker.url, topics, device)
+    assert cap.wait(lambda: bool(cap.on(topics.predictions(device))), 10)
+    return took
+
+
 def finish(proc: subprocess.Popen) -> tuple[int, str]:
     """Stop an edge (if it still runs); its exit code and its stderr."""
     if proc.poll() is None:
@@ -95,12 +114,7 @@ def test_a_stage_killed_together_with_its_broker_starts_again_at_once(tmp_path):
             assert [m.payload for m in cap.on(topics.status(STAGE))] == [b"online"]
             started = time.monotonic()
             edge = start_edge(url, topics, tmp_path / "state")
-            assert cap.wait(lambda: live_onlines(cap, topics) == 1, PROMPTLY), (
-                f"not online within {PROMPTLY:g} s of its restart"
-            )
-            took = time.monotonic() - started
-            publish_reading(broker.url, topics, "after-the-cut")
-            assert cap.wait(lambda: bool(cap.on(topics.predictions("after-the-cut"))), 10)
+            took = serves_promptly(cap, broker, topics, started, 1, "after-the-cut")
         finally:
             code, err = finish(edge)
             cap.close()
@@ -255,12 +269,7 @@ def test_a_stage_stopped_by_a_full_disk_starts_again_once_there_is_room(
         started = time.monotonic()
         edge = start_edge(url, topics, state)
         try:
-            assert cap.wait(lambda: live_onlines(cap, topics) == 2, PROMPTLY), (
-                f"not online within {PROMPTLY:g} s of its restart"
-            )
-            took = time.monotonic() - started
-            publish_reading(broker.url, topics, "d2")
-            assert cap.wait(lambda: bool(cap.on(topics.predictions("d2"))), 10)
+            took = serves_promptly(cap, broker, topics, started, 2, "d2")
         finally:
             code, err = finish(edge)
         assert code == 0, err
