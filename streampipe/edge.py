@@ -189,6 +189,8 @@ class EdgeService:
         )
         self.registry.register(StageCollector(self.stats))
         self.inbox: Inbox[Message] = Inbox(config.queue_size)
+        #: Longest the input thread waits for room at a time: it sends the keepalives.
+        self._room_wait = min(5.0, config.keepalive / 3)
         self.stats.queue_depth = self.inbox.qsize
         self.stats.queue_capacity = config.queue_size
         self.ready = threading.Event()
@@ -236,11 +238,11 @@ class EdgeService:
     def _enqueue(self, msg: Message) -> None:
         if self._answer_probe(msg):
             return
-        # Waits for room only while the worker does not wait for this thread, and for
-        # well under a keepalive (see streampipe.inbox). The connection number is read
+        # A full inbox holds this thread back while the worker runs, for well under a
+        # keepalive at a time (see streampipe.inbox). The connection number is read
         # here, on the thread that counts connections, so it is the one msg came in on.
-        wait = min(5.0, self.config.keepalive / 3)
-        if not self.inbox.put(msg, qos=msg.qos, connection=self.conn.connects, wait=wait):
+        put = self.inbox.put(msg, qos=msg.qos, connection=self.conn.connects, wait=self._room_wait)
+        if not put:
             self.stats.reject("queue_full")
 
     def _answer_probe(self, msg: Message) -> bool:
@@ -583,21 +585,18 @@ class EdgeService:
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         outputs = self._outputs
-        while outputs and outputs[0].is_published():
-            outputs.popleft()
-        while len(outputs) > most:
-            info = outputs[0]
-            while not info.is_published():
-                left = 1.0 if deadline is None else deadline - time.monotonic()
-                if left <= 0 or (self._stop.is_set() and deadline is None):
-                    return False
-                try:
-                    info.wait_for_publish(min(left, 1.0))
-                except RuntimeError:  # disconnected: paho resends once reconnected
-                    self.out.wait_connected(min(left, 1.0))
+        while True:
             while outputs and outputs[0].is_published():
                 outputs.popleft()
-        return True
+            if len(outputs) <= most:
+                return True
+            left = 1.0 if deadline is None else deadline - time.monotonic()
+            if left <= 0 or (self._stop.is_set() and deadline is None):
+                return False
+            try:
+                outputs[0].wait_for_publish(min(left, 1.0))
+            except RuntimeError:  # disconnected: paho resends once reconnected
+                self.out.wait_connected(min(left, 1.0))
 
     def _commit(self, timeout: float | None = None) -> bool:
         """Make processed input durable, then acknowledge it.

@@ -62,12 +62,9 @@ class Inbox(Generic[T]):
             if len(self._items) >= self.capacity:
                 if qos == 0:
                     return False
-                deadline = time.monotonic() + wait
-                while len(self._items) >= self.capacity and self._consuming:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        break
-                    self._cond.wait(left)
+                self._cond.wait_for(
+                    lambda: len(self._items) < self.capacity or not self._consuming, wait
+                )
             self._items.append((connection, item, time.monotonic()))
             self._cond.notify_all()
         return True

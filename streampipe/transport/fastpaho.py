@@ -67,10 +67,6 @@ TESTED_PAHO = ("2.2.",)
 _V5 = MQTTProtocolVersion.MQTTv5
 _SUCCESS = MQTTErrorCode.MQTT_ERR_SUCCESS
 _AGAIN = MQTTErrorCode.MQTT_ERR_AGAIN
-_PUBLISH = 0x30
-_PUBACK = 0x40
-_CONNECTED = paho._ConnectionState.MQTT_CS_CONNECTED
-_DISCONNECT = 0xE0
 _QUEUED = paho.mqtt_ms_queued
 _RECV_SIZE = 65536
 #: Packets handled per read before the network thread looks at its other work.

@@ -140,7 +140,6 @@ class Connection:
             c.tls_set_context((url.tls_files or TLSFiles()).context())
         if will is not None:
             c.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
-        self._max_inflight = max_inflight
         c.max_inflight_messages_set(max_inflight)
         c.max_queued_messages_set(0)
         c.reconnect_delay_set(min_delay=1, max_delay=30)
