@@ -83,7 +83,7 @@ def _short(v: Any) -> str:
 
 
 def run_demo(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
-    from streampipe.cli import run_sensors
+    from streampipe.cli.sensors import run_sensors
 
     stop = threading.Event()
     with contextlib.ExitStack() as stack:

@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from streampipe.cli import _broker_with_credentials, build_parser, main
+from streampipe.cli import build_parser, main
+from streampipe.cli.options import broker_with_credentials
 
 
 def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -52,12 +53,12 @@ def test_password_and_files_come_from_the_environment(monkeypatch, tmp_path):
     (tmp_path / "ca.crt").write_text("")
     monkeypatch.setenv("STREAMPIPE_PASSWORD", "from-env")
     args = build_parser().parse_args(["sensors", "--broker", "mqtt://gw@broker.lan"])
-    url = _broker_with_credentials(args)
+    url = broker_with_credentials(args)
     assert url is not None and url.password == "from-env" and "from-env" not in repr(url)
     (tmp_path / "pw").write_text("from-file\n")
     monkeypatch.setenv("STREAMPIPE_PASSWORD_FILE", str(tmp_path / "pw"))
     args = build_parser().parse_args(["sensors", "--broker", "mqtt://gw@broker.lan"])
-    assert _broker_with_credentials(args).password == "from-file"  # type: ignore[union-attr]
+    assert broker_with_credentials(args).password == "from-file"  # type: ignore[union-attr]
     monkeypatch.setenv("STREAMPIPE_CA_FILE", "/etc/ssl/certs/ca-certificates.crt")
     args = build_parser().parse_args(["edge", "--stage-id", "e", "--broker", "mqtts://gw@h"])
     assert args.ca_file == "/etc/ssl/certs/ca-certificates.crt"

@@ -227,7 +227,7 @@ def test_device_states_checkpointed_before_the_bounds_restore():
 
 def test_the_bounds_are_edge_flags_that_reach_the_stage(monkeypatch):
     from streampipe import edge
-    from streampipe.cli import build_parser, cmd_edge
+    from streampipe.cli import build_parser
 
     flags = ["--max-devices", "7", "--max-features", "9", "--max-seq-jump", "11"]
     args = build_parser().parse_args(["edge", "--stage-id", "s", *flags, "--max-clock-ahead", "60"])
@@ -242,7 +242,7 @@ def test_the_bounds_are_edge_flags_that_reach_the_stage(monkeypatch):
 
     monkeypatch.setattr(edge.EdgeService, "start", start)
     with pytest.raises(Stop):
-        cmd_edge(args)
+        args.run(args)
     stage = made[0].stage
     limits = stage.stats.limits_used()
     assert (limits["devices"][1], limits["features_per_device"][1]) == (7, 9)

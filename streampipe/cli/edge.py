@@ -1,0 +1,283 @@
+"""``streampipe edge``: run an edge stage that learns from readings."""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import os
+import sys
+from typing import Any
+
+from streampipe.cli.options import (
+    DEFAULT_BROKER,
+    add_broker,
+    non_negative_float,
+    on_signals,
+    partitions,
+    percent,
+    positive_int,
+)
+from streampipe.learn import DEFAULT_MODEL_SPEC
+from streampipe.limits import MAX_CLOCK_AHEAD, MAX_DEVICES, MAX_FEATURES, MAX_SEQ_JUMP
+from streampipe.topics import PARTITIONS
+
+__all__ = ["EDGE_SWITCH_INTERVAL", "register", "run"]
+
+log = logging.getLogger("streampipe")
+
+#: The edge process's GIL switch interval, in seconds (Python's default is 0.005).
+EDGE_SWITCH_INTERVAL = 0.0005
+
+
+def register(sub: Any) -> argparse.ArgumentParser:
+    """Add ``streampipe edge`` to the subcommands ``sub``."""
+    edge = sub.add_parser("edge", help="run an edge stage that learns from readings")
+    add_broker(edge, DEFAULT_BROKER)
+    edge.add_argument("--stage-id", required=True, help="this stage's id (a topic level)")
+    edge.add_argument(
+        "--model",
+        default=DEFAULT_MODEL_SPEC,
+        metavar="SPEC",
+        help="River model in River's syntax (default: %(default)r)",
+    )
+    edge.add_argument(
+        "--mode",
+        choices=("exact", "minibatch"),
+        default="exact",
+        help="exact: predict then learn reading by reading, River's progressive validation "
+        "(default); minibatch: predict_many then learn_many per batch, faster but not equal "
+        "to per-reading predictions (needs pandas)",
+    )
+    edge.add_argument("--model-name", help="name published with predictions (default: derived)")
+    edge.add_argument(
+        "--state-dir",
+        help="directory for authenticated checkpoints of models and watermarks; a stage "
+        "restarted with the same --state-dir and --stage-id resumes from it",
+    )
+    edge.add_argument(
+        "--checkpoint-interval",
+        type=float,
+        default=1.0,
+        metavar="S",
+        help="with --state-dir: longest a processed message waits for the checkpoint that "
+        "covers it before it is acknowledged to the broker (%(default)s)",
+    )
+    edge.add_argument(
+        "--partitions",
+        type=partitions,
+        metavar="LIST",
+        help=f"serve only these reading partitions (0-{PARTITIONS - 1}), e.g. 0-31 or 0,5,9-12: "
+        "several edges split a fleet, each device staying with one (default: all)",
+    )
+    edge.add_argument(
+        "--session-expiry",
+        type=int,
+        default=86_400,
+        metavar="S",
+        help="seconds the broker keeps this stage's session, and the readings queued for it, "
+        "while the stage is down; 0 for a clean session on every start (%(default)s)",
+    )
+    edge.add_argument(
+        "--window",
+        type=positive_int,
+        default=1000,
+        help="rolling metrics cover the last this many scored predictions (%(default)s)",
+    )
+    edge.add_argument(
+        "--metrics-port",
+        type=int,
+        default=9108,
+        help="Prometheus /metrics port; 0 picks a free one, -1 disables (%(default)s)",
+    )
+    edge.add_argument(
+        "--metrics-host", default="127.0.0.1", help="address to serve metrics on (%(default)s)"
+    )
+    edge.add_argument(
+        "--metrics-max-connections",
+        type=positive_int,
+        default=16,
+        metavar="N",
+        help="HTTP connections served at once; more are closed when accepted (%(default)s)",
+    )
+    edge.add_argument(
+        "--metrics-timeout",
+        type=float,
+        default=5.0,
+        metavar="S",
+        help="seconds an HTTP connection has for its request and answer (%(default)s)",
+    )
+    edge.add_argument(
+        "--metrics-interval",
+        type=float,
+        default=5.0,
+        metavar="S",
+        help="seconds between metrics messages (%(default)s)",
+    )
+    edge.add_argument(
+        "--queue-size",
+        type=positive_int,
+        default=1000,
+        help="messages held for processing; also the Receive Maximum announced to the "
+        "broker (%(default)s)",
+    )
+    edge.add_argument(
+        "--max-devices",
+        type=positive_int,
+        default=MAX_DEVICES,
+        metavar="N",
+        help="devices this stage keeps a model for; readings of further ones are refused "
+        "as too_many_devices (%(default)s)",
+    )
+    edge.add_argument(
+        "--max-features",
+        type=positive_int,
+        default=MAX_FEATURES,
+        metavar="N",
+        help="feature names one device's model may learn; readings bringing more are "
+        "refused as too_many_features (%(default)s)",
+    )
+    edge.add_argument(
+        "--max-seq-jump",
+        type=positive_int,
+        default=MAX_SEQ_JUMP,
+        metavar="N",
+        help="how far past its device's last seq a reading may go; beyond it, it is "
+        "refused as seq_jump unless the device's next batch follows on from it "
+        "(%(default)s)",
+    )
+    edge.add_argument(
+        "--max-clock-ahead",
+        type=non_negative_float,
+        default=MAX_CLOCK_AHEAD,
+        metavar="S",
+        help="seconds a reading's timestamp or boot epoch (in ms) may be ahead of this "
+        "edge's clock; beyond: future_timestamp, future_epoch (%(default)s)",
+    )
+    edge.add_argument(
+        "--stall-after",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="/healthz answers 503 once messages have waited this long while the stage "
+        "finished none (%(default)s)",
+    )
+    edge.add_argument(
+        "--deploy-key",
+        metavar="FILE",
+        default=os.environ.get("STREAMPIPE_DEPLOY_KEY"),
+        help="public key (deploy.pub from `streampipe keys init`): hot-swap to models "
+        "deployed on ROOT/models/<--model-name> and signed with its private key; refuse any "
+        "other ($STREAMPIPE_DEPLOY_KEY)",
+    )
+    _add_evaluation(edge)
+    edge.set_defaults(run=run)
+    return edge
+
+
+def _add_evaluation(edge: argparse.ArgumentParser) -> None:
+    g = edge.add_argument_group(
+        "evaluation",
+        "What the stage watches beyond its rolling metrics; events go to ROOT/events/STAGE_ID.",
+    )
+    g.add_argument(
+        "--anomaly-threshold",
+        type=float,
+        metavar="X",
+        help="for an anomaly detector without River's QuantileFilter/ThresholdFilter: publish "
+        "an event for every reading whose score is X or more",
+    )
+    g.add_argument(
+        "--drift",
+        choices=("off", "adwin", "page-hinkley"),
+        default="off",
+        help="drift detector on each device's prediction errors (default: %(default)s)",
+    )
+    g.add_argument(
+        "--on-drift",
+        choices=("alert", "reset"),
+        default="alert",
+        help="alert: publish the event only (default); reset: also replace the device's "
+        "model by a fresh one",
+    )
+    g.add_argument(
+        "--challenger",
+        metavar="SPEC",
+        help="a second model learning the same readings, evaluated beside the served one",
+    )
+    g.add_argument(
+        "--challenger-name", metavar="NAME", help="its name in metrics (default: derived)"
+    )
+    g.add_argument(
+        "--promote-if-better",
+        type=percent,
+        metavar="PCT",
+        help="promote the challenger once its mean error over the last --promote-after "
+        "scored readings is PCT %% below the served model's",
+    )
+    g.add_argument(
+        "--promote-after",
+        type=positive_int,
+        default=1000,
+        metavar="N",
+        help="readings the promotion rule compares over (%(default)s)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from streampipe.edge import EdgeConfig, EdgeService
+
+    # Three threads share the GIL here: the worker, which computes, and the input and
+    # output connections' network threads, which wake for every message. With Python's
+    # default 5 ms switch interval each wake-up waits for the worker to give up the GIL:
+    # at 2,500 single-reading messages/s one edge fell 0.8 s behind (p50), at 0.5 ms it
+    # kept up (p50 13 ms; 2.5 ms on a core of its own). docs/performance.md.
+    sys.setswitchinterval(EDGE_SWITCH_INTERVAL)
+    service = EdgeService(
+        EdgeConfig(
+            broker=args.broker,
+            stage_id=args.stage_id,
+            model=args.model,
+            model_name=args.model_name,
+            topic_root=args.topic_root,
+            state_dir=args.state_dir,
+            metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+            metrics_host=args.metrics_host,
+            metrics_max_connections=args.metrics_max_connections,
+            metrics_timeout=args.metrics_timeout,
+            metrics_interval=args.metrics_interval,
+            checkpoint_interval=args.checkpoint_interval,
+            session_expiry=args.session_expiry,
+            partitions=args.partitions,
+            window=args.window,
+            queue_size=args.queue_size,
+            max_devices=args.max_devices,
+            max_features=args.max_features,
+            max_seq_jump=args.max_seq_jump,
+            max_clock_ahead=args.max_clock_ahead,
+            stall_after=args.stall_after,
+            mode=args.mode,
+            deploy_key=args.deploy_key,
+            anomaly_threshold=args.anomaly_threshold,
+            drift=None if args.drift == "off" else args.drift,
+            on_drift=args.on_drift,
+            challenger=args.challenger,
+            challenger_name=args.challenger_name,
+            promote_if_better=args.promote_if_better,
+            promote_after=args.promote_after,
+        )
+    )
+    on_signals(service.stop)
+    service.start()
+    # What exists now (River, NumPy, pandas, the models so far) lives as long as the
+    # process: frozen, the collector's full collections no longer scan it again and
+    # again while readings stream in (one took ~100 ms in a 0.6 s benchmark run).
+    gc.freeze()
+    if service.metrics_port is not None:
+        log.info(
+            "Prometheus metrics on http://%s:%d/metrics, health on /healthz",
+            args.metrics_host,
+            service.metrics_port,
+        )
+    service.run()
+    return 0
