@@ -15,6 +15,7 @@ import shlex
 import shutil
 import socket
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +24,11 @@ import yaml
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from streampipe import codec
 from streampipe.broker import PrivateMosquitto, free_port
 from streampipe.cli import build_parser
 from streampipe.edge import EdgeConfig, EdgeService
+from streampipe.readings import Batch, Reading
 from streampipe.secure import init_secure
 from streampipe.secure.mosquitto import acl_text
 from streampipe.transport import BrokerURL, Connection, with_credentials
@@ -181,9 +184,12 @@ def test_prometheus_and_grafana_files_are_where_their_configs_look():
 
 
 def exported_families() -> list[Any]:
-    """What an edge serves on /metrics, with a rejection so that every family has samples."""
+    """What an edge serves on /metrics, with a rejection and a scored prediction so that
+    every family has samples."""
     service = EdgeService(EdgeConfig(BrokerURL("127.0.0.1", 1), "names"))
     service.stats.reject("malformed")
+    scored = Batch.from_readings([Reading("d1", 0, time.time(), {"a": 1.0}, 2.0)])
+    service.stage.handle(service.topics.readings("d1"), codec.encode(scored))
     service.stats.count_drift(service.stats.model_name)
     return list(text_string_to_metric_families(generate_latest(service.registry).decode()))
 

@@ -56,6 +56,9 @@ def test_regression_scores_equal_rivers_progressive_and_rolling_metrics(window, 
     progressive, rolling = river_values(pairs, window)
     got = scores.as_dict()
     assert got["count"] == sum(1 for y, p in pairs if y is not None and p is not None)
+    if not got["count"]:  # River says 0.0; nothing scored has no value
+        assert got["progressive"] == got["rolling"] == dict.fromkeys(RIVER)
+        return
     for name in RIVER:
         assert got["progressive"][name] == pytest.approx(progressive[name], rel=1e-9, abs=1e-9)
         assert got["rolling"][name] == pytest.approx(rolling[name], rel=1e-9, abs=1e-9)
@@ -122,6 +125,9 @@ def test_binary_and_anomaly_scores_equal_rivers_accuracy_f1_and_rocauc(
     progressive, rolling = river_binary(triples, window, names)
     got = scores.as_dict()
     assert got["count"] == sum(1 for y, d, _ in triples if y is not None and d is not None)
+    if not got["count"]:  # River says 0.0; nothing scored has no value
+        assert got["progressive"] == got["rolling"] == dict.fromkeys(names)
+        return
     assert got["progressive"] == progressive  # the same arithmetic: exactly equal
     assert got["rolling"] == rolling
 
@@ -137,3 +143,20 @@ def test_classification_scores_give_rivers_macro_f1_for_multiclass_labels():
     d = scores.as_dict()
     assert d["progressive"]["macro_f1"] == macro.get() != 1.0
     assert d["rolling"]["macro_f1"] == rolling.get()
+
+
+@pytest.mark.parametrize(
+    ("make", "pairs"),
+    [
+        (RegressionScores, ([None, None], [1.0, None])),
+        (BinaryScores, ([None, None], [True, None], [0.9, 0.1])),
+        (AnomalyScores, ([None, None], [0.3, None])),
+        (ClassificationScores, ([None, None], [2, None])),
+    ],
+)
+def test_nothing_scored_has_no_value_rather_than_zero(make, pairs):
+    scores = make(window=10)
+    scores.update_many(*pairs)  # predictions, but no target to score them against
+    d = scores.as_dict()
+    assert d["count"] == 0 and d["progressive"] and d["rolling"]
+    assert set(d["progressive"].values()) == set(d["rolling"].values()) == {None}

@@ -29,6 +29,12 @@ progressive-validation order. Scores are updated a batch at a time:
 >>> s.update_many([1.0, None], [None, 2.0])  # a pair without both sides is not scored
 >>> s.as_dict()["count"]
 4
+
+Until a prediction has been scored, every metric is ``None`` (``null`` in the metrics
+message, no sample in Prometheus): a 0.0 there would read as a real score.
+
+>>> RegressionScores().as_dict()["progressive"]
+{'mae': None, 'rmse': None, 'r2': None}
 """
 
 from __future__ import annotations
@@ -172,7 +178,7 @@ class RegressionScores(_Shared):
     def _rolling(self) -> dict[str, float | None]:
         n = min(self.count, self.window)
         if n == 0:
-            return {"mae": 0.0, "rmse": 0.0, "r2": 0.0}
+            return dict.fromkeys(("mae", "rmse", "r2"))
         y, p = self._y[:n], self._p[:n]
         err = y - p
         sq = float((err * err).sum())
@@ -190,9 +196,9 @@ class RegressionScores(_Shared):
     def _as_dict(self) -> dict[str, Any]:
         n = self.count
         progressive = {
-            "mae": _finite(self._abs / n) if n else 0.0,
-            "rmse": _finite(math.sqrt(self._sq / n)) if n else 0.0,
-            "r2": _finite(_r2(self._sq, self._m2, n)),
+            "mae": _finite(self._abs / n) if n else None,
+            "rmse": _finite(math.sqrt(self._sq / n)) if n else None,
+            "r2": _finite(_r2(self._sq, self._m2, n)) if n else None,
         }
         return {
             "count": n,
@@ -280,9 +286,11 @@ class BinaryScores(_Shared):
     def _values(
         self, n: int, counts: np.ndarray, positives: int, roc: np.ndarray
     ) -> dict[str, float | None]:
+        if n == 0:  # nothing scored: no value, rather than River's 0.0
+            return dict.fromkeys(self.NAMES)
         correct, tp, fp, fn = counts.tolist()
         values = {
-            "accuracy": correct / n if n else 0.0,
+            "accuracy": correct / n,
             "f1": _f1(tp, fp, fn),
             "rocauc": _rocauc(roc, positives, n - positives),
         }
@@ -398,10 +406,15 @@ class ClassificationScores(_Shared):
 
     def as_dict(self) -> dict[str, Any]:
         with self._lock:
+            scored = self.count > 0  # else no value, rather than River's 0.0
             return {
                 "count": self.count,
-                "progressive": {k: _finite(m.get()) for k, m in self.progressive.items()},
-                "rolling": {k: _finite(m.get()) for k, m in self.rolling.items()},
+                "progressive": {
+                    k: _finite(m.get()) if scored else None for k, m in self.progressive.items()
+                },
+                "rolling": {
+                    k: _finite(m.get()) if scored else None for k, m in self.rolling.items()
+                },
                 "window": self.window,
             }
 
