@@ -19,6 +19,9 @@ from streampipe.edge import EdgeConfig, EdgeService
 from streampipe.readings import Batch, Reading
 from streampipe.transport import Connection
 
+#: An edge without its HTTP server: tests that are not about it must not need port 9108.
+NO_METRICS = ("--metrics-port", "-1")
+
 
 def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
@@ -50,6 +53,8 @@ def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     ],
 )
 def test_user_errors_are_one_clear_line_not_a_traceback(args, message):
+    if args[0] == "edge":  # another edge on this machine may hold the default metrics port
+        args = [*args, *NO_METRICS]
     result = run(*args)
     assert result.returncode == 2
     assert message in result.stderr
@@ -73,7 +78,7 @@ def test_the_edge_freezes_what_it_started_with_before_it_streams(monkeypatch):
 
 
 def test_broker_password_is_never_printed():
-    result = run("edge", "--stage-id", "e", "--broker", "mqtt://u:hunter2@127.0.0.1:1")
+    result = run("edge", "--stage-id", "e", "--broker", "mqtt://u:hunter2@127.0.0.1:1", *NO_METRICS)
     assert result.returncode == 2 and "hunter2" not in result.stderr
     assert "u:***@127.0.0.1" in result.stderr
 

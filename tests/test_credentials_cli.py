@@ -37,7 +37,11 @@ def test_bad_credentials_are_one_line_errors_for_every_command(
 ):
     (tmp_path / "pw").write_text("hunter2\n")
     args = [str(tmp_path / "pw") if a == "PW" else a for a in args]
-    extra = {"edge": ["--stage-id", "e"], "sensors": [], "replay": ["x.csv", "--target", "y"]}
+    extra = {
+        "edge": ["--stage-id", "e", "--metrics-port", "-1"],
+        "sensors": [],
+        "replay": ["x.csv", "--target", "y"],
+    }
     assert main([command, *extra[command], *args]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and "hunter2" not in err
@@ -65,8 +69,16 @@ def test_password_and_files_come_from_the_environment(monkeypatch, tmp_path):
 
 
 def test_a_password_in_the_url_warns_that_ps_shows_it():
-    result = run("edge", "--stage-id", "e", "--broker", "mqtt://u:hunter2@127.0.0.1:1")
-    assert result.returncode == 2
+    result = run(
+        "edge",
+        "--stage-id",
+        "e",
+        "--broker",
+        "mqtt://u:hunter2@127.0.0.1:1",
+        "--metrics-port",
+        "-1",
+    )
+    assert result.returncode == 2 and "cannot reach broker" in result.stderr
     assert "visible to other users" in result.stderr and "hunter2" not in result.stderr
 
 
