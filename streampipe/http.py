@@ -26,6 +26,7 @@ at most that long. Refused and timed-out connections are counted in
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import socket
 import threading
@@ -37,7 +38,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.exposition import MetricsHandler
 
-__all__ = ["MAX_CONNECTIONS", "REQUEST_TIMEOUT", "Health", "MetricsServer"]
+__all__ = ["MAX_CONNECTIONS", "REQUEST_TIMEOUT", "Health", "ListenError", "MetricsServer"]
 
 #: Connections served at once. Prometheus and a health check need one or two each; a
 #: systemd service may open 1,024 descriptors, and the broker connection, the state
@@ -46,6 +47,28 @@ MAX_CONNECTIONS = 16
 #: Seconds a connection has for its whole request and answer; a scrape of a stage takes
 #: milliseconds, Prometheus's default scrape timeout is 10 s.
 REQUEST_TIMEOUT = 5.0
+
+
+class ListenError(OSError):
+    """The server cannot listen on ``host:port``; :attr:`in_use` if another process does.
+
+    >>> import socket
+    >>> with socket.create_server(("127.0.0.1", 0)) as taken:
+    ...     port = taken.getsockname()[1]
+    ...     try:
+    ...         MetricsServer("127.0.0.1", port, CollectorRegistry(), lambda: Health(True, True))
+    ...     except ListenError as exc:
+    ...         exc.in_use
+    True
+    """
+
+    def __init__(self, host: str, port: int, cause: OSError) -> None:
+        super().__init__(cause.errno, cause.strerror or str(cause))
+        self.host, self.port = host, port
+        self.in_use = cause.errno == errno.EADDRINUSE
+
+    def __str__(self) -> str:
+        return f"cannot listen on {self.host}:{self.port}: {self.strerror}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +155,7 @@ class _Server(ThreadingHTTPServer):
 class MetricsServer:
     """Serves ``registry`` on ``/metrics`` and ``health()`` on ``/healthz``; ``port=0`` picks
     a free port (see :attr:`port`). Started on construction; :meth:`close` stops it.
+    :class:`ListenError` if it cannot listen there.
 
     ``max_connections`` and ``timeout`` bound what clients can hold (see the module docs).
     """
@@ -161,18 +185,22 @@ class MetricsServer:
             (_Handler,),
             {"registry": registry, "health": staticmethod(health), "timeout": timeout},
         )
-        server_class = type(
-            "StageServer",
-            (_Server,),
-            {
-                "address_family": _family(host, port),
-                "max_connections": max_connections,
-                "request_timeout": timeout,
-                "refused": refused,
-            },
-        )
         self._registry, self._refused = registry, refused
-        self._server = server_class((host, port), handler)
+        try:
+            server_class = type(
+                "StageServer",
+                (_Server,),
+                {
+                    "address_family": _family(host, port),
+                    "max_connections": max_connections,
+                    "request_timeout": timeout,
+                    "refused": refused,
+                },
+            )
+            self._server = server_class((host, port), handler)
+        except OSError as exc:
+            registry.unregister(refused)  # so that a stage may try again
+            raise ListenError(host, port, exc) from None
         self.port: int = self._server.server_address[1]
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="metrics-http", daemon=True

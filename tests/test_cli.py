@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -81,6 +82,17 @@ def test_broker_password_is_never_printed():
     result = run("edge", "--stage-id", "e", "--broker", "mqtt://u:hunter2@127.0.0.1:1", *NO_METRICS)
     assert result.returncode == 2 and "hunter2" not in result.stderr
     assert "u:***@127.0.0.1" in result.stderr
+
+
+def test_a_second_edge_is_told_its_metrics_port_is_taken_and_which_flag_to_change():
+    with socket.create_server(("127.0.0.1", 0)) as taken:  # as the first edge's server is
+        port = taken.getsockname()[1]
+        result = run("edge", "--stage-id", "e", "--metrics-port", str(port))
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"streampipe edge: error: metrics port {port} on 127.0.0.1 is in use (another edge?): "
+        "choose another with --metrics-port, or 0 for a free one, -1 for none"
+    ]
 
 
 def test_demo_runs_and_shows_predictions_and_metrics(broker):

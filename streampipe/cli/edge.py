@@ -7,7 +7,7 @@ import gc
 import logging
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from streampipe.cli.options import (
     DEFAULT_BROKER,
@@ -21,6 +21,9 @@ from streampipe.cli.options import (
 from streampipe.learn import DEFAULT_MODEL_SPEC
 from streampipe.limits import MAX_CLOCK_AHEAD, MAX_DEVICES, MAX_FEATURES, MAX_SEQ_JUMP
 from streampipe.topics import PARTITIONS
+
+if TYPE_CHECKING:
+    from streampipe.http import ListenError
 
 __all__ = ["EDGE_SWITCH_INTERVAL", "register", "run"]
 
@@ -226,6 +229,7 @@ def _add_evaluation(edge: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from streampipe.edge import EdgeConfig, EdgeService
+    from streampipe.http import ListenError
 
     # Three threads share the GIL here: the worker, which computes, and the input and
     # output connections' network threads, which wake for every message. With Python's
@@ -268,7 +272,10 @@ def run(args: argparse.Namespace) -> int:
         )
     )
     on_signals(service.stop)
-    service.start()
+    try:
+        service.start()
+    except ListenError as exc:
+        raise OSError(_cannot_listen(exc)) from None
     # What exists now (River, NumPy, pandas, the models so far) lives as long as the
     # process: frozen, the collector's full collections no longer scan it again and
     # again while readings stream in (one took ~100 ms in a 0.6 s benchmark run).
@@ -281,3 +288,16 @@ def run(args: argparse.Namespace) -> int:
         )
     service.run()
     return 0
+
+
+def _cannot_listen(exc: ListenError) -> str:
+    """The metrics server's :class:`~streampipe.http.ListenError`, with the flags to change."""
+    if exc.in_use:
+        return (
+            f"metrics port {exc.port} on {exc.host} is in use (another edge?): choose another "
+            "with --metrics-port, or 0 for a free one, -1 for none"
+        )
+    return (
+        f"cannot serve metrics on {exc.host}:{exc.port}: {exc.strerror}: check --metrics-host "
+        "and --metrics-port (-1 for none)"
+    )
