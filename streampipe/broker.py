@@ -120,6 +120,9 @@ class PrivateMosquitto:
             stdout=logf,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
+            # Not in the terminal's process group: Ctrl-C would stop the broker at once,
+            # before the clients of the process that owns it (which stops it last).
+            process_group=0,
             **as_user,
         )
         logf.close()

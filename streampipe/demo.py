@@ -23,6 +23,9 @@ from streampipe.transport import Connection, Message
 
 __all__ = ["run_demo"]
 
+#: The edge's clean stop waits at most ~10 s for an unreachable broker, then gives up.
+EDGE_STOP_TIMEOUT = 15.0
+
 
 class _Watcher:
     """Subscribes to predictions and metrics and prints a readable summary."""
@@ -82,17 +85,41 @@ def _short(v: Any) -> str:
     return f"{v:.3f}" if isinstance(v, int | float) else "-"
 
 
+def _stop_on_signals(stop: threading.Event, stack: contextlib.ExitStack) -> None:
+    """Ctrl-C (or SIGTERM) sets ``stop``, and the demo stops in order; a second one
+    interrupts at once."""
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def handler(signum: int, frame: Any) -> None:
+        stop.set()
+        for sig, was in previous.items():
+            signal.signal(sig, was)
+
+    for sig, was in previous.items():
+        signal.signal(sig, handler)
+        stack.callback(signal.signal, sig, was)
+
+
 def run_demo(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     from streampipe.cli.sensors import run_sensors
 
     stop = threading.Event()
+    # The stack stops what it holds last-started first: sensors (below), then the edge,
+    # the watcher and the broker, each still reachable by those before it.
     with contextlib.ExitStack() as stack:
+        _stop_on_signals(stop, stack)
         broker_url = args.broker
         if broker_url is None:
             broker = stack.enter_context(PrivateMosquitto())
             broker_url = broker.url
             print(f"started a private Mosquitto at {broker_url}", file=out, flush=True)
         topics = Topics(args.topic_root)
+        watcher = _Watcher(out)
+        watch = Connection(
+            broker_url, f"streampipe-demo-watch-{id(watcher):x}", on_message=watcher.on_message
+        ).connect()
+        stack.callback(watch.close)
+        watch.subscribe([topics.predictions(), topics.metrics()], qos=0)
         stage_id = "demo-edge"
         edge = EdgeService(
             EdgeConfig(
@@ -107,12 +134,8 @@ def run_demo(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
         ).start()
         edge_thread = threading.Thread(target=edge.run, name="edge", daemon=True)
         edge_thread.start()
-        watcher = _Watcher(out)
-        watch = Connection(
-            broker_url, f"streampipe-demo-watch-{id(watcher):x}", on_message=watcher.on_message
-        ).connect()
-        stack.callback(watch.close)
-        watch.subscribe([topics.predictions(), topics.metrics()], qos=0)
+        stack.callback(edge_thread.join, EDGE_STOP_TIMEOUT)
+        stack.callback(edge.stop)
         print(
             f"edge stage {stage_id!r} learning {args.model!r}; "
             + (
@@ -125,24 +148,17 @@ def run_demo(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
             file=out,
             flush=True,
         )
-
-        previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
-        stack.callback(signal.signal, signal.SIGINT, previous)
-        try:
-            run_sensors(
-                broker_url,
-                topics,
-                devices=args.devices,
-                rate=args.rate,
-                duration=args.duration,
-                seed=0,
-                batch=10,
-                linger=0.2,
-                faults=False,  # a spike ×5–10 throws plain SGD regression far off course
-                stop=stop,
-            )
-        finally:
-            edge.stop()
-            edge_thread.join(30)
-        print(f"demo stopped: {watcher.predictions:,} predictions received", file=out, flush=True)
+        run_sensors(
+            broker_url,
+            topics,
+            devices=args.devices,
+            rate=args.rate,
+            duration=args.duration,
+            seed=0,
+            batch=10,
+            linger=0.2,
+            faults=False,  # a spike ×5–10 throws plain SGD regression far off course
+            stop=stop,
+        )
+    print(f"demo stopped: {watcher.predictions:,} predictions received", file=out, flush=True)
     return 0

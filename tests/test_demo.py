@@ -1,0 +1,149 @@
+"""``streampipe demo`` as a new user meets it: what it says, and Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from streampipe.cli import main
+
+#: A terminal is 80 columns wide; no line the demo prints may wrap there.
+COLUMNS = 80
+
+
+class Demo:
+    """``python -m streampipe demo ARGS`` in a session of its own, as a terminal runs it;
+    its stdout lines are read as they come."""
+
+    def __init__(self, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "streampipe", "demo", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,  # its own process group, which Ctrl-C signals whole
+        )
+        self.lines: list[str] = []
+        self._new: queue.Queue[str | None] = queue.Queue()
+        self._stderr: list[str] = []
+        self._readers = [
+            threading.Thread(target=self._read_stdout, daemon=True),
+            threading.Thread(target=lambda: self._stderr.extend(self.proc.stderr), daemon=True),
+        ]
+        for t in self._readers:
+            t.start()
+
+    def _read_stdout(self) -> None:
+        for line in self.proc.stdout:  # type: ignore[union-attr]
+            self._new.put(line.rstrip("\n"))
+        self._new.put(None)
+
+    def wait_for(self, found: Callable[[str], bool], timeout: float = 30.0) -> bool:
+        """Read stdout lines until one is ``found``; False at the end of output or timeout."""
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                line = self._new.get(timeout=left)
+            except queue.Empty:
+                return False
+            if line is None:
+                return False
+            self.lines.append(line)
+            if found(line):
+                return True
+        return False
+
+    def ctrl_c(self) -> None:
+        """What Ctrl-C in a terminal does: SIGINT to every process of the foreground group."""
+        os.killpg(self.proc.pid, signal.SIGINT)
+
+    def wait(self, timeout: float) -> int:
+        rc = self.proc.wait(timeout)
+        for t in self._readers:
+            t.join(5)
+        self.wait_for(lambda line: False, timeout=0.1)  # collect what is left
+        return rc
+
+    @property
+    def stderr(self) -> str:
+        return "".join(self._stderr)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+@contextmanager
+def demo(*args: str) -> Iterator[Demo]:
+    d = Demo(*args)
+    try:
+        yield d
+    finally:
+        d.kill()
+
+
+def is_prediction(line: str) -> bool:
+    return line.startswith("prediction  sensor-")
+
+
+def is_metrics(line: str) -> bool:
+    return line.startswith("metrics     demo-edge:")
+
+
+def quiet(stderr: str) -> bool:
+    return not any(word in stderr for word in ("reconnecting", "Traceback", "WARNING", "ERROR"))
+
+
+def test_ctrl_c_stops_the_demo_at_once_and_quietly():
+    """Ctrl-C reaches the demo's own Mosquitto too (it is in the terminal's process
+    group): the demo must not lose its broker before its clients are done with it."""
+    with demo("--devices", "3") as d:
+        assert d.wait_for(is_prediction), (d.lines, d.stderr)
+        assert d.wait_for(is_metrics), (d.lines, d.stderr)
+        start = time.monotonic()
+        d.ctrl_c()
+        rc = d.wait(timeout=10)
+        took = time.monotonic() - start
+    print(f"Ctrl-C stopped the demo in {took:.2f} s")
+    assert rc in (0, 130), d.stderr
+    assert took < 3, f"Ctrl-C took {took:.1f} s to stop the demo"
+    assert quiet(d.stderr), d.stderr
+    assert d.lines[-1].startswith("demo stopped: "), d.lines
+    assert int(d.lines[-1].split()[2].replace(",", "")) > 0
+
+
+def test_demo_runs_for_its_duration_and_stops_by_itself(broker):
+    with demo(
+        "--broker",
+        f"mqtt://127.0.0.1:{broker.port}",
+        "--duration",
+        "2",
+        "--devices",
+        "3",
+        "--topic-root",
+        "demo-test",
+    ) as d:
+        rc = d.wait(timeout=30)
+    assert rc == 0, d.stderr
+    assert quiet(d.stderr), d.stderr
+    assert any(map(is_prediction, d.lines)), d.lines
+    received = int(d.lines[-1].split("demo stopped: ", 1)[1].split()[0].replace(",", ""))
+    assert received > 0
+
+
+def test_demo_without_mosquitto_says_how_to_install_it(monkeypatch, capsys):
+    import streampipe.broker as broker_module
+
+    monkeypatch.setattr(broker_module.shutil, "which", lambda name: None)
+    monkeypatch.setattr(broker_module.os.path, "exists", lambda path: False)
+    assert main(["demo", "--duration", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "apt-get install -y mosquitto" in err and "Traceback" not in err
