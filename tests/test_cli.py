@@ -95,27 +95,6 @@ def test_a_second_edge_is_told_its_metrics_port_is_taken_and_which_flag_to_chang
     ]
 
 
-def test_demo_runs_and_shows_predictions_and_metrics(broker):
-    result = run(
-        "demo",
-        "--broker",
-        f"mqtt://127.0.0.1:{broker.port}",
-        "--duration",
-        "4",
-        "--devices",
-        "3",
-        "--rate",
-        "20",
-        "--topic-root",
-        "demo-test",
-    )
-    assert result.returncode == 0, result.stderr
-    assert "prediction  sensor-" in result.stdout
-    assert "metrics     demo-edge:" in result.stdout and "MAE" in result.stdout
-    received = int(result.stdout.rsplit("demo stopped: ", 1)[1].split()[0].replace(",", ""))
-    assert received > 0
-
-
 def test_sensors_publish_what_the_edge_learns(broker, topics, capture):
     cap = capture([topics.predictions(), topics.status()])
     edge = subprocess.Popen(
@@ -209,16 +188,6 @@ def test_prometheus_endpoint_follows_conventions(broker, topics):
     for f in families.values():
         if f.name.startswith("streampipe_"):
             assert not ({"device", "device_id"} & {k for s in f.samples for k in s.labels})
-
-
-def test_demo_without_mosquitto_says_how_to_install_it(monkeypatch, capsys):
-    import streampipe.broker as broker_module
-
-    monkeypatch.setattr(broker_module.shutil, "which", lambda name: None)
-    monkeypatch.setattr(broker_module.os.path, "exists", lambda path: False)
-    assert main(["demo", "--duration", "1"]) == 2
-    err = capsys.readouterr().err
-    assert "apt-get install -y mosquitto" in err and "Traceback" not in err
 
 
 def test_edges_with_disjoint_partitions_split_the_devices(broker, topics, capture):
