@@ -60,6 +60,24 @@ def _check(rc: MQTTErrorCode | int, what: str) -> None:
         raise MQTTError(f"{what} failed: {paho.error_string(rc)}")
 
 
+def _address(url: BrokerURL) -> str:
+    return f"[{url.host}]:{url.port}" if ":" in url.host else f"{url.host}:{url.port}"
+
+
+def _sent_no_tls(exc: ssl.SSLError) -> bool:
+    """Whether a handshake failed because the server sent no TLS at all: it closed the
+    connection, or answered in something else (a plain MQTT listener does either). A TLS
+    server that refuses us says why in an alert instead."""
+    if isinstance(exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
+        return True
+    return (exc.reason or "").upper() in {
+        "WRONG_VERSION_NUMBER",
+        "RECORD_LAYER_FAILURE",
+        "PACKET_LENGTH_TOO_LONG",
+        "UNEXPECTED_EOF_WHILE_READING",
+    }
+
+
 def _nodelay(client: paho.Client, userdata: Any, sock: Any) -> None:
     # A unix or websocket transport has no such option: nothing to do there.
     with contextlib.suppress(OSError, AttributeError):
@@ -173,8 +191,13 @@ class Connection:
                 " (check --ca-file and that the host name is in the broker's certificate)"
             ) from None
         except ssl.SSLError as exc:
+            if _sent_no_tls(exc):
+                raise ConnectError(self._no_tls(exc.reason or str(exc))) from None
             raise ConnectError(f"TLS handshake with broker {self.url} failed: {exc}") from None
         except (OSError, ValueError) as exc:
+            if self.url.tls and isinstance(exc, (ConnectionResetError, BrokenPipeError)):
+                # Connected, then cut off in the handshake: a plain listener does that.
+                raise ConnectError(self._no_tls(exc.strerror or str(exc))) from None
             raise ConnectError(f"cannot reach broker {self.url}: {exc}") from None
         self._client.loop_start()
         if not self._first_connack.wait(timeout):
@@ -197,6 +220,12 @@ class Connection:
         self.connect(timeout)
         self.session_present = found  # whether the broker had kept a session for us
         return self
+
+    def _no_tls(self, why: str) -> str:
+        return (
+            f"the broker at {_address(self.url)} did not answer TLS "
+            f"({why.lower().replace('_', ' ')}): is it a plain MQTT port? use mqtt://"
+        )
 
     def close(self, timeout: float = 5.0) -> None:
         """Disconnect cleanly (the will is not published) and stop the network thread.
@@ -370,6 +399,8 @@ class Connection:
                     "; a broker that requires client certificates does this when none or an "
                     "untrusted one is given (--cert-file, --key-file)"
                 )
+            else:  # a TLS listener drops an MQTT CONNECT sent in the clear
+                self._refused += f"; is {_address(self.url)} a TLS port? use mqtts://"
             client.disconnect()
             self._first_connack.set()
             return
