@@ -10,29 +10,42 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
+import math
 import signal
 import sys
+import textwrap
 import threading
 import time
 from typing import Any, TextIO
 
 from streampipe.broker import PrivateMosquitto
 from streampipe.edge import EdgeConfig, EdgeService
+from streampipe.sources.simulate import FEATURES, TARGET, UNITS, SensorFleet
 from streampipe.topics import Topics
-from streampipe.transport import Connection, Message
+from streampipe.transport import BrokerURL, Connection, Message
 
 __all__ = ["run_demo"]
+
+#: A terminal's width: no line the demo prints is longer.
+COLUMNS = 80
+#: The labels of the lines that say what the demo runs ("model:   ...").
+LABEL_WIDTH = 10
+STAGE_ID = "demo-edge"
+#: Seconds between the edge's metrics messages, and so the demo's metrics lines.
+METRICS_EVERY = 3.0
 
 #: The edge's clean stop waits at most ~10 s for an unreachable broker, then gives up.
 EDGE_STOP_TIMEOUT = 15.0
 
 
 class _Watcher:
-    """Subscribes to predictions and metrics and prints a readable summary."""
+    """Subscribes to predictions and metrics and prints them as short lines: one
+    prediction a second, and the edge's metrics as they come."""
 
     def __init__(self, out: TextIO) -> None:
         self.out = out
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # the watcher's network thread and run_demo print
         self.predictions = 0
         self._last_print = 0.0
 
@@ -43,46 +56,123 @@ class _Watcher:
             return
         with self.lock:
             if "/predictions/" in msg.topic:
-                self.predictions += len(body.get("predictions", []))
+                predictions = body.get("predictions") or []
+                self.predictions += len(predictions)
                 now = time.monotonic()
-                if now - self._last_print >= 1.0 and body.get("predictions"):
+                if predictions and now - self._last_print >= 1.0:
                     self._last_print = now
-                    p = body["predictions"][-1]
-                    self._print(
-                        f"prediction  {body['device']:<12} seq {p['seq']:>6}  "
-                        f"y_pred {_num(p['y_pred'])}  y_true {_num(p['y_true'])}"
-                    )
-            elif "/metrics/" in msg.topic:
-                self._print(_metrics_line(body))
+                    self.print(prediction_line(body["device"], predictions[-1]))
+            elif "/metrics/" in msg.topic and body.get("readings"):
+                self.print(metrics_line(body))
 
-    def _print(self, line: str) -> None:
+    def print(self, line: str) -> None:
         print(line, file=self.out, flush=True)
 
 
-def _num(v: Any) -> str:
-    return f"{v:9.2f}" if isinstance(v, int | float) else f"{'-':>9}"
+def prediction_line(device: str, p: dict[str, Any]) -> str:
+    """One prediction of the target and its true value.
+
+    >>> prediction_line("sensor-003", {"seq": 1234, "y_pred": 512.34, "y_true": 509.8})
+    'sensor-003  seq   1234  predicted    512.3 W  actual    509.8 W'
+    """
+    unit = UNITS[TARGET]
+    return (
+        f"{device:<10}  seq {p.get('seq', '-'):>6}  "
+        f"predicted {_value(p.get('y_pred'))} {unit}  actual {_value(p.get('y_true'))} {unit}"
+    )
 
 
-def _metrics_line(m: dict[str, Any]) -> str:
+def metrics_line(m: dict[str, Any]) -> str:
+    """What the edge has learned so far, from its metrics message.
+
+    >>> metrics_line({"stage": "demo-edge", "readings": 12345, "devices": 5, "rejected": 0,
+    ...     "metrics": {"progressive": {"mae": 3.214}, "rolling": {"mae": 2.87},
+    ...                 "window": 200}})
+    'edge demo-edge: 12,345 readings, 5 devices, MAE 3.21 W (last 200: 2.87 W)'
+    """
     met = m.get("metrics") or {}
-    prog, roll = met.get("progressive") or {}, met.get("rolling") or {}
-    parts = [
-        f"metrics     {m.get('stage')}: {m.get('readings', 0):,} readings",
-        f"{m.get('predictions', 0):,} predictions",
-        f"{m.get('rejected', 0):,} rejected",
-        f"{m.get('devices', 0)} devices",
-    ]
-    for name in ("mae", "rmse", "r2", "accuracy"):
-        if name in prog:
-            parts.append(
-                f"{name.upper()} {_short(prog[name])} (last {met.get('window')}: "
-                f"{_short(roll.get(name))})"
-            )
-    return " | ".join(parts)
+    progressive, rolling = met.get("progressive") or {}, met.get("rolling") or {}
+    parts = [f"{m.get('readings', 0):,} readings", f"{m.get('devices', 0):,} devices"]
+    if m.get("rejected"):
+        parts.append(f"{m['rejected']:,} rejected")
+    name = next((n for n in ("mae", "accuracy") if n in progressive), None)
+    if name is not None:
+        unit = f" {UNITS[TARGET]}" if name == "mae" else ""
+        parts.append(
+            f"{name.upper()} {_short(progressive[name])}{unit} "
+            f"(last {met.get('window')}: {_short(rolling.get(name))}{unit})"
+        )
+    return f"edge {m.get('stage')}: " + ", ".join(parts)
+
+
+def _value(v: Any) -> str:
+    return f"{v:8.1f}" if isinstance(v, int | float) else f"{'-':>8}"
 
 
 def _short(v: Any) -> str:
-    return f"{v:.3f}" if isinstance(v, int | float) else "-"
+    """Three significant digits or so, without an exponent.
+
+    >>> _short(3.214), _short(51.26), _short(1301.95), _short(None)
+    ('3.21', '51.3', '1,302', '-')
+    """
+    if not isinstance(v, int | float):
+        return "-"
+    return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.1f}" if abs(v) >= 10 else f"{v:.2f}"
+
+
+def _say(label: str, text: str) -> list[str]:
+    """``label`` and ``text`` in lines of at most :data:`COLUMNS`, wrapped under the text.
+
+    >>> for line in _say("from:", ", ".join(f"feature-{i} (unit)" for i in range(6))):
+    ...     print(line)
+    from:     feature-0 (unit), feature-1 (unit), feature-2 (unit), feature-3
+              (unit), feature-4 (unit), feature-5 (unit)
+    """
+    return textwrap.wrap(
+        text,
+        COLUMNS,
+        initial_indent=f"{label:<{LABEL_WIDTH}}",
+        subsequent_indent=" " * LABEL_WIDTH,
+        break_on_hyphens=False,
+    )
+
+
+def _command(label: str, words: list[str]) -> list[str]:
+    """A shell command to copy, continued on the next line (``\\``) where it is long."""
+    lines, line = [], f"{label:<{LABEL_WIDTH}}{words[0]}"
+    for word in words[1:]:
+        if len(line) + len(f" {word} \\") > COLUMNS:
+            lines.append(line + " \\")
+            line = " " * (LABEL_WIDTH + 2) + word
+        else:
+            line += " " + word
+    return [*lines, line]
+
+
+def _header(
+    args: argparse.Namespace, broker: BrokerURL, private: bool, topics: Topics, metrics_port: int
+) -> list[str]:
+    """What the demo runs and learns, and how to watch it, in short lines."""
+    rate = "as fast as they can" if math.isinf(args.rate) else f"{args.rate:g} readings/s each"
+    ids = SensorFleet(args.devices).device_ids
+    fleet = ids[0] + (f" to {ids[-1]}" if len(ids) > 1 else "")
+    watch = ["mosquitto_sub", "-h", broker.host, "-p", str(broker.port)]
+    if broker.username:
+        watch += ["-u", broker.username, "-P", "PASSWORD"]
+    if broker.tls:
+        watch += ["--capath", "/etc/ssl/certs"]
+    lines = [
+        *_say("broker:", f"{'a private Mosquitto at ' if private else ''}{broker}"),
+        *_say("sensors:", f"{args.devices} simulated machines ({fleet}), {rate}"),
+        *_say("learns:", f"{TARGET} ({UNITS[TARGET]}), the electrical power a machine draws"),
+        *_say("from:", ", ".join(f"{f} ({UNITS[f]})" for f in FEATURES)),
+        *_say("model:", args.model),
+        *_say("", "one per sensor: it predicts each reading, then learns from it"),
+        *_command("watch:", [*watch, "-t", f"'{topics.predictions()}'", "-v"]),
+    ]
+    if metrics_port:
+        lines += _say("metrics:", f"http://127.0.0.1:{metrics_port}/metrics (Prometheus)")
+    return [*lines, "Ctrl-C to stop.", ""]
 
 
 def _stop_on_signals(stop: threading.Event, stack: contextlib.ExitStack) -> None:
@@ -108,11 +198,13 @@ def run_demo(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     # the watcher and the broker, each still reachable by those before it.
     with contextlib.ExitStack() as stack:
         _stop_on_signals(stop, stack)
+        # The edge's INFO lines (online, stopped) say what the demo's lines say.
+        edge_log = logging.getLogger("streampipe.edge")
+        edge_log.addFilter(_not_info)
+        stack.callback(edge_log.removeFilter, _not_info)
         broker_url = args.broker
         if broker_url is None:
-            broker = stack.enter_context(PrivateMosquitto())
-            broker_url = broker.url
-            print(f"started a private Mosquitto at {broker_url}", file=out, flush=True)
+            broker_url = stack.enter_context(PrivateMosquitto()).url
         topics = Topics(args.topic_root)
         watcher = _Watcher(out)
         watch = Connection(
@@ -120,15 +212,14 @@ def run_demo(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
         ).connect()
         stack.callback(watch.close)
         watch.subscribe([topics.predictions(), topics.metrics()], qos=0)
-        stage_id = "demo-edge"
         edge = EdgeService(
             EdgeConfig(
                 broker=broker_url,
-                stage_id=stage_id,
+                stage_id=STAGE_ID,
                 model=args.model,
                 topic_root=args.topic_root,
                 metrics_port=None if args.metrics_port < 0 else args.metrics_port,
-                metrics_interval=2.0,
+                metrics_interval=METRICS_EVERY,
                 window=200,
             )
         ).start()
@@ -136,18 +227,11 @@ def run_demo(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
         edge_thread.start()
         stack.callback(edge_thread.join, EDGE_STOP_TIMEOUT)
         stack.callback(edge.stop)
-        print(
-            f"edge stage {stage_id!r} learning {args.model!r}; "
-            + (
-                f"Prometheus metrics on http://127.0.0.1:{edge.metrics_port}/metrics; "
-                if edge.metrics_port
-                else ""
-            )
-            + f"try: mosquitto_sub -h {broker_url.host} -p {broker_url.port} "
-            f"-t '{topics.predictions()}' -v   (Ctrl-C to stop)",
-            file=out,
-            flush=True,
-        )
+        with watcher.lock:  # before the first prediction line
+            for line in _header(
+                args, broker_url, args.broker is None, topics, edge.metrics_port or 0
+            ):
+                watcher.print(line)
         run_sensors(
             broker_url,
             topics,
@@ -160,5 +244,9 @@ def run_demo(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
             faults=False,  # a spike ×5–10 throws plain SGD regression far off course
             stop=stop,
         )
-    print(f"demo stopped: {watcher.predictions:,} predictions received", file=out, flush=True)
+    print(f"demo stopped: {watcher.predictions:,} predictions", file=out, flush=True)
     return 0
+
+
+def _not_info(record: logging.LogRecord) -> bool:
+    return record.levelno != logging.INFO

@@ -91,11 +91,16 @@ def demo(*args: str) -> Iterator[Demo]:
 
 
 def is_prediction(line: str) -> bool:
-    return line.startswith("prediction  sensor-")
+    return line.startswith("sensor-") and " predicted " in line and line.endswith(" W")
 
 
 def is_metrics(line: str) -> bool:
-    return line.startswith("metrics     demo-edge:")
+    return line.startswith("edge demo-edge: ") and " MAE " in line
+
+
+def fits(lines: list[str]) -> list[str]:
+    """The lines that would wrap in a terminal (none, then)."""
+    return [line for line in lines if len(line) > COLUMNS]
 
 
 def quiet(stderr: str) -> bool:
@@ -118,6 +123,15 @@ def test_ctrl_c_stops_the_demo_at_once_and_quietly():
     assert quiet(d.stderr), d.stderr
     assert d.lines[-1].startswith("demo stopped: "), d.lines
     assert int(d.lines[-1].split()[2].replace(",", "")) > 0
+    assert not fits(d.lines)
+    # Before the first prediction: what is learned from what, and where to watch it.
+    header = "\n".join(d.lines[: d.lines.index(next(filter(is_prediction, d.lines)))])
+    assert "learns:   power (W)" in header
+    assert all(f in header for f in ("temperature", "humidity", "pressure", "vibration"))
+    assert "current (A)" in header
+    assert "model:    preprocessing.StandardScaler | linear_model.LinearRegression" in header
+    assert "mosquitto_sub -h 127.0.0.1 -p " in header and "'streampipe/predictions/+'" in header
+    assert "/metrics (Prometheus)" in header and "Ctrl-C" in header
 
 
 def test_demo_runs_for_its_duration_and_stops_by_itself(broker):
@@ -135,6 +149,7 @@ def test_demo_runs_for_its_duration_and_stops_by_itself(broker):
     assert rc == 0, d.stderr
     assert quiet(d.stderr), d.stderr
     assert any(map(is_prediction, d.lines)), d.lines
+    assert not fits(d.lines)
     received = int(d.lines[-1].split("demo stopped: ", 1)[1].split()[0].replace(",", ""))
     assert received > 0
 
