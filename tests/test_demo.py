@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from streampipe.cli import main
+from streampipe.learn import DEFAULT_MODEL_SPEC
 
 #: A terminal is 80 columns wide; no line the demo prints may wrap there.
 COLUMNS = 80
@@ -152,6 +153,28 @@ def test_demo_runs_for_its_duration_and_stops_by_itself(broker):
     assert not fits(d.lines)
     received = int(d.lines[-1].split("demo stopped: ", 1)[1].split()[0].replace(",", ""))
     assert received > 0
+
+
+def test_demo_help_says_what_it_does_and_every_default():
+    result = subprocess.run(
+        [sys.executable, "-m", "streampipe", "demo", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "COLUMNS": str(COLUMNS)},
+    )
+    assert result.returncode == 0, result.stderr
+    assert "predicts each reading's power (W)" in " ".join(result.stdout.split())
+    for option, default in (
+        ("--devices", "5"),
+        ("--rate", "20"),
+        ("--duration", "run until Ctrl-C"),
+        ("--model", DEFAULT_MODEL_SPEC),
+        ("--metrics-port", "0"),
+        ("--broker", "$STREAMPIPE_BROKER or a private Mosquitto"),
+    ):
+        text = " ".join(result.stdout.split(f"  {option} ", 1)[1].split("\n  -", 1)[0].split())
+        assert f"(default: {default})" in text, (option, text)
 
 
 def test_demo_without_mosquitto_says_how_to_install_it(monkeypatch, capsys):

@@ -10,16 +10,56 @@ from streampipe.learn import DEFAULT_MODEL_SPEC
 
 __all__ = ["register", "run"]
 
+DESCRIPTION = (
+    "Watch an edge stage learn online. Starts a private Mosquitto (unless --broker is "
+    "given), simulated sensors and an edge stage with a model per sensor, which predicts "
+    "each reading's power (W) from its temperature, humidity, pressure, vibration and "
+    "current, then learns from it. Prints a prediction a second and the edge's metrics "
+    "every few seconds, as any MQTT client can see them, until Ctrl-C or --duration."
+)
+
 
 def register(sub: Any) -> argparse.ArgumentParser:
     """Add ``streampipe demo`` to the subcommands ``sub``."""
-    demo = sub.add_parser("demo", help="run broker, sensors and an edge stage; watch it learn")
+    demo = sub.add_parser(
+        "demo",
+        help="run broker, sensors and an edge stage; watch it learn",
+        description=DESCRIPTION,
+    )
     add_broker(demo)
-    demo.add_argument("--devices", type=positive_int, default=5)
-    demo.add_argument("--rate", type=rate, default=20.0, help="readings/s per device")
-    demo.add_argument("--duration", type=float, help="seconds to run (default: until Ctrl-C)")
-    demo.add_argument("--model", default=DEFAULT_MODEL_SPEC, metavar="SPEC")
-    demo.add_argument("--metrics-port", type=int, default=0)
+    demo.add_argument(
+        "--devices",
+        type=positive_int,
+        default=5,
+        metavar="N",
+        help="number of simulated sensors (default: %(default)s)",
+    )
+    demo.add_argument(
+        "--rate",
+        type=rate,
+        default=20.0,
+        help="readings per second per sensor, or 'max' (default: %(default)g)",
+    )
+    demo.add_argument(
+        "--duration",
+        type=float,
+        metavar="SECONDS",
+        help="stop after this long (default: run until Ctrl-C)",
+    )
+    demo.add_argument(
+        "--model",
+        default=DEFAULT_MODEL_SPEC,
+        metavar="SPEC",
+        help="the River model learned for each sensor (default: %(default)s)",
+    )
+    demo.add_argument(
+        "--metrics-port",
+        type=int,
+        default=0,
+        metavar="PORT",
+        help="port of the edge's Prometheus /metrics; 0 picks a free one, -1 serves none "
+        "(default: %(default)s)",
+    )
     demo.set_defaults(run=run)
     return demo
 
