@@ -18,7 +18,18 @@ from collections.abc import Sequence
 
 from streampipe import __version__
 from streampipe.broker import MosquittoNotFound
-from streampipe.cli import broker, demo, deploy, edge, export, keys, promote, replay, sensors
+from streampipe.cli import (
+    broker,
+    demo,
+    deploy,
+    edge,
+    export,
+    ingest,
+    keys,
+    promote,
+    replay,
+    sensors,
+)
 from streampipe.cli.options import broker_with_credentials
 from streampipe.secure.certs import MissingCryptography
 from streampipe.sources.csv import CsvError
@@ -29,7 +40,7 @@ from streampipe.transport import InvalidBrokerURL, MQTTError
 __all__ = ["build_parser", "main"]
 
 #: In the order ``streampipe --help`` lists them.
-COMMANDS = (edge, replay, sensors, demo, promote, keys, deploy, export, broker)
+COMMANDS = (edge, ingest, replay, sensors, demo, promote, keys, deploy, export, broker)
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 #: Errors that are the user's to fix: printed as one line, never as a traceback.

@@ -44,12 +44,14 @@ from streampipe.ingest.topic import TemplateError, TopicTemplate, names_in
 
 __all__ = ["MappingError", "build_source", "load_mapping", "load_mapping_text"]
 
-FORMATS = ("json", "value")
+FORMATS = ("json", "value", "sparkplug")
 MERGES = ("none", "last")
 _COMMON = {"name", "topic", "exclude", "device", "format", "target", "features"}
 _KEYS = {
     "json": _COMMON | {"timestamp", "match", "merge", "counter"},
     "value": _COMMON | {"emit_after", "max_wait"},
+    "sparkplug": {"name", "format", "group", "target", "features", "device", "node_device"}
+    | {"rebirth", "rebirth_interval"},
 }
 _FEATURE_KEYS = {"json": {"path", "type", "map"}, "value": {"field", "type", "map"}}
 _TYPES = ("float",)
@@ -159,6 +161,8 @@ class _Reader:
             raise self.fail(f"format must be one of {', '.join(FORMATS)}, not {fmt!r}")
         self.known(table, _KEYS[fmt], "")
         name = self.string(table, "name", required=True)
+        if fmt == "sparkplug":
+            return self.sparkplug_source(table, name)
         template = self.template(table)
         device = self.device(table, template)
         if fmt == "value":
@@ -202,6 +206,33 @@ class _Reader:
             features=rules,
             emit_after=emit_after,
             max_wait=max_wait,
+        )
+
+    def sparkplug_source(self, table: dict, name: str) -> Source:
+        from streampipe.ingest.sparkplug import SparkplugSource
+
+        group = self.string(table, "group") or "+"
+        if group != "+" and any(c in group for c in "+#/"):
+            raise self.fail(f"group must be one group id or '+', not {group!r}")
+        target = self.string(table, "target") or None
+        features = table.get("features")
+        if features is not None and not (
+            isinstance(features, list) and all(isinstance(f, str) and f for f in features)
+        ):
+            raise self.fail('features must be a list of metric names for format = "sparkplug"')
+        rebirth = table.get("rebirth", False)
+        if not isinstance(rebirth, bool):
+            raise self.fail(f"rebirth must be true or false, not {rebirth!r}")
+        kwargs: dict[str, Any] = {}
+        for key in ("device", "node_device"):
+            if key in table:
+                if not isinstance(table[key], str):
+                    raise self.fail(f"{key} must be a string, not {table[key]!r}")
+                kwargs[key] = table[key]
+        if "rebirth_interval" in table:
+            kwargs["rebirth_interval"] = self.seconds(table, "rebirth_interval", None)
+        return SparkplugSource(
+            name=name, group=group, target=target, features=features, rebirth=rebirth, **kwargs
         )
 
     # --- keys -----------------------------------------------------------------------

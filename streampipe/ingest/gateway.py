@@ -1,0 +1,484 @@
+"""The ingest gateway: foreign payloads in, native readings out, nothing lost or doubled.
+
+The gateway subscribes to the topics of its :class:`~streampipe.ingest.base.Source`\\ s,
+maps each message to readings (the first source that claims the topic maps it), numbers
+each device's readings, and publishes them in streampipe's codec to
+``ROOT/readings/pNN/<device>``, batched per device as ``streampipe sensors`` does. So
+every guarantee of the edge — exact predict-then-learn, ``(epoch, seq)`` watermarks, gap
+counting, checkpoints, dead letters — holds for devices that never heard of streampipe.
+
+**Numbering.** A device's readings get the gateway's own boot epoch for that device (the
+time it first saw it, in ms) and consecutive ``seq``\\ s. A source with a counter of its
+own (:attr:`Mapped.counter`) numbers them by it instead: a skipped counter leaves the
+same gap in ``seq`` (the edge counts it), a counter that goes back starts a new epoch (a
+reboot), and a repeated one is a ``duplicate``.
+
+**Acknowledgement.** Foreign messages are received with manual acknowledgement. Every
+``linger`` seconds (or ``max_unacked`` messages) the gateway commits: it sends what it
+has buffered, waits until the broker has acknowledged all of it, writes its state to
+``--state-dir`` (numbering, the digest of the last payload per topic, the sources'
+alias tables and partial readings), and only then acknowledges the foreign messages
+behind it. A gateway killed before that gets them again from the broker: before the
+checkpoint they map to the same seqs (the edge refuses what it already has, as
+``duplicate``), after it the digests say they were done (``redelivered``, not
+dead-lettered). Nothing is lost.
+
+**Retained payloads.** Zigbee2MQTT and others publish state retained, so every
+(re)subscription replays it. A retained payload equal to the last one seen on its topic
+is skipped and counted (``retained_replay``), not learned twice.
+
+Messages that cannot be mapped are dead letters on ``ROOT/deadletter/<gateway_id>``, with
+a reason, and counted in ``streampipe_rejected_total{reason}``.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import logging
+import math
+import threading
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from streampipe.inbox import Inbox
+from streampipe.ingest.base import Incoming, Mapped, Source, Unmappable
+from streampipe.ingest.record import Recorder
+from streampipe.metrics import counts_by
+from streampipe.publish import ReadingPublisher
+from streampipe.readings import Reading
+from streampipe.topics import DEFAULT_ROOT, InvalidName, Topics, check_name
+from streampipe.transport import BrokerURL, Connection, Message, Will
+
+__all__ = ["Gateway", "GatewayConfig", "Numbering"]
+
+log = logging.getLogger("streampipe.ingest")
+
+#: First bytes of a payload a dead letter carries (base64).
+DEADLETTER_PREFIX_BYTES = 256
+#: Topics whose last payload digest the gateway remembers (least recently seen go first).
+MAX_TOPICS = 100_000
+#: How long the network thread waits for room in the inbox at a time (seconds).
+ROOM_WAIT = 5.0
+
+
+@dataclass
+class GatewayConfig:
+    """What ``streampipe ingest`` runs with."""
+
+    broker: BrokerURL
+    gateway_id: str
+    sources: list[Source]
+    topic_root: str = DEFAULT_ROOT
+    batch: int = 100
+    linger: float = 0.1
+    state_dir: str | None = None
+    record: str | None = None
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
+    queue_size: int = 1000
+    session_expiry: int = 86_400
+    max_devices: int = 100_000
+    client_id: str | None = None
+    clock: Callable[[], float] = time.time
+
+
+class Numbering:
+    """Each device's ``(epoch, seq)``, from the gateway's count or the source's counter.
+
+    >>> n = Numbering(clock=lambda: 1.0)
+    >>> [n.number(Mapped("d", {}), ) for _ in range(2)]
+    [(1000, 0), (1000, 1)]
+    >>> [n.number(Mapped("t", {}, counter=c, counter_modulo=2**32)) for c in (5, 6, 9)]
+    [(1000, 0), (1000, 1), (1000, 4)]
+    >>> n.number(Mapped("t", {}, counter=9))  # the same counter again
+    >>> n.number(Mapped("t", {}, counter=2))  # went back: a reboot, a new epoch
+    (1001, 0)
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self.clock = clock
+        #: device -> [epoch, last seq, last counter or None]
+        self.devices: dict[str, list[Any]] = {}
+        self.changed: set[str] = set()
+
+    def _new_epoch(self, previous: int | None) -> int:
+        epoch = int(self.clock() * 1000)
+        return epoch if previous is None or epoch > previous else previous + 1
+
+    def number(self, m: Mapped) -> tuple[int, int] | None:
+        """The reading's ``(epoch, seq)``, or ``None`` for a duplicate."""
+        state = self.devices.get(m.device)
+        self.changed.add(m.device)
+        if state is None or m.new_epoch:
+            epoch = self._new_epoch(None if state is None else state[0])
+            self.devices[m.device] = [epoch, 0, m.counter]
+            return epoch, 0
+        epoch, seq, last = state
+        if m.counter is None or last is None:
+            state[1], state[2] = seq + 1, m.counter
+            return epoch, seq + 1
+        step = m.counter - last
+        if m.counter_modulo and step < 0 and -step > m.counter_modulo // 2:
+            step += m.counter_modulo  # wrapped around, not reset
+        if step == 0:
+            return None
+        if step < 0:  # the counter went back: the device restarted
+            epoch = self._new_epoch(epoch)
+            self.devices[m.device] = [epoch, 0, m.counter]
+            return epoch, 0
+        state[1], state[2] = seq + step, m.counter
+        return epoch, seq + step
+
+
+@dataclass
+class GatewayStats:
+    messages: int = 0
+    readings: int = 0
+    acknowledged: int = 0
+    retained_replays: int = 0
+    redelivered: int = 0
+    commits: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)
+    by_source: Counter[str] = field(default_factory=Counter)
+
+
+class _Collector(Collector):
+    def __init__(self, gw: Gateway) -> None:
+        self.gw = gw
+
+    def collect(self) -> Iterator[Any]:
+        s = self.gw.stats
+
+        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+            return CounterMetricFamily(f"streampipe_ingest_{name}", doc, value=value)
+
+        yield counts_by(
+            "ingest_messages",
+            "Foreign messages received, by the source that claimed them",
+            "source",
+            dict(s.by_source),
+        )
+        yield counter("readings", "Readings published in the native codec", s.readings)
+        yield counter(
+            "retained_replays",
+            "Retained payloads equal to the last one on their topic, skipped",
+            s.retained_replays,
+        )
+        yield counter(
+            "redelivered",
+            "Messages the broker delivered again that the gateway had already published",
+            s.redelivered,
+        )
+        yield counter("commits", "Commits: published, acknowledged, checkpointed", s.commits)
+        yield counts_by(
+            "rejected",
+            "Foreign messages dead-lettered, by reason",
+            "reason",
+            dict(s.rejected),
+        )
+        yield GaugeMetricFamily(
+            "streampipe_ingest_devices",
+            "Devices the gateway numbers",
+            value=len(self.gw.numbering.devices),
+        )
+        yield GaugeMetricFamily(
+            "streampipe_queue_depth",
+            "Messages received and not yet mapped",
+            value=self.gw.inbox.qsize(),
+        )
+
+
+class Gateway:
+    """Maps foreign messages to native readings; see the module for the guarantees."""
+
+    def __init__(self, config: GatewayConfig) -> None:
+        if not config.sources:
+            raise ValueError("the gateway needs at least one source")
+        self.config = config
+        self.id = check_name(config.gateway_id, "gateway id")
+        self.topics = Topics(config.topic_root)
+        self.sources = list(config.sources)
+        self.clock = config.clock
+        self.numbering = Numbering(config.clock)
+        self.stats = GatewayStats()
+        self.inbox: Inbox[Message] = Inbox(config.queue_size)
+        self._digests: OrderedDict[str, bytes] = OrderedDict()
+        self._stop = threading.Event()
+        self._unacked: list[tuple[int, Message]] = []
+        self._handled = threading.Condition()
+        self._store: Any = None
+        self._recorder = Recorder(config.record) if config.record else None
+        self._http: Any = None
+        self.metrics_port: int | None = None
+        self.registry = CollectorRegistry()
+        self.registry.register(_Collector(self))
+        client = config.client_id or f"streampipe-ingest-{self.id}@{self.topics.root}"
+        status = self.topics.status(self.id)
+        self.input = Connection(
+            config.broker,
+            client,
+            clean_start=False,
+            session_expiry=config.session_expiry,
+            receive_maximum=config.queue_size,
+            manual_ack=True,
+            on_message=self._on_message,
+        )
+        self.out = Connection(
+            config.broker,
+            f"{client}-out",
+            will=Will(status, b"offline", qos=1, retain=True),
+        )
+        self.publisher = ReadingPublisher(
+            self.out, self.topics, batch_size=config.batch, linger=config.linger
+        )
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    def start(self) -> Gateway:
+        if self.config.state_dir is not None:
+            from streampipe.state import CheckpointStore
+
+            self._store = CheckpointStore(self.config.state_dir, f"ingest-{self.id}")
+            self._restore()
+        if self.config.metrics_port is not None:
+            from streampipe.http import Health, MetricsServer
+
+            self._http = MetricsServer(
+                self.config.metrics_host,
+                self.config.metrics_port,
+                self.registry,
+                lambda: Health(self.input.connected and self.out.connected, True),
+            )
+            self.metrics_port = self._http.port
+        self.out.connect()
+        self.input.connect()
+        self.inbox.open()
+        filters = sorted({f for s in self.sources for f in s.filters()})
+        self.input.subscribe(filters, qos=1)
+        self.out.publish(self.topics.status(self.id), b"online", qos=1, retain=True)
+        log.info(
+            "ingest %s: subscribed to %s; publishing readings under %s/readings",
+            self.id,
+            ", ".join(filters),
+            self.topics.root,
+        )
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run(self) -> None:
+        """Map messages until :meth:`stop`; then commit what was mapped and close."""
+        next_commit = time.monotonic() + self.config.linger
+        try:
+            while not self._stop.is_set():
+                item = self.inbox.get(max(0.0, min(next_commit - time.monotonic(), 0.5)))
+                if item is not None:
+                    connection, msg = item
+                    self._handle(msg, connection)
+                    with self._handled:
+                        self._handled.notify_all()
+                now = time.monotonic()
+                if now >= next_commit or len(self._unacked) >= self.config.queue_size // 2:
+                    self._due()
+                    self.commit()
+                    next_commit = now + self.config.linger
+        finally:
+            self.inbox.close()
+            with contextlib.suppress(Exception):
+                self.commit()
+            self.close()
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.out.publish(self.topics.status(self.id), b"offline", qos=1, retain=True)
+        self.input.close()
+        self.out.close()
+        if self._http is not None:
+            self._http.close()
+        if self._store is not None:
+            self._store.close()
+        if self._recorder is not None:
+            self._recorder.close()
+
+    def wait_handled(self, messages: int, timeout: float) -> bool:
+        """Wait until ``messages`` foreign messages have been mapped (or dead-lettered)."""
+        with self._handled:
+            return self._handled.wait_for(lambda: self.stats.messages >= messages, timeout)
+
+    # -- messages ------------------------------------------------------------------
+
+    def _on_message(self, msg: Message) -> None:  # network thread
+        self.inbox.put(msg, qos=msg.qos, connection=self.input.connects, wait=ROOM_WAIT)
+
+    def _handle(self, msg: Message, connection: int) -> None:
+        self._unacked.append((connection, msg))
+        self.stats.messages += 1
+        source = next((s for s in self.sources if s.claims(msg.topic)), None)
+        if source is None:
+            self._dead(msg.topic, msg.payload, "no_rule", "no source claims this topic")
+            return
+        self.stats.by_source[source.name] += 1
+        digest = hashlib.blake2b(msg.payload, digest_size=8).digest()
+        last = self._digests.get(msg.topic)
+        if last == digest and msg.retain:
+            self.stats.retained_replays += 1
+            return
+        if last == digest and msg.dup:
+            self.stats.redelivered += 1
+            return
+        self._digests[msg.topic] = digest
+        self._digests.move_to_end(msg.topic)
+        if len(self._digests) > MAX_TOPICS:
+            self._digests.popitem(last=False)
+        arrived = self.clock()
+        try:
+            mapped = source.map(Incoming(msg.topic, msg.payload, msg.retain, arrived))
+        except Unmappable as exc:
+            self._dead(msg.topic, msg.payload, exc.reason, exc.detail, source.name)
+            return
+        except Exception as exc:  # a source's bug must not stop the gateway
+            log.exception("source %s failed on %s", source.name, msg.topic)
+            self._dead(msg.topic, msg.payload, "mapping_failed", repr(exc), source.name)
+            return
+        for m in mapped:
+            self._publish(m, arrived, msg.topic, msg.payload, source.name)
+        self._commands(source)
+
+    def _due(self) -> None:
+        now = self.clock()
+        for source in self.sources:
+            for m in source.due(now):
+                self._publish(m, now, "", b"", source.name)
+
+    def _commands(self, source: Source) -> None:
+        commands = getattr(source, "commands", None)
+        if commands is not None:
+            for topic, payload in commands():
+                self.out.publish(topic, payload, qos=0)
+
+    def _publish(self, m: Mapped, arrived: float, topic: str, payload: bytes, source: str) -> None:
+        try:
+            check_name(m.device)
+        except InvalidName as exc:
+            self._dead(topic, payload, "invalid_device", str(exc), source)
+            return
+        if (
+            m.device not in self.numbering.devices
+            and len(self.numbering.devices) >= self.config.max_devices
+        ):
+            self._dead(
+                topic, payload, "too_many_devices", f"{self.config.max_devices} known", source
+            )
+            return
+        bad = [k for k, v in m.x.items() if not isinstance(v, float | int) or isinstance(v, bool)]
+        if bad or not (m.y is None or isinstance(m.y, float | int)):
+            self._dead(topic, payload, "not_numeric", f"fields {bad or ['target']}", source)
+            return
+        if not m.x and m.y is None:
+            self._dead(topic, payload, "no_features", "nothing numeric was mapped", source)
+            return
+        numbered = self.numbering.number(m)
+        if numbered is None:
+            self._dead(topic, payload, "duplicate", f"counter {m.counter} seen last", source)
+            return
+        epoch, seq = numbered
+        ts = arrived if m.ts is None else m.ts
+        if not math.isfinite(ts):
+            self._dead(topic, payload, "bad_timestamp", repr(ts), source)
+            return
+        reading = Reading(
+            m.device,
+            seq=seq,
+            ts=ts,
+            x={k: float(v) for k, v in m.x.items()},
+            y=None if m.y is None else float(m.y),
+            epoch=epoch,
+        )
+        self.publisher.add(reading)
+        self.stats.readings += 1
+        if self._recorder is not None:
+            self._recorder.add(reading)
+
+    def _dead(
+        self, topic: str, payload: bytes, reason: str, detail: str, source: str | None = None
+    ) -> None:
+        self.stats.rejected[reason] += 1
+        body: dict[str, Any] = {
+            "stage": self.id,
+            "ts": self.clock(),
+            "reason": reason,
+            "detail": detail,
+            "topic": topic,
+            "size": len(payload),
+            "payload_prefix": base64.b64encode(payload[:DEADLETTER_PREFIX_BYTES]).decode(),
+            "payload_truncated": len(payload) > DEADLETTER_PREFIX_BYTES,
+        }
+        if source is not None:
+            body["source"] = source
+        log.debug("dead letter from %s: %s (%s)", topic, reason, detail)
+        self.out.publish(
+            self.topics.deadletter(self.id),
+            orjson.dumps(body),
+            qos=1,
+            content_type="application/json",
+        )
+
+    # -- commits -------------------------------------------------------------------
+
+    def commit(self) -> None:
+        """Publish what is buffered, wait for the broker, checkpoint, then acknowledge
+        the foreign messages behind it (see the module)."""
+        if not self._unacked and not self.publisher.next_due():
+            return
+        self.publisher.flush()
+        while not self.publisher.wait_acked(1.0):
+            if self._stop.is_set() and not self.out.connected:
+                return  # stopping without a broker: the broker redelivers after restart
+        if self._store is not None:
+            self._checkpoint()
+        if self._recorder is not None:
+            self._recorder.flush()
+        for connection, msg in self._unacked:
+            self.input.ack(msg, connection)
+        self.stats.acknowledged += len(self._unacked)
+        self._unacked.clear()
+        self.stats.commits += 1
+
+    def _checkpoint(self) -> None:
+        meta = {
+            "digests": list(self._digests.items()),
+            "sources": {s.name: s.state() for s in self.sources},
+        }
+        changed = {d: self.numbering.devices[d] for d in self.numbering.changed}
+        self._store.save(meta, changed)
+        self.numbering.changed.clear()
+
+    def _restore(self) -> None:
+        loaded = self._store.load()
+        if loaded is None:
+            return
+        meta, devices = loaded
+        self.numbering.devices = {d: list(v) for d, v in devices.items()}
+        self._digests = OrderedDict((t, d) for t, d in meta.get("digests", []))
+        states = meta.get("sources", {})
+        for s in self.sources:
+            if s.name in states:
+                s.restore(states[s.name])
+        log.info(
+            "ingest %s: resumed %d devices from %s",
+            self.id,
+            len(devices),
+            Path(self.config.state_dir or "."),
+        )
