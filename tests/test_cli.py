@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gc
+import logging
+import re
 import signal
 import socket
 import subprocess
@@ -16,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from streampipe import codec
 from streampipe.cli import main
+from streampipe.cli import sensors as sensors_command
 from streampipe.edge import EdgeConfig, EdgeService
 from streampipe.readings import Batch, Reading
 from streampipe.transport import Connection
@@ -156,6 +159,32 @@ def test_sensors_publish_what_the_edge_learns(broker, topics, capture):
     for device, got in seqs().items():
         assert got == set(range(len(got))), f"{device}: a reading was lost"
     assert cap.on(topics.status())[-1].payload == b"offline"
+
+
+@pytest.fixture
+def signal_handlers():
+    """main() installs its own SIGINT and SIGTERM handlers: put pytest's back after."""
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
+
+
+def test_sensors_log_their_progress_when_stderr_is_not_a_terminal(
+    broker, topics, monkeypatch, caplog, capsys, signal_handlers
+):
+    monkeypatch.setattr(sensors_command, "LOG_EVERY", 0.2)  # 10 s in use
+    caplog.set_level(logging.INFO, logger="streampipe")
+    url = f"mqtt://127.0.0.1:{broker.port}"
+    args = ["--devices", "3", "--rate", "40", "--duration", "2", "--linger", "50"]
+    assert main(["sensors", "--broker", url, "--topic-root", topics.root, *args]) == 0
+    line = re.compile(r"published ([\d,]+) readings from 3 sensors \(([\d,]+)/s\), 0 dropped")
+    shown = [line.fullmatch(r.getMessage()) for r in caplog.records if r.levelno == logging.INFO]
+    counts = [int(m[1].replace(",", "")) for m in shown if m]
+    assert len(counts) >= 3, caplog.text  # some while it ran, and one at the end
+    assert counts == sorted(counts) and 0 < counts[0] < counts[-1]
+    out = capsys.readouterr().out
+    assert out == f"published {counts[-1]:,} readings from 3 simulated sensors\n"
 
 
 def test_prometheus_endpoint_follows_conventions(broker, topics):

@@ -18,6 +18,7 @@ from streampipe.cli.options import (
     on_signals,
     rate,
 )
+from streampipe.cli.progress import Progress as _Progress
 from streampipe.sources.csv import SNIFF_ROWS, CsvError, CsvSource
 from streampipe.topics import Topics
 
@@ -192,36 +193,6 @@ def _role(source: CsvSource, name: str) -> str:
     if source.device_column is None:
         return f"text, not a feature (use --device-column {name} to split readings by device)"
     return "text, not a feature"
-
-
-class _Progress:
-    """A one-line progress display on a terminal; silent otherwise."""
-
-    def __init__(self, total: int | None, stream: Any = sys.stderr) -> None:
-        self.total = total
-        self.stream = stream
-        self.enabled = stream.isatty()
-        self.start = time.monotonic()
-        self._last = 0.0
-
-    def update(self, done: int, force: bool = False) -> None:
-        now = time.monotonic()
-        if not self.enabled or (not force and now - self._last < 0.2):
-            return
-        self._last = now
-        rate = done / max(now - self.start, 1e-9)
-        if self.total:
-            frac = min(done / self.total, 1.0)
-            bar = "#" * int(frac * 30)
-            text = f"[{bar:<30}] {done:,}/{self.total:,} readings  {rate:,.0f}/s"
-        else:
-            text = f"{done:,} readings  {rate:,.0f}/s"
-        self.stream.write("\r" + text)
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            self.stream.write("\n")
 
 
 def _pace(start: float, count: int, rate: float) -> None:

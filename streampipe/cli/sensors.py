@@ -18,12 +18,16 @@ from streampipe.cli.options import (
     positive_int,
     rate,
 )
+from streampipe.cli.progress import Progress
 from streampipe.topics import Topics
 from streampipe.transport import BrokerURL
 
 __all__ = ["register", "run", "run_sensors"]
 
 log = logging.getLogger("streampipe")
+
+#: Seconds between two progress lines in the log, when stderr is not a terminal.
+LOG_EVERY = 10.0
 
 
 def register(sub: Any) -> argparse.ArgumentParser:
@@ -61,8 +65,10 @@ def run_sensors(
     prefix: str = "sensor",
     faults: bool = True,
     stop: threading.Event | None = None,
+    progress: bool = False,
 ) -> int:
-    """Publish simulated readings until ``duration`` passes or ``stop`` is set."""
+    """Publish simulated readings until ``duration`` passes or ``stop`` is set; with
+    ``progress``, say how many so far on stderr (:class:`~streampipe.cli.progress.Progress`)."""
     from streampipe.publish import ReadingPublisher
     from streampipe.sources.simulate import SensorFleet
     from streampipe.transport import Connection
@@ -75,6 +81,20 @@ def run_sensors(
     # Live readings cannot wait for a broker that is away: keep a bounded backlog and
     # count what overflows it (the edge sees those as sequence gaps).
     pub = ReadingPublisher(conn, topics, batch_size=batch, linger=linger, overflow="drop_oldest")
+    stats = pub.stats
+
+    def published() -> int:
+        return stats.readings - stats.dropped_readings
+
+    shown = None
+    if progress:
+        shown = Progress(
+            text=lambda n, per_s: (
+                f"published {n:,} readings from {devices:,} sensors "
+                f"({per_s:,.0f}/s), {stats.dropped_readings:,} dropped"
+            ),
+            log_every=LOG_EVERY,
+        )
     # Independent sensors do not tick in step: device i reads at i/devices of each
     # period, so the fleet's readings are spread evenly over time, not sent in bursts.
     # While readings wait for their linger bound anyway, the loop sleeps until then and
@@ -98,19 +118,25 @@ def run_sensors(
                 pub.add(fleet.read(made % devices, wall + due))
                 made += 1
             pub.flush_due()
+            if shown is not None:
+                shown.update(published())
             wake = pub.next_due()
             if wake is None:
                 wake = start + made * step
             stop.wait(max(0.0, wake - time.monotonic()))
         pub.wait_acked(30)
+        if shown is not None:
+            shown.update(published(), force=True)
     finally:
+        if shown is not None:
+            shown.close()
         conn.close()
-    if pub.stats.dropped_readings:
+    if stats.dropped_readings:
         log.warning(
             "%d readings dropped: the broker was unreachable and the backlog was full",
-            pub.stats.dropped_readings,
+            stats.dropped_readings,
         )
-    return pub.stats.readings - pub.stats.dropped_readings
+    return published()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -128,6 +154,7 @@ def run(args: argparse.Namespace) -> int:
         prefix=args.prefix,
         faults=args.faults,
         stop=stop,
+        progress=True,
     )
     print(f"published {n:,} readings from {args.devices} simulated sensors")  # dropped: logged
     return 0
