@@ -61,7 +61,12 @@ from streampipe.limits import (
     MAX_HELD_PER_DEVICE,
     MAX_SEQ_JUMP,
 )
-from streampipe.metrics import LatencyHistogram, StageCollector, StageStats
+from streampipe.metrics import (
+    LatencyHistogram,
+    ReadingAgeHistogram,
+    StageCollector,
+    StageStats,
+)
 from streampipe.models.keys import load_verify_key
 from streampipe.models.receive import ModelReceiver
 from streampipe.stage import EdgeStage, Outgoing
@@ -146,8 +151,9 @@ class EdgeService:
         self.topics = Topics(config.topic_root)
         self.registry = registry or CollectorRegistry()
         self.stats = StageStats(config.stage_id)
-        latency = LatencyHistogram()
+        latency, age = LatencyHistogram(), ReadingAgeHistogram()
         self.registry.register(latency)
+        self.registry.register(age)
         self.stage = EdgeStage(
             config.stage_id,
             ModelSpec.parse(config.model),
@@ -165,7 +171,8 @@ class EdgeService:
             stats=self.stats,
             model_name=config.model_name,
             window=config.window,
-            on_latency=latency.observe_many,
+            on_latency=latency.observe,
+            on_age=age.observe_many,
             mode=config.mode,
             anomaly_threshold=config.anomaly_threshold,
             drift=config.drift,
@@ -525,7 +532,14 @@ class EdgeService:
                 outputs, done = receiver.handle(msg.topic, msg.payload), [token]
             else:
                 outputs, done = self.stage.handle_message(
-                    msg.topic, msg.payload, token, redelivered=msg.dup, retained=msg.retain
+                    msg.topic,
+                    msg.payload,
+                    token,
+                    redelivered=msg.dup,
+                    retained=msg.retain,
+                    # When the network thread read it (paho's time.monotonic()), so the
+                    # latency includes the wait in the inbox.
+                    received=msg.timestamp or None,
                 )
         except Exception as exc:  # a bug, not bad input: keep the stage alive, report it
             log.exception("internal error processing a message on %s", msg.topic)

@@ -34,7 +34,13 @@ from prometheus_client.utils import floatToGoString
 
 from streampipe import __version__
 
-__all__ = ["LatencyHistogram", "StageCollector", "StageStats"]
+__all__ = [
+    "BatchHistogram",
+    "LatencyHistogram",
+    "ReadingAgeHistogram",
+    "StageCollector",
+    "StageStats",
+]
 
 NAMESPACE = "streampipe"
 #: How River calls the metrics in help texts.
@@ -51,8 +57,16 @@ _TITLES = {
 #: Up to this many values, plain Python beats numpy (whose calls cost ~1 µs each).
 _FEW = 8
 
-#: Seconds from a reading's timestamp to its prediction's publication.
+#: Seconds from the edge receiving a message to the publication of its predictions.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+_MINUTE, _HOUR, _DAY = 60.0, 3600.0, 86400.0
+#: Seconds from a reading's timestamp to its prediction's publication: milliseconds for a
+#: live fleet, up to a year for replayed history (older is +Inf).
+AGE_BUCKETS = (
+    *(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+    *(_MINUTE, 5 * _MINUTE, 15 * _MINUTE, _HOUR, 6 * _HOUR, _DAY, 7 * _DAY, 30 * _DAY),
+    365 * _DAY,
+)
 
 
 class StageStats:
@@ -176,49 +190,58 @@ class StageStats:
         return extra
 
 
-class LatencyHistogram(Collector):
-    """``streampipe_prediction_latency_seconds``, observed a batch of readings at a time.
+class BatchHistogram(Collector):
+    """A histogram observed a batch of readings at a time.
 
     prometheus_client's ``Histogram`` takes one observation per call, which costs more
     per reading than the rest of the stage's bookkeeping together; this one counts a
-    whole batch with one ``searchsorted``. Exported at scrape time, like the rest.
+    whole batch with one ``searchsorted``, or one value for many readings at once.
+    Exported at scrape time, like the rest.
 
     >>> import numpy as np
     >>> from prometheus_client import CollectorRegistry
-    >>> h = LatencyHistogram()
-    >>> h.observe_many(np.array([0.0005, 0.003, 0.003, 60.0]))
+    >>> h = BatchHistogram("streampipe_example_seconds", "An example.", (0.25, 1.0, 10.0))
+    >>> h.observe_many(np.array([0.125, 0.5, 0.5, 60.0]))
+    >>> h.observe(0.75, 2)  # two readings of one message, received together
     >>> registry = CollectorRegistry()
     >>> registry.register(h)
-    >>> name = "streampipe_prediction_latency_seconds"
-    >>> registry.get_sample_value(name + "_bucket", {"le": "0.005"})
-    3.0
+    >>> name = "streampipe_example_seconds"
+    >>> registry.get_sample_value(name + "_bucket", {"le": "1.0"})
+    5.0
     >>> registry.get_sample_value(name + "_count"), registry.get_sample_value(name + "_sum")
-    (4.0, 60.0065)
+    (6.0, 62.625)
     """
 
-    NAME = f"{NAMESPACE}_prediction_latency_seconds"
-
-    def __init__(self, buckets: tuple[float, ...] = LATENCY_BUCKETS) -> None:
+    def __init__(self, name: str, documentation: str, buckets: tuple[float, ...]) -> None:
+        self.name = name
+        self.documentation = documentation
         self.buckets = np.asarray(buckets, dtype=float)
         self._bounds = self.buckets.tolist()
         self._counts = np.zeros(len(buckets) + 1, dtype=np.int64)  # the last is +Inf
         self._sum = 0.0
         self._lock = threading.Lock()
 
-    def observe_many(self, seconds: np.ndarray) -> None:
+    def observe(self, value: float, count: int = 1) -> None:
+        """Count ``value`` ``count`` times."""
+        slot = bisect.bisect_left(self._bounds, value)
+        with self._lock:
+            self._counts[slot] += count
+            self._sum += value * count
+
+    def observe_many(self, values: np.ndarray) -> None:
         """Count each value in the first bucket whose upper bound (``le``) holds it."""
-        if len(seconds) <= _FEW:  # numpy's per-call cost would exceed the work
-            values = seconds.tolist()
+        if len(values) <= _FEW:  # numpy's per-call cost would exceed the work
+            vs = values.tolist()
             with self._lock:
-                for v in values:
+                for v in vs:
                     self._counts[bisect.bisect_left(self._bounds, v)] += 1
-                self._sum += sum(values)
+                self._sum += sum(vs)
             return
-        slots = np.searchsorted(self.buckets, seconds, side="left")
+        slots = np.searchsorted(self.buckets, values, side="left")
         counts = np.bincount(slots, minlength=len(self._counts))
         with self._lock:
             self._counts += counts
-            self._sum += float(seconds.sum())
+            self._sum += float(values.sum())
 
     def collect(self) -> Iterator[HistogramMetricFamily]:
         with self._lock:
@@ -226,10 +249,43 @@ class LatencyHistogram(Collector):
             total = self._sum
         bounds = [floatToGoString(b) for b in self.buckets.tolist()] + ["+Inf"]
         yield HistogramMetricFamily(
-            self.NAME,
-            "Time from a reading's timestamp to the publication of its prediction.",
+            self.name,
+            self.documentation,
             buckets=list(zip(bounds, cumulative)),
             sum_value=total,
+        )
+
+
+class LatencyHistogram(BatchHistogram):
+    """``streampipe_prediction_latency_seconds``: from the moment the edge received a
+    readings message to the publication of its predictions, per reading. What the edge
+    itself takes, its queue included; the readings' own timestamps play no part."""
+
+    NAME = f"{NAMESPACE}_prediction_latency_seconds"
+
+    def __init__(self, buckets: tuple[float, ...] = LATENCY_BUCKETS) -> None:
+        super().__init__(
+            self.NAME,
+            "Time from the edge receiving a readings message to the publication of its "
+            "predictions (queueing and processing at the edge), per reading.",
+            buckets,
+        )
+
+
+class ReadingAgeHistogram(BatchHistogram):
+    """``streampipe_reading_age_seconds``: the edge's clock minus a reading's timestamp
+    when its prediction is published. For live sensors the whole way from the sensor
+    to the prediction (clock skew included); for replayed history, the data's age."""
+
+    NAME = f"{NAMESPACE}_reading_age_seconds"
+
+    def __init__(self, buckets: tuple[float, ...] = AGE_BUCKETS) -> None:
+        super().__init__(
+            self.NAME,
+            "Age of a reading (the edge's clock minus the reading's timestamp) when its "
+            "prediction is published: end-to-end latency for live readings, the data's age "
+            "for replayed ones.",
+            buckets,
         )
 
 

@@ -95,12 +95,14 @@ class Outgoing:
 @dataclass(slots=True)
 class HeldFrame:
     """A readings message that waits: for its schema, or behind a frame of its device
-    that does (``schema_id`` is the unknown schema it needs, None until it was tried)."""
+    that does (``schema_id`` is the unknown schema it needs, None until it was tried).
+    ``since`` is on the stage's clock, ``received`` on its timer (see :class:`EdgeStage`)."""
 
     since: float
     topic: str
     payload: bytes
     token: object
+    received: float
     schema_id: str | None = None
 
 
@@ -201,7 +203,12 @@ def _json(obj: Any) -> bytes:
 
 
 class EdgeStage:
-    """Decode, validate, predict-then-learn and report, one message at a time."""
+    """Decode, validate, predict-then-learn and report, one message at a time.
+
+    Per predicted batch, ``on_latency(seconds, readings)`` is told how long ago its
+    message was received (on ``timer``, a monotonic clock), and ``on_age(ages)`` how old
+    each reading is (``clock`` minus the reading's timestamp).
+    """
 
     def __init__(
         self,
@@ -215,7 +222,9 @@ class EdgeStage:
         stats: StageStats | None = None,
         model_name: str | None = None,
         clock: Callable[[], float] = time.time,
-        on_latency: Callable[[np.ndarray], None] | None = None,
+        timer: Callable[[], float] = time.monotonic,
+        on_latency: Callable[[float, int], None] | None = None,
+        on_age: Callable[[np.ndarray], None] | None = None,
         anomaly_threshold: float | None = None,
         drift: str | None = None,
         on_drift: str = "alert",
@@ -245,8 +254,10 @@ class EdgeStage:
         self._saved_schemas: set[str] = set()  # ids with a row in the checkpoint
         self.stats.limits["schemas"] = lambda: (len(self.schemas), self.schemas.max_schemas)
         self._control_topic = self.topics.control(self.stage_id)
-        self.clock = clock
+        self.clock = clock  # wall clock: timestamps, ages
+        self.timer = timer  # monotonic: durations (received times are on it)
         self.on_latency = on_latency
+        self.on_age = on_age
         self._held = HeldFrames(
             max_held,
             max_held_bytes,
@@ -336,6 +347,7 @@ class EdgeStage:
         *,
         redelivered: bool = False,
         retained: bool = False,
+        received: float | None = None,
     ) -> tuple[list[Outgoing], list[object]]:
         """Process one message; return its outputs and the tokens of the messages now
         done with (``token`` itself, unless the message waits for its schema or behind
@@ -348,6 +360,9 @@ class EdgeStage:
 
         ``retained``: the broker kept this message and sends it because we subscribed
         (MQTT's retain flag on what it sends us): a command so sent is an old one.
+
+        ``received``: when the message arrived, on :attr:`timer` (by default now): the
+        prediction latency runs from it.
         """
         if topic.startswith(self.topics.schemas("")):
             return self._handle_schema(topic, payload, token)
@@ -363,15 +378,18 @@ class EdgeStage:
             level = topic.rsplit("/", 2)[-2]
             detail = f"device {device!r} is on partition {partition_level(device)}, not {level!r}"
             return [self.dead_letter(topic, payload, "wrong_partition", detail)], [token]
+        if received is None:
+            received = self.timer()
         if device in self._held:  # learned after the device's frames that wait
-            return self._hold(device, HeldFrame(self.clock(), topic, payload, token))
-        out, missing = self._readings(topic, payload, device, redelivered)
+            return self._hold(device, HeldFrame(self.clock(), topic, payload, token, received))
+        out, missing = self._readings(topic, payload, device, redelivered, received)
         if missing is not None:
-            return self._hold(device, HeldFrame(self.clock(), topic, payload, token, missing))
+            held = HeldFrame(self.clock(), topic, payload, token, received, missing)
+            return self._hold(device, held)
         return out, [token]
 
     def _readings(
-        self, topic: str, payload: bytes, device: str, redelivered: bool = False
+        self, topic: str, payload: bytes, device: str, redelivered: bool, received: float
     ) -> tuple[list[Outgoing], str | None]:
         """Decode and learn one readings message; or, when its schema is unknown, do
         nothing and return that schema's id (the message is counted once processed)."""
@@ -383,10 +401,16 @@ class EdgeStage:
             self.stats.messages += 1
             return [self.dead_letter(topic, payload, exc.reason, str(exc))], None
         self.stats.messages += 1
-        return self._checked(topic, payload, device, batch, redelivered), None
+        return self._checked(topic, payload, device, batch, redelivered, received), None
 
     def _checked(
-        self, topic: str, payload: bytes, device: str, batch: Batch, redelivered: bool = False
+        self,
+        topic: str,
+        payload: bytes,
+        device: str,
+        batch: Batch,
+        redelivered: bool,
+        received: float,
     ) -> list[Outgoing]:
         try:
             check_name(batch.device)
@@ -395,7 +419,7 @@ class EdgeStage:
         if batch.device != device:
             detail = f"frame is from device {batch.device!r} but topic names {device!r}"
             return [self.dead_letter(topic, payload, "device_mismatch", detail, len(batch))]
-        return self._learn(topic, payload, batch, redelivered)
+        return self._learn(topic, payload, batch, redelivered, received)
 
     # -- frames that arrive before their schema ---------------------------------------
 
@@ -423,7 +447,9 @@ class EdgeStage:
         out: list[Outgoing] = []
         done: list[object] = []
         while (frame := self._held.first(device)) is not None:
-            outputs, missing = self._readings(frame.topic, frame.payload, device)
+            outputs, missing = self._readings(
+                frame.topic, frame.payload, device, False, frame.received
+            )
             if missing is not None:
                 if expired is None or frame.since > expired:
                     frame.schema_id = missing
@@ -504,7 +530,7 @@ class EdgeStage:
         return [self.promote("command", readings=scored, forced=scored < after)]
 
     def _learn(
-        self, topic: str, payload: bytes, batch: Batch, redelivered: bool = False
+        self, topic: str, payload: bytes, batch: Batch, redelivered: bool, received: float
     ) -> list[Outgoing]:
         stats = self.stats
         stats.readings += len(batch)
@@ -539,7 +565,7 @@ class EdgeStage:
         stats.non_finite_predictions += result.non_finite
         out: list[Outgoing] = []
         if result.y_pred:
-            out.append(self._predictions(checked, result))
+            out.append(self._predictions(checked, result, received))
             if (
                 self.challenger is not None
                 or self.monitors
@@ -743,15 +769,18 @@ class EdgeStage:
 
     # -- output --------------------------------------------------------------------
 
-    def _predictions(self, checked: Validated, result: LearnResult) -> Outgoing:
+    def _predictions(self, checked: Validated, result: LearnResult, received: float) -> Outgoing:
         """One message with the predictions of a batch, in the topic contract's shape."""
         start = result.skipped
         seqs, ts, ys = checked.seqs, checked.timestamps, result.y_true
         if start:
             seqs, ts = seqs[start:], ts[start:]
         self.stats.predictions += len(seqs)
+        # Handed to the client right after: the edge publishes what this returns.
         if self.on_latency is not None:
-            self.on_latency(self.clock() - ts)
+            self.on_latency(self.timer() - received, len(seqs))
+        if self.on_age is not None:
+            self.on_age(self.clock() - ts)
         device = checked.batch.device
         if result.proba is None:
             predictions = [

@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry
 from streampipe import codec
 from streampipe.learn.learner import DeviceState
 from streampipe.learn.spec import ModelSpec
-from streampipe.metrics import LatencyHistogram, StageCollector
+from streampipe.metrics import ReadingAgeHistogram, StageCollector
 from streampipe.readings import Batch, Reading
 from streampipe.stage import MAX_HELD_PER_DEVICE, EdgeStage
 
@@ -189,16 +189,16 @@ def test_a_seq_far_ahead_is_refused_unless_the_device_follows_on_from_it():
     assert registry.get_sample_value("streampipe_sequence_gaps_total") == 1.0
 
 
-def test_a_timestamp_far_in_the_future_is_refused_and_latency_stays_finite():
-    latency = LatencyHistogram()
-    stage = make_stage(on_latency=latency.observe_many)
+def test_a_timestamp_far_in_the_future_is_refused_and_ages_stay_finite():
+    age = ReadingAgeHistogram()
+    stage = make_stage(on_age=age.observe_many)
     topic = stage.topics.readings("d1")
     out = stage.handle(topic, frame(readings("d1", 3, ts=1.7e308)))
     assert reasons(out) == ["future_timestamp"] and seqs_of(out) == []
     stage.handle(topic, frame(readings("d1", 3, ts=NOW - 0.5)))
     registry = CollectorRegistry()
-    registry.register(latency)
-    total = registry.get_sample_value("streampipe_prediction_latency_seconds_sum")
+    registry.register(age)
+    total = registry.get_sample_value("streampipe_reading_age_seconds_sum")
     assert math.isfinite(total) and total == 1.5
     assert stage.stats.rejected == {"future_timestamp": 3}
 

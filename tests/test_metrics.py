@@ -1,4 +1,5 @@
-"""Small-batch paths in plain Python count exactly what the numpy paths count."""
+"""Small-batch paths in plain Python count exactly what the numpy paths count, and one
+value observed for many readings counts as each of them."""
 
 from __future__ import annotations
 
@@ -43,6 +44,16 @@ def test_latency_buckets_agree_whatever_the_batch_sizes(batches):
     assert math.isclose(
         registry.get_sample_value(f"{NAME}_sum"), float(everything.sum()), abs_tol=1e-9
     )
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(seconds, st.integers(1, 50)), max_size=10))
+def test_one_value_for_a_whole_message_counts_as_each_of_its_readings(observations):
+    together, each = LatencyHistogram(), LatencyHistogram()
+    for value, n in observations:
+        together.observe(value, n)
+        each.observe_many(np.full(n, value))
+    assert buckets(together) == buckets(each)
 
 
 predictions = st.one_of(
