@@ -85,6 +85,16 @@ def test_features_names_the_only_features(capsys, tmp_path):
     assert lines[1] == "  ts:    feature (if these numbers are times, use --time-column ts instead)"
 
 
+def test_an_unnamed_column_a_row_index_say_is_not_a_feature(capsys, tmp_path):
+    path = tmp_path / "house.csv"
+    path.write_text(",volts,power\n0,230,500\n1,231,510\n")  # pandas' to_csv()
+    assert report(capsys, str(path), "--target", "power")[1:4] == [
+        "  (no name): not a feature (the header gives this column no name)",
+        "  volts:     feature",
+        "  power:     target",
+    ]
+
+
 def test_an_unknown_feature_is_one_line_naming_it_and_the_header(capsys, tmp_path):
     path = tmp_path / "house.csv"
     path.write_text("volts,amps,power\n230,2,500\n")

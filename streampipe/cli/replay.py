@@ -150,9 +150,9 @@ def column_report(source: CsvSource, device_id_given: bool = False) -> list[str]
         "default": "the header has none of ',' ';' and tab",
     }[source.delimiter_source]
     lines = [f"{source.name or 'the file'}: delimiter {source.delimiter!r} ({how})"]
-    width = min(max(len(name) for name in source.header) + 1, 24)
+    width = min(max(len(name or "(no name)") for name in source.header) + 1, 24)
     for name in source.header:
-        lines.append(f"  {name + ':':<{width}} {_role(source, name)}")
+        lines.append(f"  {(name or '(no name)') + ':':<{width}} {_role(source, name)}")
     if source.device_column is None:
         why = "--device-id" if device_id_given else "the file's name; --device-id ID to change it"
         lines.append(f"1 device, every row: {source.device_id} ({why})")
@@ -184,6 +184,8 @@ def _role(source: CsvSource, name: str) -> str:
     why = source.ignored[name]
     if why == "unlisted":
         return "numbers, not a feature (not in --features)"
+    if why == "unnamed":
+        return "not a feature (the header gives this column no name)"
     if why == "empty":
         return f"empty in the first {SNIFF_ROWS:,} rows, not a feature"
     if why == "times":

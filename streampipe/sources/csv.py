@@ -161,10 +161,10 @@ class CsvSource:
 
     What was decided is kept for the user to see: :attr:`features`, :attr:`ignored`
     (column → why not a feature: ``"text"``, ``"times"`` for text that reads as ISO 8601
-    dates, ``"empty"`` in the first 1,000 rows, or ``"unlisted"``: numbers, but not among
-    ``feature_columns``), :attr:`delimiter` and :attr:`delimiter_source` (``"given"``,
-    ``"sniffed"`` or ``"default"``), :attr:`device_guessed` and :attr:`sample_devices`
-    (the devices of the first 1,000 rows).
+    dates, ``"empty"`` in the first 1,000 rows, ``"unnamed"`` (an empty name in the header),
+    or ``"unlisted"``: numbers, but not among ``feature_columns``), :attr:`delimiter` and
+    :attr:`delimiter_source` (``"given"``, ``"sniffed"`` or ``"default"``),
+    :attr:`device_guessed` and :attr:`sample_devices` (the devices of the first 1,000 rows).
     """
 
     open_text: Callable[[], TextIO]
@@ -203,7 +203,7 @@ class CsvSource:
         except UnicodeDecodeError:
             raise CsvError(f"{self.name or 'the file'} is not UTF-8 text") from None
         for name in header:
-            if header.count(name) > 1:
+            if name and header.count(name) > 1:  # unnamed ones are never read
                 raise CsvError(f"the header names column {name!r} twice")
         self.header = header
         index = {name: j for j, name in enumerate(header)}
@@ -256,7 +256,9 @@ class CsvSource:
 
         kinds = {}
         for name in header:
-            if name not in special:
+            if not name:
+                kinds[name] = "unnamed"  # a row index (pandas' to_csv), say: not a feature
+            elif name not in special:
                 found = cells(name)
                 numbers = sum(_is_float(cell) for _, cell in found)
                 if not found:
