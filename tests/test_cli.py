@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import re
 import signal
 import socket
@@ -159,6 +160,15 @@ def test_sensors_publish_what_the_edge_learns(broker, topics, capture):
     for device, got in seqs().items():
         assert got == set(range(len(got))), f"{device}: a reading was lost"
     assert cap.on(topics.status())[-1].payload == b"offline"
+
+
+def test_sensors_at_rate_max_do_not_wait_for_the_linger_between_rounds(broker, topics):
+    from streampipe.cli.sensors import run_sensors
+
+    n = run_sensors(
+        broker.url, topics, devices=2, rate=math.inf, duration=0.5, seed=0, batch=10, linger=1.0
+    )
+    assert n >= 500  # one round of 2 per 1 s linger, 2 readings in all, before
 
 
 @pytest.fixture
