@@ -494,6 +494,7 @@ class EdgeService:
                 if time.monotonic() >= next_metrics:
                     self._finish(*self.stage.expire_held())  # type: ignore[arg-type]
                     self._publish(self.stage.metrics_message())
+                    self.stage.dead_letters.flush()
                     next_metrics = time.monotonic() + self.config.metrics_interval
         finally:
             self._shutdown()
@@ -665,6 +666,7 @@ class EdgeService:
             # with the broker, which keeps what arrives from now on for the next start.
             self._drain(self.inbox.qsize())
             self._publish(self.stage.metrics_message())
+            self.stage.dead_letters.flush(force=True)
             if self.checkpoints is not None:
                 if not self._commit(timeout=10):
                     log.warning("outputs not acknowledged by the broker; input left unacknowledged")

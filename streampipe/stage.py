@@ -29,7 +29,7 @@ from __future__ import annotations
 import base64
 import logging
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -80,6 +80,9 @@ CHALLENGER = "challenger"
 #: the retained schemas (the broker sends those only after what it queued). Schemas no
 #: frame named (junk, or one whose frames have not come yet) are not written.
 SCHEMA = "schema"
+#: The first dead letter of each reason is logged in full; those that follow are summed
+#: up in one line at most this often (each is still published and counted).
+DEAD_LETTER_LOG_EVERY = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,6 +199,74 @@ class HeldFrames:
         return [d for d, frames in self._by_device.items() if frames[0].schema_id == schema_id]
 
 
+class DeadLetterLog:
+    """Logs dead letters without a line per message: the first of each reason in full
+    (the dead letter itself has the rest), then what followed in one line at most every
+    ``every`` seconds. A fleet sending what a stage refuses floods no log.
+
+    >>> now = [0.0]
+    >>> dl = DeadLetterLog("root/deadletter/e1", every=10.0, timer=lambda: now[0])
+    >>> dl.note("root/readings/p0/d1", "invalid_label", "not a label", {"invalid_label": 5})
+    >>> now[0] = 4.0
+    >>> dl.note("root/readings/p0/d1", "invalid_label", "not a label", {"invalid_label": 5})
+    >>> dl.pending()  # logged at 10 s, or by flush(force=True)
+    {'invalid_label': 5}
+    """
+
+    def __init__(
+        self,
+        topic: str,
+        every: float = DEAD_LETTER_LOG_EVERY,
+        timer: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.topic = topic  # where the dead letters go
+        self.every = every
+        self.timer = timer
+        self._logged: set[str] = set()  # reasons logged in full once
+        self._refused: dict[tuple[str, str], int] = {}  # (reason, unit): since the last line
+        self._letters = 0
+        self._since = timer()
+
+    def note(
+        self, source: str, reason: str, detail: str, refused: dict[str, int], unit: str = "readings"
+    ) -> None:
+        """A dead letter for a message from ``source``: ``refused`` counts what it
+        refused by reason, in ``unit`` (``readings``, or ``messages`` for a whole one)."""
+        if reason not in self._logged:
+            self._logged.add(reason)
+            log.info(
+                "dead letter from %s: %s (%s); every dead letter goes to %s, and this "
+                "log sums up further ones every %g s",
+                source, reason, detail, self.topic, self.every,
+            )  # fmt: skip
+        else:
+            self._letters += 1
+            for why, n in refused.items():
+                self._refused[(why, unit)] = self._refused.get((why, unit), 0) + n
+        self.flush()
+
+    def pending(self) -> dict[str, int]:
+        """What was refused since the last line, by reason (not logged yet)."""
+        return {why: n for (why, _), n in self._refused.items()}
+
+    def flush(self, force: bool = False) -> None:
+        """Log what was refused since the last line, if ``every`` seconds have passed
+        since it (or at once, with ``force``)."""
+        now = self.timer()
+        if not self._letters or (now - self._since < self.every and not force):
+            return
+        what = ", ".join(
+            f"{n:,} {unit} as {why}"
+            for (why, unit), n in sorted(self._refused.items(), key=lambda kv: -kv[1])
+        )
+        letters = "dead letter" if self._letters == 1 else "dead letters"
+        log.info(
+            "%s more %s on %s in the last %.0f s, refusing %s",
+            f"{self._letters:,}", letters, self.topic, now - self._since, what,
+        )  # fmt: skip
+        self._refused, self._letters, self._since = {}, 0, now
+
+
 def _json(obj: Any) -> bytes:
     """Compact UTF-8 JSON. orjson writes floats with the shortest repr that reads back
     to the same double, so ``y_pred`` stays bit-exact, at a sixth of ``json``'s cost."""
@@ -258,6 +329,8 @@ class EdgeStage:
         self.timer = timer  # monotonic: durations (received times are on it)
         self.on_latency = on_latency
         self.on_age = on_age
+        self.dead_letters = DeadLetterLog(self.topics.deadletter(self.stage_id), timer=timer)
+        self._warned_labels = False  # targets that are no labels: said once
         self._held = HeldFrames(
             max_held,
             max_held_bytes,
@@ -537,6 +610,8 @@ class EdgeStage:
         latest = self.clock() + self.max_clock_ahead
         checked = validate(batch, self.max_abs, self.labels, latest)
         stats.cleaned += checked.cleaned
+        if checked.rejected and self.labels is not None and not self._warned_labels:
+            self._warn_if_no_labels(checked)
         if self.challenger is not None:
             self._keep_in_step(batch.device)
         # Per-device bounds (devices, features, seq jumps), judged once for both models.
@@ -587,6 +662,39 @@ class EdgeStage:
                 )
             )
         return out
+
+    def _warn_if_no_labels(self, checked: Validated) -> None:
+        """Warn, once, when every target of a batch is refused as no label of the model:
+        most likely a classifier (or an anomaly detector) given a numeric target, which
+        would refuse every reading from now on and learn nothing."""
+        batch = checked.batch
+        if batch.target is None:
+            return
+        with_target = (
+            len(batch) if batch.target_present is None else int(batch.target_present.sum())
+        )
+        bad = [r.seq for r in checked.rejected if r.reason == "invalid_label"]
+        if not bad or len(bad) < with_target:
+            return
+        self._warned_labels = True
+        value = float(batch.target[int(np.flatnonzero(batch.seq == bad[0])[0])])
+        name = self.stats.model_name
+        if self.learner.kind == "anomaly":
+            log.warning(
+                "model %s is an anomaly detector, whose target is an evaluation label, 0 "
+                "(normal) or 1 (anomaly); target values like %g from %s are not, so every "
+                "reading that has one is refused as invalid_label and nothing is learned: "
+                "publish readings without a target, or with 0/1 labels",
+                name, value, batch.device,
+            )  # fmt: skip
+            return
+        labels = "0 or 1" if self.labels == "binary" else "whole numbers"
+        log.warning(
+            "model %s is a classifier, whose targets are class labels (%s); target values "
+            "like %g from %s are not, so every such reading is refused as invalid_label and "
+            'nothing is learned: for a numeric target use a regressor, such as --model "%s"',
+            name, labels, value, batch.device, DEFAULT_MODEL_SPEC,
+        )  # fmt: skip
 
     def _keep_in_step(self, device: str) -> None:
         """A challenger new to a device starts from the champion's watermark (one
@@ -831,7 +939,10 @@ class EdgeStage:
             body["readings"] = [
                 {"seq": r.seq, "reason": r.reason} for r in readings[:DEADLETTER_MAX_READINGS]
             ]
-        log.info("dead letter from %s: %s (%s)", topic, reason, detail)
+        if readings:
+            self.dead_letters.note(topic, reason, detail, Counter(r.reason for r in readings))
+        else:
+            self.dead_letters.note(topic, reason, detail, {reason: 1}, "messages")
         return Outgoing(self.topics.deadletter(self.stage_id), _json(body))
 
     def metrics_message(self) -> Outgoing:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import re
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -10,6 +12,7 @@ from replaying import replay_through_edge, write_csv
 from river import datasets, linear_model, metrics, preprocessing, tree
 
 from streampipe import codec
+from streampipe.learn import DEFAULT_MODEL_SPEC
 from streampipe.learn.spec import ModelSpec
 from streampipe.metrics import StageCollector
 from streampipe.readings import Batch, Reading
@@ -95,10 +98,13 @@ def test_scores_and_prometheus_carry_accuracy_f1_and_rocauc():
         assert registry.get_sample_value(f"streampipe_model_{name}", labels) == value
 
 
-def test_targets_that_are_not_labels_are_refused_and_never_learned():
+def test_targets_that_are_not_labels_are_refused_and_never_learned(caplog):
+    caplog.set_level(logging.INFO, logger="streampipe.stage")
     stage = EdgeStage("c", ModelSpec.parse("linear_model.LogisticRegression"))
     data = [Reading("d", i, float(i), {"a": float(i)}, y) for i, y in enumerate([1.0, 2.0, 0.5])]
     out = stage.handle(stage.topics.readings("d"), codec.encode(Batch.from_readings(data)))
+    # Some good labels among bad ones: bad data, not the wrong kind of model.
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
     (pred,) = bodies(out, "predictions")
     assert [p["seq"] for p in pred["predictions"]] == [0]
     (dead,) = bodies(out, "deadletter")
@@ -149,3 +155,61 @@ def test_minibatch_mode_classifies_with_rivers_many_api():
         known = [r.y is not None for r in part]
         labels = pd.Series([r.y == 1.0 for r in part], index=X.index)[known]
         model.learn_many(X[known], labels)
+
+
+def test_a_classifier_given_a_numeric_target_says_so_once_and_reports_no_score(caplog):
+    """The simulated fleet's power (watts) to a LogisticRegression: one warning naming
+    the mistake, dead letters logged by summary, and no accuracy rather than 0.0."""
+    caplog.set_level(logging.INFO, logger="streampipe.stage")
+    now = [0.0]
+    stage = EdgeStage(
+        "c", ModelSpec.parse("linear_model.LogisticRegression()"), timer=lambda: now[0]
+    )
+    topic = stage.topics.readings("plant-1")
+    for i in range(50):  # 50 messages in 20 s, 5 readings each
+        now[0] = i * 0.4
+        data = [Reading("plant-1", 5 * i + j, 1e9 + i, {"load": j}, 512.3 + j) for j in range(5)]
+        out = stage.handle(topic, codec.encode(Batch.from_readings(data)))
+        assert [d["rejected_readings"] for d in bodies(out, "deadletter")] == [5]
+    stage.dead_letters.flush(force=True)  # what a stopping edge does
+    assert stage.stats.rejected == {"invalid_label": 250} and stage.stats.predictions == 0
+
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "LogisticRegression is a classifier" in warning and "like 512.3" in warning
+    assert f'--model "{DEFAULT_MODEL_SPEC}"' in warning
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert len(lines) == 3, lines  # the first dead letter, then at most one line per 10 s
+    assert lines[0].startswith(f"dead letter from {topic}: invalid_label")
+    summed = [re.search(r"refusing ([\d,]+) readings as invalid_label", line) for line in lines[1:]]
+    assert sum(int(m[1]) for m in summed) == 245  # all but the first letter's 5
+    assert "in the last 10 s" in lines[1]
+
+    message = json.loads(stage.metrics_message().payload)["metrics"]
+    assert message["count"] == 0
+    assert (
+        message["progressive"] == message["rolling"] == dict.fromkeys(["accuracy", "f1", "rocauc"])
+    )
+    registry = CollectorRegistry()
+    registry.register(StageCollector(stage.stats))
+    assert registry.get_sample_value("streampipe_model_scored") == 0.0
+    for window in ("progressive", "rolling"):
+        labels = {"model": "LogisticRegression", "window": window}
+        assert registry.get_sample_value("streampipe_model_accuracy", labels) is None
+
+
+@pytest.mark.parametrize(
+    ("spec", "says"),
+    [
+        ("tree.HoeffdingTreeClassifier()", "class labels (whole numbers); target values like 0.5"),
+        ("anomaly.HalfSpaceTrees()", "anomaly detector, whose target is an evaluation label"),
+    ],
+)
+def test_each_model_that_learns_labels_says_what_its_targets_must_be(caplog, spec, says):
+    caplog.set_level(logging.WARNING, logger="streampipe.stage")
+    stage = EdgeStage("c", ModelSpec.parse(spec))
+    topic = stage.topics.readings("d")
+    for i in range(3):
+        data = [Reading("d", 2 * i + j, 1e9, {"a": 1.0}, 0.5 + j) for j in range(2)]
+        stage.handle(topic, codec.encode(Batch.from_readings(data)))
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert says in warning
