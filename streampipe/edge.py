@@ -66,6 +66,7 @@ from streampipe.metrics import (
     ReadingAgeHistogram,
     StageCollector,
     StageStats,
+    summary,
 )
 from streampipe.models.keys import load_verify_key
 from streampipe.models.receive import ModelReceiver
@@ -107,6 +108,7 @@ class EdgeConfig:
     metrics_max_connections: int = MAX_CONNECTIONS  # HTTP connections served at once
     metrics_timeout: float = REQUEST_TIMEOUT  # s an HTTP connection has for its request
     metrics_interval: float = 5.0
+    summary_interval: float = 60.0  # s between one-line summaries in the log; 0: none
     checkpoint_interval: float = 1.0  # longest a processed message waits for its commit
     session_expiry: int = 86_400  # seconds the broker keeps our session while we are away
     partitions: tuple[int, ...] | None = None  # reading partitions to serve; None: all
@@ -221,6 +223,7 @@ class EdgeService:
         self._commit_every = max(1, config.queue_size // 2)
         self._http: object | None = None
         self.metrics_port: int | None = None
+        self._summarised: dict[str, object] | None = None  # the snapshot last logged
         self.conn = Connection(
             config.broker,
             # Stable, so a restarted stage resumes its session; the root is part of it
@@ -471,6 +474,8 @@ class EdgeService:
     def run(self) -> None:
         """Process messages until stopped, then drain, report and disconnect cleanly."""
         next_metrics = time.monotonic() + self.config.metrics_interval
+        every = self.config.summary_interval
+        next_summary = time.monotonic() + every if every > 0 else float("inf")
         self.inbox.open()  # from now on a full inbox holds the input thread back
         try:
             while not self._stop.is_set():
@@ -496,8 +501,18 @@ class EdgeService:
                     self._publish(self.stage.metrics_message())
                     self.stage.dead_letters.flush()
                     next_metrics = time.monotonic() + self.config.metrics_interval
+                if time.monotonic() >= next_summary:
+                    self._log_summary()
+                    next_summary = time.monotonic() + every
         finally:
             self._shutdown()
+
+    def _log_summary(self) -> None:
+        """One line at INFO: readings and their rate since the last one, devices,
+        refusals, the rolling metric, the queue."""
+        snapshot = self.stats.snapshot()
+        log.info("%s", summary(snapshot, self._summarised))
+        self._summarised = snapshot
 
     def _drain(self, limit: int) -> None:
         """Process what has already arrived, up to ``limit`` messages, without waiting."""
@@ -667,6 +682,7 @@ class EdgeService:
             self._drain(self.inbox.qsize())
             self._publish(self.stage.metrics_message())
             self.stage.dead_letters.flush(force=True)
+            self._log_summary()
             if self.checkpoints is not None:
                 if not self._commit(timeout=10):
                     log.warning("outputs not acknowledged by the broker; input left unacknowledged")

@@ -40,6 +40,7 @@ __all__ = [
     "ReadingAgeHistogram",
     "StageCollector",
     "StageStats",
+    "summary",
 ]
 
 NAMESPACE = "streampipe"
@@ -287,6 +288,50 @@ class ReadingAgeHistogram(BatchHistogram):
             "for replayed ones.",
             buckets,
         )
+
+
+def summary(snapshot: dict[str, Any], previous: dict[str, Any] | None = None) -> str:
+    """One line for the log: what a stage has done, at what rate since ``previous`` (an
+    earlier :meth:`StageStats.snapshot`; since the start without one), and how well
+    its model predicts over the rolling window.
+
+    >>> now = {"stage": "edge-1", "ts": 160.0, "uptime_s": 160.0, "readings": 12345,
+    ...        "predictions": 12342, "devices": 10, "rejected": 3, "queue_depth": 0,
+    ...        "rejected_by_reason": {"invalid_label": 3},
+    ...        "metrics": {"count": 12342, "rolling": {"mae": 3.2149, "rmse": 4.5}}}
+    >>> summary(now, {"ts": 100.0, "readings": 0})
+    'edge-1: 12,345 readings (206/s), 12,342 predicted, 10 devices, 3 refused (invalid_label 3), rolling MAE 3.21, queue 0'
+    >>> summary({**now, "metrics": {"count": 0, "rolling": {"accuracy": None}}})
+    'edge-1: 12,345 readings (77/s), 12,342 predicted, 10 devices, 3 refused (invalid_label 3), nothing scored, queue 0'
+    """  # noqa: E501
+    if previous is None:
+        elapsed, done = snapshot["uptime_s"], snapshot["readings"]
+    else:
+        elapsed, done = snapshot["ts"] - previous["ts"], snapshot["readings"] - previous["readings"]
+    rate = done / elapsed if elapsed > 0 else 0.0
+    parts = [
+        f"{_count(snapshot['readings'], 'reading')} ({rate:,.0f}/s)"
+        if rate >= 10
+        else f"{_count(snapshot['readings'], 'reading')} ({rate:.2g}/s)",
+        f"{snapshot['predictions']:,} predicted",
+        _count(snapshot["devices"], "device"),
+    ]
+    refused = snapshot["rejected"]
+    if refused:
+        by_reason = sorted(snapshot["rejected_by_reason"].items(), key=lambda kv: -kv[1])
+        parts.append(f"{refused:,} refused ({', '.join(f'{r} {n:,}' for r, n in by_reason)})")
+    rolling = (snapshot.get("metrics") or {}).get("rolling") or {}
+    name, value = next(iter(rolling.items()), (None, None))
+    if value is not None:
+        parts.append(f"rolling {_TITLES.get(name, name)} {value:.3g}")  # type: ignore[arg-type]
+    elif name is not None:
+        parts.append("nothing scored")
+    parts.append(f"queue {snapshot['queue_depth']:,}")
+    return f"{snapshot['stage']}: " + ", ".join(parts)
+
+
+def _count(n: int, thing: str) -> str:
+    return f"{n:,} {thing}" if n == 1 else f"{n:,} {thing}s"
 
 
 def counts_by(name: str, doc: str, label: str, counts: dict[str, int]) -> CounterMetricFamily:
