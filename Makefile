@@ -1,24 +1,38 @@
 # streampipe: two commands do all the set-up on a fresh Debian/Ubuntu machine.
-#   make demo   installs what is missing (Mosquitto included) and runs the demo
-#   make test   installs the test extras and runs the tests
+#   make demo   installs what the demo needs if missing (Mosquitto, .venv) and runs it
+#   make test   also installs what the tests need (Prometheus, Mosquitto's clients and
+#               the test extras) and runs the tests
+# Each installs only what is missing: pip runs again only when pyproject.toml changed
+# or .venv is new (a stamp file in .venv records the last install).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-fast deps install install-test lint clean
+.PHONY: demo test test-fast deps deps-demo deps-test install install-test lint clean
 
-deps:
-	./scripts/install-deps.sh
+deps: deps-test
 
-$(BIN)/python:
+deps-demo:
+	@./scripts/install-deps.sh --for demo
+
+deps-test:
+	@./scripts/install-deps.sh --for test
+
+$(VENV)/pyvenv.cfg:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
-install: deps $(BIN)/python
+$(VENV)/.installed: pyproject.toml $(VENV)/pyvenv.cfg
 	$(BIN)/pip install -q -e .
+	@touch $@
 
-install-test: deps $(BIN)/python
+$(VENV)/.installed-test: pyproject.toml $(VENV)/pyvenv.cfg
 	$(BIN)/pip install -q -e '.[test]'
+	@touch $@ $(VENV)/.installed
+
+install: deps-demo $(VENV)/.installed
+
+install-test: deps-test $(VENV)/.installed-test
 
 demo: install
 	$(BIN)/streampipe demo
