@@ -285,6 +285,30 @@ def test_a_frame_that_arrives_before_its_schema_waits_for_it():
     assert [p["seq"] for p in bodies(out, "predictions")[0]["predictions"]] == [0, 1, 2]
 
 
+def test_latency_runs_from_receipt_and_age_from_the_reading_timestamp():
+    """A frame received at 4.5 s (handled at 5 s) waits for its schema until 8 s: its
+    three readings took 3.5 s at the edge, whatever their timestamps (0-2 s, on a wall
+    clock at 1,000 s) say."""
+    latencies, ages = [], []
+    now = [5.0]
+    stage = EdgeStage(
+        "edge-1",
+        clock=lambda: 1000.0,
+        timer=lambda: now[0],
+        on_latency=lambda seconds, n: latencies.append((seconds, n)),
+        on_age=lambda a: ages.append(a.tolist()),
+    )
+    batch = Batch.from_readings(readings("d1", 3))
+    sid, schema = codec.schema_frame(batch)
+    topic = stage.topics.readings("d1")
+    stage.handle_message(topic, codec.encode(batch, schema_id=True), "frame", received=4.5)
+    now[0] = 8.0
+    stage.handle_message(stage.topics.schemas(sid), schema, "schema")
+    stage.handle_message(topic, frame(readings("d1", 2, start=3)), "next")  # received now
+    assert latencies == [(3.5, 3), (0.0, 2)]
+    assert ages == [[1000.0, 999.0, 998.0], [997.0, 996.0]]
+
+
 def test_a_frame_whose_schema_never_comes_is_dead_lettered_after_a_while():
     now = [100.0]
     stage = EdgeStage("edge-1", clock=lambda: now[0])
