@@ -14,7 +14,13 @@ __all__ = ["register", "run"]
 
 def register(sub: Any) -> argparse.ArgumentParser:
     """Add ``streampipe broker init-secure`` to the subcommands ``sub``."""
-    broker = sub.add_parser("broker", help="set up a broker")
+    broker = sub.add_parser(
+        "broker",
+        help="set up a broker",
+        description="Set up a Mosquitto broker for streampipe. `streampipe broker "
+        "init-secure DIR` writes a TLS-only, password- and ACL-protected configuration; "
+        "nothing is started or published.",
+    )
     broker_sub = broker.add_subparsers(dest="broker_command", required=True, metavar="COMMAND")
     init = broker_sub.add_parser(
         "init-secure",
@@ -45,8 +51,8 @@ def register(sub: Any) -> argparse.ArgumentParser:
         type=int,
         default=None,
         metavar="N",
-        help="N sensor accounts named as `streampipe sensors` names devices (sensor-000, …); "
-        "default 3 when no --sensor is given",
+        help="N sensor accounts named as `streampipe sensors` names devices (sensor-000, …) "
+        "(default: 3 when no --sensor is given, else none)",
     )
     init.add_argument(
         "--host",
@@ -56,16 +62,21 @@ def register(sub: Any) -> argparse.ArgumentParser:
         help="host name or address clients use for the broker, put in its certificate "
         "(localhost, 127.0.0.1 and ::1 always are; repeat for more)",
     )
-    init.add_argument("--port", type=int, default=8883, help="TLS port (%(default)s)")
+    init.add_argument("--port", type=int, default=8883, help="TLS port (default: %(default)s)")
     init.add_argument(
         "--bind",
         default="127.0.0.1",
         metavar="ADDRESS",
-        help="address the broker listens on (%(default)s; 0.0.0.0 for every interface)",
+        help="address the broker listens on; 0.0.0.0 for every interface (default: %(default)s)",
     )
-    init.add_argument("--topic-root", default=DEFAULT_ROOT, help="topic root (%(default)s)")
     init.add_argument(
-        "--days", type=positive_int, default=825, help="certificate validity (%(default)s)"
+        "--topic-root", default=DEFAULT_ROOT, help="topic root (default: %(default)s)"
+    )
+    init.add_argument(
+        "--days",
+        type=positive_int,
+        default=825,
+        help="days the certificates are valid (default: %(default)s)",
     )
     init.add_argument("--force", action="store_true", help="replace an existing set-up in DIR")
     broker.set_defaults(run=run)

@@ -36,13 +36,15 @@ def register(sub: Any) -> argparse.ArgumentParser:
         "--signing-key",
         metavar="FILE",
         default=os.environ.get("STREAMPIPE_SIGNING_KEY"),
-        help="private key (deploy.key from `streampipe keys init`) ($STREAMPIPE_SIGNING_KEY)",
+        help="private key (deploy.key from `streampipe keys init`) "
+        "(default: $STREAMPIPE_SIGNING_KEY)",
     )
     deploy.add_argument(
         "--devices",
         default="*",
         metavar="PATTERN",
-        help="devices the model is for, an fnmatch pattern over device ids (default: all)",
+        help="devices the model is for, an fnmatch pattern over device ids "
+        "(default: %(default)s, all)",
     )
     deploy.add_argument(
         "--version",
@@ -53,7 +55,12 @@ def register(sub: Any) -> argparse.ArgumentParser:
     )
     deploy.add_argument("--spec", metavar="SPEC", help="the model's spec, recorded in its header")
     deploy.add_argument(
-        "--timeout", type=float, default=10.0, metavar="S", help="broker timeout (%(default)s)"
+        "--timeout",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="seconds to wait for the broker: to connect, for the retained versions, for "
+        "acknowledgements (default: %(default)s)",
     )
     deploy.set_defaults(run=run)
     return deploy

@@ -29,34 +29,53 @@ __all__ = ["EDGE_SWITCH_INTERVAL", "register", "run"]
 
 log = logging.getLogger("streampipe")
 
+DESCRIPTION = (
+    "Run an edge stage: subscribe to readings on ROOT/readings/+/+ (only the partitions in "
+    "--partitions, if given), predict each reading with its device's own River model, then "
+    "learn from it (progressive validation). Publishes predictions on "
+    "ROOT/predictions/DEVICE, rolling metrics on ROOT/metrics/STAGE_ID every "
+    "--metrics-interval, anomaly, drift and promotion events on ROOT/events/STAGE_ID, "
+    "refused readings with their reason on ROOT/deadletter/STAGE_ID and a retained "
+    "online/offline on ROOT/status/STAGE_ID; takes commands on ROOT/control/STAGE_ID. "
+    "Serves Prometheus /metrics and /healthz on --metrics-host:--metrics-port: a second edge "
+    "on the same machine needs another --metrics-port (0 for a free one). Runs until Ctrl-C "
+    "or SIGTERM."
+)
+
 #: The edge process's GIL switch interval, in seconds (Python's default is 0.005).
 EDGE_SWITCH_INTERVAL = 0.0005
 
 
 def register(sub: Any) -> argparse.ArgumentParser:
     """Add ``streampipe edge`` to the subcommands ``sub``."""
-    edge = sub.add_parser("edge", help="run an edge stage that learns from readings")
+    edge = sub.add_parser(
+        "edge", help="run an edge stage that learns from readings", description=DESCRIPTION
+    )
     add_broker(edge, DEFAULT_BROKER)
     edge.add_argument("--stage-id", required=True, help="this stage's id (a topic level)")
     edge.add_argument(
         "--model",
         default=DEFAULT_MODEL_SPEC,
         metavar="SPEC",
-        help="River model in River's syntax (default: %(default)r)",
+        help="River model in River's syntax (default: %(default)s)",
     )
     edge.add_argument(
         "--mode",
         choices=("exact", "minibatch"),
         default="exact",
-        help="exact: predict then learn reading by reading, River's progressive validation "
-        "(default); minibatch: predict_many then learn_many per batch, faster but not equal "
-        "to per-reading predictions (needs pandas)",
+        help="exact: predict then learn reading by reading, River's progressive validation; "
+        "minibatch: predict_many then learn_many per batch, faster but not equal to "
+        "per-reading predictions (needs pandas) (default: %(default)s)",
     )
-    edge.add_argument("--model-name", help="name published with predictions (default: derived)")
+    edge.add_argument(
+        "--model-name", metavar="NAME", help="name published with predictions (default: derived)"
+    )
     edge.add_argument(
         "--state-dir",
+        metavar="DIR",
         help="directory for authenticated checkpoints of models and watermarks; a stage "
-        "restarted with the same --state-dir and --stage-id resumes from it",
+        "restarted with the same --state-dir and --stage-id resumes from it (default: none, "
+        "every start learns afresh)",
     )
     edge.add_argument(
         "--checkpoint-interval",
@@ -64,7 +83,7 @@ def register(sub: Any) -> argparse.ArgumentParser:
         default=1.0,
         metavar="S",
         help="with --state-dir: longest a processed message waits for the checkpoint that "
-        "covers it before it is acknowledged to the broker (%(default)s)",
+        "covers it before it is acknowledged to the broker (default: %(default)s)",
     )
     edge.add_argument(
         "--partitions",
@@ -79,50 +98,58 @@ def register(sub: Any) -> argparse.ArgumentParser:
         default=86_400,
         metavar="S",
         help="seconds the broker keeps this stage's session, and the readings queued for it, "
-        "while the stage is down; 0 for a clean session on every start (%(default)s)",
+        "while the stage is down; 0 for a clean session on every start (default: %(default)s)",
     )
     edge.add_argument(
         "--window",
         type=positive_int,
         default=1000,
-        help="rolling metrics cover the last this many scored predictions (%(default)s)",
+        metavar="N",
+        help="rolling metrics cover the last this many scored predictions (default: %(default)s)",
     )
     edge.add_argument(
         "--metrics-port",
         type=int,
         default=9108,
-        help="Prometheus /metrics port; 0 picks a free one, -1 disables (%(default)s)",
+        metavar="PORT",
+        help="port of Prometheus /metrics and /healthz; 0 picks a free one, -1 serves none; "
+        "each edge on a machine needs its own (default: %(default)s)",
     )
     edge.add_argument(
-        "--metrics-host", default="127.0.0.1", help="address to serve metrics on (%(default)s)"
+        "--metrics-host",
+        default="127.0.0.1",
+        metavar="ADDRESS",
+        help="address to serve metrics on (default: %(default)s)",
     )
     edge.add_argument(
         "--metrics-max-connections",
         type=positive_int,
         default=16,
         metavar="N",
-        help="HTTP connections served at once; more are closed when accepted (%(default)s)",
+        help="HTTP connections served at once; more are closed when accepted "
+        "(default: %(default)s)",
     )
     edge.add_argument(
         "--metrics-timeout",
         type=float,
         default=5.0,
         metavar="S",
-        help="seconds an HTTP connection has for its request and answer (%(default)s)",
+        help="seconds an HTTP connection has for its request and answer (default: %(default)s)",
     )
     edge.add_argument(
         "--metrics-interval",
         type=float,
         default=5.0,
         metavar="S",
-        help="seconds between metrics messages (%(default)s)",
+        help="seconds between metrics messages (default: %(default)s)",
     )
     edge.add_argument(
         "--queue-size",
         type=positive_int,
         default=1000,
+        metavar="N",
         help="messages held for processing; also the Receive Maximum announced to the "
-        "broker (%(default)s)",
+        "broker (default: %(default)s)",
     )
     edge.add_argument(
         "--max-devices",
@@ -130,7 +157,7 @@ def register(sub: Any) -> argparse.ArgumentParser:
         default=MAX_DEVICES,
         metavar="N",
         help="devices this stage keeps a model for; readings of further ones are refused "
-        "as too_many_devices (%(default)s)",
+        "as too_many_devices (default: %(default)s)",
     )
     edge.add_argument(
         "--max-features",
@@ -138,7 +165,7 @@ def register(sub: Any) -> argparse.ArgumentParser:
         default=MAX_FEATURES,
         metavar="N",
         help="feature names one device's model may learn; readings bringing more are "
-        "refused as too_many_features (%(default)s)",
+        "refused as too_many_features (default: %(default)s)",
     )
     edge.add_argument(
         "--max-seq-jump",
@@ -147,7 +174,7 @@ def register(sub: Any) -> argparse.ArgumentParser:
         metavar="N",
         help="how far past its device's last seq a reading may go; beyond it, it is "
         "refused as seq_jump unless the device's next batch follows on from it "
-        "(%(default)s)",
+        "(default: %(default)s)",
     )
     edge.add_argument(
         "--max-clock-ahead",
@@ -155,7 +182,7 @@ def register(sub: Any) -> argparse.ArgumentParser:
         default=MAX_CLOCK_AHEAD,
         metavar="S",
         help="seconds a reading's timestamp or boot epoch (in ms) may be ahead of this "
-        "edge's clock; beyond: future_timestamp, future_epoch (%(default)s)",
+        "edge's clock; beyond: future_timestamp, future_epoch (default: %(default)s)",
     )
     edge.add_argument(
         "--stall-after",
@@ -163,7 +190,7 @@ def register(sub: Any) -> argparse.ArgumentParser:
         default=60.0,
         metavar="S",
         help="/healthz answers 503 once messages have waited this long while the stage "
-        "finished none (%(default)s)",
+        "finished none (default: %(default)s)",
     )
     edge.add_argument(
         "--deploy-key",
@@ -171,7 +198,7 @@ def register(sub: Any) -> argparse.ArgumentParser:
         default=os.environ.get("STREAMPIPE_DEPLOY_KEY"),
         help="public key (deploy.pub from `streampipe keys init`): hot-swap to models "
         "deployed on ROOT/models/<--model-name> and signed with its private key; refuse any "
-        "other ($STREAMPIPE_DEPLOY_KEY)",
+        "other (default: $STREAMPIPE_DEPLOY_KEY, else models are not hot-swapped)",
     )
     _add_evaluation(edge)
     edge.set_defaults(run=run)
@@ -188,7 +215,7 @@ def _add_evaluation(edge: argparse.ArgumentParser) -> None:
         type=float,
         metavar="X",
         help="for an anomaly detector without River's QuantileFilter/ThresholdFilter: publish "
-        "an event for every reading whose score is X or more",
+        "an event for every reading whose score is X or more (default: none, no such events)",
     )
     g.add_argument(
         "--drift",
@@ -200,13 +227,14 @@ def _add_evaluation(edge: argparse.ArgumentParser) -> None:
         "--on-drift",
         choices=("alert", "reset"),
         default="alert",
-        help="alert: publish the event only (default); reset: also replace the device's "
-        "model by a fresh one",
+        help="alert: publish the event only; reset: also replace the device's model by a "
+        "fresh one (default: %(default)s)",
     )
     g.add_argument(
         "--challenger",
         metavar="SPEC",
-        help="a second model learning the same readings, evaluated beside the served one",
+        help="a second model learning the same readings, evaluated beside the served one "
+        "(default: none)",
     )
     g.add_argument(
         "--challenger-name", metavar="NAME", help="its name in metrics (default: derived)"
@@ -216,14 +244,15 @@ def _add_evaluation(edge: argparse.ArgumentParser) -> None:
         type=percent,
         metavar="PCT",
         help="promote the challenger once its mean error over the last --promote-after "
-        "scored readings is PCT %% below the served model's",
+        "scored readings is PCT %% below the served model's (default: only when asked, by "
+        "`streampipe promote`)",
     )
     g.add_argument(
         "--promote-after",
         type=positive_int,
         default=1000,
         metavar="N",
-        help="readings the promotion rule compares over (%(default)s)",
+        help="readings the promotion rule compares over (default: %(default)s)",
     )
 
 

@@ -11,7 +11,14 @@ __all__ = ["register", "run"]
 
 def register(sub: Any) -> argparse.ArgumentParser:
     """Add ``streampipe keys`` to the subcommands ``sub``."""
-    keys = sub.add_parser("keys", help="make the key pair that signs deployed models")
+    keys = sub.add_parser(
+        "keys",
+        help="make the key pair that signs deployed models",
+        description="The Ed25519 key pair that signs models: `streampipe deploy "
+        "--signing-key` signs with its private key, and edges started with --deploy-key "
+        "accept only models signed with it. `streampipe keys init DIR` makes a pair; nothing "
+        "is published.",
+    )
     keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="COMMAND")
     keys_init = keys_sub.add_parser(
         "init",

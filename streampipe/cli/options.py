@@ -123,21 +123,29 @@ def add_broker(p: argparse.ArgumentParser, default: str | None = None) -> None:
         f"{default or 'a private Mosquitto'})",
     )
     for flag, env_name, text in (
-        ("--password-file", "STREAMPIPE_PASSWORD_FILE", "file whose first line is the password"),
+        (
+            "--password-file",
+            "STREAMPIPE_PASSWORD_FILE",
+            "file whose first line is the password (default: {env})",
+        ),
         (
             "--ca-file",
             "STREAMPIPE_CA_FILE",
-            "CA certificates (PEM) that the broker's must chain to (default: the system's)",
+            "CA certificates (PEM) that the broker's must chain to (default: {env}, else the "
+            "system's)",
         ),
         (
             "--cert-file",
             "STREAMPIPE_CERT_FILE",
-            "client certificate (PEM), for brokers that require one",
+            "client certificate (PEM), for brokers that require one (default: {env})",
         ),
-        ("--key-file", "STREAMPIPE_KEY_FILE", "private key (PEM) of --cert-file"),
+        ("--key-file", "STREAMPIPE_KEY_FILE", "private key (PEM) of --cert-file (default: {env})"),
     ):
         g.add_argument(
-            flag, metavar="FILE", default=os.environ.get(env_name), help=f"{text} (${env_name})"
+            flag,
+            metavar="FILE",
+            default=os.environ.get(env_name),
+            help=text.format(env="$" + env_name),
         )
     g.add_argument("--topic-root", default=DEFAULT_ROOT, help="topic root (default: %(default)s)")
 

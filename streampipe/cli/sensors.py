@@ -26,21 +26,53 @@ __all__ = ["register", "run", "run_sensors"]
 
 log = logging.getLogger("streampipe")
 
+DESCRIPTION = (
+    "Simulate a fleet of sensors and publish their readings, batched per device, on "
+    "ROOT/readings/PARTITION/DEVICE (QoS 1), with field-name schemas retained on "
+    "ROOT/schemas/ID. Each device (PREFIX-000, PREFIX-001, …) is a small machine in a room: "
+    "it reports temperature, humidity, pressure, vibration and current, and its target is "
+    "the electrical power it takes. Readings are spread evenly over time; while the broker "
+    "is away they are kept in a bounded backlog, and what overflows it is dropped and "
+    "counted. Reports progress on stderr, and how many readings it published when it "
+    "stops (after --duration, or on Ctrl-C)."
+)
+
 #: Seconds between two progress lines in the log, when stderr is not a terminal.
 LOG_EVERY = 10.0
 
 
 def register(sub: Any) -> argparse.ArgumentParser:
     """Add ``streampipe sensors`` to the subcommands ``sub``."""
-    sensors = sub.add_parser("sensors", help="simulate a fleet of sensors")
+    sensors = sub.add_parser("sensors", help="simulate a fleet of sensors", description=DESCRIPTION)
     add_broker(sensors, DEFAULT_BROKER)
-    sensors.add_argument("--devices", type=positive_int, default=10, help="number of sensors")
     sensors.add_argument(
-        "--rate", type=rate, default=1.0, help="readings per second per device (%(default)s)"
+        "--devices",
+        type=positive_int,
+        default=10,
+        metavar="N",
+        help="number of sensors (default: %(default)s)",
     )
-    sensors.add_argument("--duration", type=float, help="seconds to run (default: until Ctrl-C)")
-    sensors.add_argument("--seed", type=int, default=0, help="random seed (%(default)s)")
-    sensors.add_argument("--prefix", default="sensor", help="device id prefix (%(default)s)")
+    sensors.add_argument(
+        "--rate",
+        type=rate,
+        default=1.0,
+        help="readings per second per device, or 'max' (default: %(default)s)",
+    )
+    sensors.add_argument(
+        "--duration",
+        type=float,
+        metavar="S",
+        help="seconds to run (default: until Ctrl-C)",
+    )
+    sensors.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="random seed: the same seed makes the same readings (default: %(default)s)",
+    )
+    sensors.add_argument(
+        "--prefix", default="sensor", help="device id prefix (default: %(default)s)"
+    )
     sensors.add_argument(
         "--no-faults",
         dest="faults",
