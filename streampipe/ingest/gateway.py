@@ -7,11 +7,11 @@ each device's readings, and publishes them in streampipe's codec to
 every guarantee of the edge — exact predict-then-learn, ``(epoch, seq)`` watermarks, gap
 counting, checkpoints, dead letters — holds for devices that never heard of streampipe.
 
-**Numbering.** A device's readings get the gateway's own boot epoch for that device (the
-time it first saw it, in ms) and consecutive ``seq``\\ s. A source with a counter of its
-own (:attr:`Mapped.counter`) numbers them by it instead: a skipped counter leaves the
-same gap in ``seq`` (the edge counts it), a counter that goes back starts a new epoch (a
-reboot), and a repeated one is a ``duplicate``.
+**Numbering.** A device's readings get consecutive ``seq``\\ s in the gateway's epoch
+(the time, in ms, it first started with its ``--state-dir``). A source with a counter
+of its own (:attr:`Mapped.counter`) numbers them by it instead: a skipped counter
+leaves the same gap in ``seq`` (the edge counts it), a counter that goes back starts
+the device's next epoch (a reboot), and a repeated one is a ``duplicate``.
 
 **Acknowledgement.** Foreign messages are received with manual acknowledgement. Every
 ``linger`` seconds (or ``max_unacked`` messages) the gateway commits: it sends what it
@@ -19,9 +19,11 @@ has buffered, waits until the broker has acknowledged all of it, writes its stat
 ``--state-dir`` (numbering, the digest of the last payload per topic, the sources'
 alias tables and partial readings), and only then acknowledges the foreign messages
 behind it. A gateway killed before that gets them again from the broker: before the
-checkpoint they map to the same seqs (the edge refuses what it already has, as
-``duplicate``), after it the digests say they were done (``redelivered``, not
-dead-lettered). Nothing is lost.
+checkpoint they map to the same ``(epoch, seq)`` (the edge refuses what it already has,
+as ``duplicate``), after it the digests say they were done (``redelivered``, not
+dead-lettered). Nothing is lost, and nothing learned twice. Without ``--state-dir`` a
+restarted gateway starts a new epoch, and the edge learns what the broker redelivers
+as new readings: as for an edge, the state dir is what makes a restart exact.
 
 **Retained payloads.** Zigbee2MQTT and others publish state retained, so every
 (re)subscription replays it. A retained payload equal to the last one seen on its topic
@@ -96,32 +98,33 @@ class GatewayConfig:
 class Numbering:
     """Each device's ``(epoch, seq)``, from the gateway's count or the source's counter.
 
-    >>> n = Numbering(clock=lambda: 1.0)
-    >>> [n.number(Mapped("d", {}), ) for _ in range(2)]
+    A device first seen gets the gateway's ``epoch`` (its first start with this state
+    dir, in ms), and a device that restarts (its counter went back, or its source says
+    so) the next epoch after its last: so the same messages, redelivered to a gateway
+    restarted from an older checkpoint, get the same numbers, and the edge knows them.
+
+    >>> n = Numbering(epoch=1000)
+    >>> [n.number(Mapped("d", {})) for _ in range(2)]
     [(1000, 0), (1000, 1)]
     >>> [n.number(Mapped("t", {}, counter=c, counter_modulo=2**32)) for c in (5, 6, 9)]
     [(1000, 0), (1000, 1), (1000, 4)]
-    >>> n.number(Mapped("t", {}, counter=9))  # the same counter again
+    >>> n.number(Mapped("t", {}, counter=9))  # the same counter again: a duplicate
     >>> n.number(Mapped("t", {}, counter=2))  # went back: a reboot, a new epoch
     (1001, 0)
     """
 
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
-        self.clock = clock
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
         #: device -> [epoch, last seq, last counter or None]
         self.devices: dict[str, list[Any]] = {}
         self.changed: set[str] = set()
-
-    def _new_epoch(self, previous: int | None) -> int:
-        epoch = int(self.clock() * 1000)
-        return epoch if previous is None or epoch > previous else previous + 1
 
     def number(self, m: Mapped) -> tuple[int, int] | None:
         """The reading's ``(epoch, seq)``, or ``None`` for a duplicate."""
         state = self.devices.get(m.device)
         self.changed.add(m.device)
         if state is None or m.new_epoch:
-            epoch = self._new_epoch(None if state is None else state[0])
+            epoch = self.epoch if state is None else state[0] + 1
             self.devices[m.device] = [epoch, 0, m.counter]
             return epoch, 0
         epoch, seq, last = state
@@ -134,9 +137,8 @@ class Numbering:
         if step == 0:
             return None
         if step < 0:  # the counter went back: the device restarted
-            epoch = self._new_epoch(epoch)
-            self.devices[m.device] = [epoch, 0, m.counter]
-            return epoch, 0
+            self.devices[m.device] = [epoch + 1, 0, m.counter]
+            return epoch + 1, 0
         state[1], state[2] = seq + step, m.counter
         return epoch, seq + step
 
@@ -210,7 +212,7 @@ class Gateway:
         self.topics = Topics(config.topic_root)
         self.sources = list(config.sources)
         self.clock = config.clock
-        self.numbering = Numbering(config.clock)
+        self.numbering = Numbering(int(config.clock() * 1000))
         self.stats = GatewayStats()
         self.inbox: Inbox[Message] = Inbox(config.queue_size)
         self._digests: OrderedDict[str, bytes] = OrderedDict()
@@ -458,6 +460,7 @@ class Gateway:
 
     def _checkpoint(self) -> None:
         meta = {
+            "epoch": self.numbering.epoch,
             "digests": list(self._digests.items()),
             "sources": {s.name: s.state() for s in self.sources},
         }
@@ -467,9 +470,11 @@ class Gateway:
 
     def _restore(self) -> None:
         loaded = self._store.load()
-        if loaded is None:
+        if loaded is None:  # the first start with this state dir: its epoch, kept at once
+            self._checkpoint()
             return
         meta, devices = loaded
+        self.numbering.epoch = meta["epoch"]
         self.numbering.devices = {d: list(v) for d, v in devices.items()}
         self._digests = OrderedDict((t, d) for t, d in meta.get("digests", []))
         states = meta.get("sources", {})
