@@ -244,7 +244,8 @@ def run_demo(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
             faults=False,  # a spike ×5–10 throws plain SGD regression far off course
             stop=stop,
         )
-    print(f"demo stopped: {watcher.predictions:,} predictions", file=out, flush=True)
+    n = watcher.predictions
+    print(f"demo stopped: {n:,} prediction{'' if n == 1 else 's'}", file=out, flush=True)
     return 0
 
 
