@@ -193,6 +193,13 @@ def register(sub: Any) -> argparse.ArgumentParser:
         "finished none (default: %(default)s)",
     )
     edge.add_argument(
+        "--summary-interval",
+        type=non_negative_float,
+        default=60.0,
+        metavar="S",
+        help="seconds between one-line summaries in the log; 0 for none (default: %(default)s)",
+    )
+    edge.add_argument(
         "--deploy-key",
         metavar="FILE",
         default=os.environ.get("STREAMPIPE_DEPLOY_KEY"),
@@ -289,6 +296,7 @@ def run(args: argparse.Namespace) -> int:
             max_seq_jump=args.max_seq_jump,
             max_clock_ahead=args.max_clock_ahead,
             stall_after=args.stall_after,
+            summary_interval=args.summary_interval,
             mode=args.mode,
             deploy_key=args.deploy_key,
             anomaly_threshold=args.anomaly_threshold,
