@@ -74,6 +74,14 @@ def register(sub: Any) -> argparse.ArgumentParser:
         "--prefix", default="sensor", help="device id prefix (default: %(default)s)"
     )
     sensors.add_argument(
+        "--format",
+        choices=["native", "z2m", "tasmota", "shelly", "esphome", "sparkplug"],
+        default="native",
+        help="publish as streampipe readings, or as Zigbee2MQTT, Tasmota, Shelly Gen2, "
+        "ESPHome or Sparkplug B devices do, for `streampipe ingest` (examples/ingest/"
+        "FORMAT.toml maps them back; default: %(default)s)",
+    )
+    sensors.add_argument(
         "--no-faults",
         dest="faults",
         action="store_false",
@@ -98,6 +106,7 @@ def run_sensors(
     faults: bool = True,
     stop: threading.Event | None = None,
     progress: bool = False,
+    format: str = "native",
 ) -> int:
     """Publish simulated readings until ``duration`` passes or ``stop`` is set; with
     ``progress``, say how many so far on stderr (:class:`~streampipe.cli.progress.Progress`)."""
@@ -112,7 +121,13 @@ def run_sensors(
     conn = Connection(broker, client_id("sensors")).connect()
     # Live readings cannot wait for a broker that is away: keep a bounded backlog and
     # count what overflows it (the edge sees those as sequence gaps).
-    pub = ReadingPublisher(conn, topics, batch_size=batch, linger=linger, overflow="drop_oldest")
+    pub: Any = ReadingPublisher(
+        conn, topics, batch_size=batch, linger=linger, overflow="drop_oldest"
+    )
+    if format != "native":  # as a vendor's devices publish, one message per reading
+        from streampipe.sources.formats import FormatPublisher, encoder
+
+        pub = FormatPublisher(conn, encoder(format))
     stats = pub.stats
 
     def published() -> int:
@@ -189,6 +204,7 @@ def run(args: argparse.Namespace) -> int:
         faults=args.faults,
         stop=stop,
         progress=True,
+        format=args.format,
     )
     print(f"published {n:,} readings from {args.devices} simulated sensors")  # dropped: logged
     return 0

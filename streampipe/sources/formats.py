@@ -52,6 +52,8 @@ out of the payload, as a device leaves out a value it could not read.
 
 from __future__ import annotations
 
+import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -69,6 +71,7 @@ __all__ = [
     "MAINS_VOLTS",
     "ESPHome",
     "Encoder",
+    "FormatPublisher",
     "Outgoing",
     "Shelly",
     "Sparkplug",
@@ -321,3 +324,54 @@ def encoder(name: str, **options: Any) -> Encoder:
     except KeyError:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, not {name!r}") from None
     return make(**options)
+
+
+@dataclass
+class FormatStats:
+    readings: int = 0
+    dropped_readings: int = 0
+
+
+class FormatPublisher:
+    """Publishes readings through an :class:`Encoder` (QoS 1, retained where the format
+    retains), with the loop-facing methods of :class:`~streampipe.publish.ReadingPublisher`
+    that ``streampipe sensors`` uses. Like it, it keeps a bounded backlog while the broker
+    is away: beyond ``backlog`` unacknowledged messages a reading is dropped and counted.
+    """
+
+    def __init__(self, conn: Any, enc: Encoder, backlog: int = 10_000) -> None:
+        self.conn = conn
+        self.encoder = enc
+        self.backlog = backlog
+        self.stats = FormatStats()
+        self._pending: deque[Any] = deque()  # MQTTMessageInfo, oldest first
+
+    def add(self, reading: Reading) -> None:
+        self.flush_due()
+        self.stats.readings += 1
+        if len(self._pending) >= self.backlog and self.conn.connected:
+            self.wait_acked(1.0, keep=self.backlog // 2)  # connected: a full backlog is speed
+        if len(self._pending) >= self.backlog:
+            self.stats.dropped_readings += 1
+            return
+        for m in self.encoder.encode(reading):
+            self._pending.append(self.conn.publish(m.topic, m.payload, qos=1, retain=m.retain))
+
+    def flush_due(self) -> None:
+        """Forget the messages the broker acknowledged (each message is sent at once)."""
+        while self._pending and self._pending[0].is_published():
+            self._pending.popleft()
+
+    def next_due(self) -> float | None:
+        return None  # nothing is held back
+
+    def wait_acked(self, timeout: float, keep: int = 0) -> bool:
+        """Wait until at most ``keep`` messages are unacknowledged."""
+        deadline = time.monotonic() + timeout
+        while len(self._pending) > keep:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self._pending[0].wait_for_publish(left)
+            self.flush_due()
+        return True
