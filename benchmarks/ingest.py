@@ -1,0 +1,351 @@
+"""What one ``streampipe ingest`` gateway sustains: Zigbee2MQTT-like JSON messages of one
+reading each, mapped to native readings, against the broker's own limit.
+
+    python benchmarks/ingest.py [--runs 3] [--seconds 5] [--quick]
+
+Starts a private Mosquitto and one gateway process (``python -m streampipe ingest --map
+…``, its defaults otherwise: batch 100, linger 100 ms, queue 1,000). Two sender
+processes, 50 devices each, publish QoS 1 JSON messages like a Zigbee2MQTT plug's (the
+simulated fleet's five features, ``power``, ``voltage``, ``linkquality``, ``state``, and
+``sent``: the send time), each at half the offered rate, for ``--seconds``. A subscriber
+in this process takes the gateway's native readings (and their schemas) and decodes them:
+the mapping makes ``sent`` the reading's time, so a reading's latency is its arrival
+here minus its send time.
+
+For each offered rate, in the same run:
+
+* **broker**: the same senders to topics no gateway claims, this process subscribed to
+  them directly: the broker's (and this machine's) own limit and latency;
+* **gateway**: the senders to ``zigbee2mqtt/<device>``, through the gateway.
+
+Throughput is readings received divided by the time from the first send to the last
+arrival (a gateway that falls behind shows it here, and in its latency). CPU per message
+is the gateway's user + system time (``/proc/<pid>/stat``) over the step, divided by the
+messages it mapped. Medians of ``--runs`` runs; the ratio (gateway/broker) is taken
+within each run, then its median. Everything shares this machine's cores: senders,
+broker, gateway and subscriber.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import orjson
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+
+from streampipe.broker import PrivateMosquitto
+from streampipe.codec import CodecError, SchemaRegistry, decode
+
+DEVICES_PER_SENDER = 50
+SENDERS = 2
+ROOT = "bench"
+MAPPING = """
+[[source]]
+name = "z2m"
+topic = "zigbee2mqtt/{device}"
+exclude = ["zigbee2mqtt/bridge/#"]
+target = "$.power"
+timestamp = { path = "$.sent", format = "unix" }
+"""
+
+SENDER = r"""
+import sys, time, threading
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from streampipe.sources.formats import Zigbee2MQTT
+from streampipe.sources.simulate import SensorFleet
+
+port, base, index, devices, rate, seconds, start_at = sys.argv[1:8]
+port, index, devices = int(port), int(index), int(devices)
+rate, seconds, start_at = float(rate), float(seconds), float(start_at)
+fleet = SensorFleet(devices, seed=index, prefix=f"s{index}", faults=False)
+enc = Zigbee2MQTT(base_topic=base)
+# Payloads made before the clock starts: '{"sent":<time>,' is put in front when sent.
+made = [enc.encode(fleet.read(i % devices, 1.7e9 + i))[0] for i in range(devices * 20)]
+made = [(m.topic, m.payload[1:]) for m in made]
+acked = 0
+lock = threading.Lock()
+def on_publish(*_):
+    global acked
+    with lock:
+        acked += 1
+c = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-sender-{index}-{time.time_ns()}",
+                protocol=MQTTProtocolVersion.MQTTv5)
+c.max_inflight_messages_set(100)
+c.on_publish = on_publish
+c.connect("127.0.0.1", port)
+c.loop_start()
+time.sleep(max(0.0, start_at - time.time()))
+t0 = time.monotonic()
+n = 0
+unlimited = rate <= 0
+while True:
+    now = time.monotonic()
+    if now - t0 >= seconds:
+        break
+    if not unlimited:
+        wait = t0 + n / rate - now
+        if wait > 0:
+            time.sleep(wait)
+    elif n - acked > 1000:  # at full speed, no more than the broker queues for us
+        time.sleep(0.0005)
+        continue
+    topic, rest = made[n % len(made)]
+    c.publish(topic, b'{"sent":%.6f,' % time.time() + rest, qos=1)
+    n += 1
+deadline = time.monotonic() + 60
+while acked < n and time.monotonic() < deadline:
+    time.sleep(0.01)
+c.loop_stop()
+c.disconnect()
+print(n, acked)
+"""
+
+
+@dataclass
+class Step:
+    sent: int = 0
+    received: int = 0
+    seconds: float = math.nan
+    latencies: list[float] = field(default_factory=list)
+    cpu: float = math.nan  # gateway CPU seconds over the step
+
+    @property
+    def rate(self) -> float:
+        return self.received / self.seconds if self.seconds > 0 else math.nan
+
+    def percentile(self, q: float) -> float:
+        if not self.latencies:
+            return math.nan
+        xs = sorted(self.latencies)
+        return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+class Subscriber:
+    """Receives the gateway's native readings, or the senders' messages directly."""
+
+    def __init__(self, port: int) -> None:
+        self.schemas = SchemaRegistry()
+        self.lock = threading.Lock()
+        self.step = Step()
+        self.last_arrival = 0.0
+        self.c = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=f"bench-sub-{time.time_ns()}",
+            protocol=MQTTProtocolVersion.MQTTv5,
+        )
+        self.c.max_inflight_messages_set(100)
+        self.c.on_message = self.on_message
+        subscribed = threading.Event()
+        self.c.on_subscribe = lambda *_: subscribed.set()
+        self.c.connect("127.0.0.1", port)
+        self.c.loop_start()
+        self.c.subscribe(
+            [
+                (f"{ROOT}/readings/+/+", 1),
+                (f"{ROOT}/schemas/+", 1),
+                ("direct/+", 1),
+            ]
+        )
+        if not subscribed.wait(10):
+            raise RuntimeError("the subscriber got no SUBACK")
+
+    def on_message(self, _c: object, _u: object, msg: paho.MQTTMessage) -> None:
+        now = time.time()
+        topic = msg.topic
+        if topic.startswith("direct/"):
+            sent = [orjson.loads(msg.payload)["sent"]]
+        elif topic.startswith(f"{ROOT}/schemas/"):
+            self.schemas.add_frame(msg.payload, topic.rsplit("/", 1)[1])
+            return
+        else:
+            try:
+                sent = decode(msg.payload, self.schemas).ts.tolist()
+            except CodecError as e:
+                print(f"undecodable reading frame: {e}", file=sys.stderr)
+                return
+        with self.lock:
+            self.step.received += len(sent)
+            self.step.latencies.extend(now - s for s in sent)
+            self.last_arrival = now
+
+    def reset(self) -> Step:
+        with self.lock:
+            step, self.step = self.step, Step()
+            return step
+
+    def close(self) -> None:
+        self.c.loop_stop()
+        self.c.disconnect()
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    utime, stime = int(fields[11]), int(fields[12])  # fields 14 and 15 of stat(5)
+    return (utime + stime) / os.sysconf("SC_CLK_TCK")
+
+
+def send(port: int, base: str, rate: float, seconds: float) -> tuple[int, float]:
+    """Run the senders; the messages they sent and when they began (Unix time)."""
+    start_at = time.time() + 2.0  # after both have started and connected
+    per_sender = rate / SENDERS if math.isfinite(rate) else 0.0
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                SENDER,
+                str(port),
+                base,
+                str(i),
+                str(DEVICES_PER_SENDER),
+                str(per_sender),
+                str(seconds),
+                str(start_at),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(SENDERS)
+    ]
+    sent = 0
+    for p in procs:
+        out, _ = p.communicate(timeout=seconds + 120)
+        n, acked = map(int, out.split())
+        if acked < n:
+            print(f"a sender had {n - acked} messages unacknowledged", file=sys.stderr)
+        sent += n
+    return sent, start_at
+
+
+def step(sub: Subscriber, port: int, base: str, rate: float, seconds: float, gw: int) -> Step:
+    sub.reset()
+    cpu0 = cpu_seconds(gw)
+    sent, began = send(port, base, rate, seconds)
+    # Until everything arrived, or nothing did for 10 s (a gateway that fell behind).
+    while True:
+        with sub.lock:
+            received, last = sub.step.received, sub.last_arrival
+        if received >= sent or time.time() - max(last, began + seconds) > 10:
+            break
+        time.sleep(0.05)
+    cpu = cpu_seconds(gw) - cpu0
+    result = sub.reset()
+    result.sent = sent
+    result.seconds = sub.last_arrival - began
+    result.cpu = cpu
+    return result
+
+
+def start_gateway(port: int, mapping: Path) -> subprocess.Popen:
+    gw = subprocess.Popen(
+        [sys.executable, "-m", "streampipe", "ingest", "--broker", f"mqtt://127.0.0.1:{port}",
+         "--topic-root", ROOT, "--map", str(mapping), "--id", "bench"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    return gw
+
+
+def wait_online(port: int) -> None:
+    online = threading.Event()
+    c = paho.Client(CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5)
+    c.on_message = lambda _c, _u, m: m.payload == b"online" and online.set()
+    c.connect("127.0.0.1", port)
+    c.loop_start()
+    c.subscribe(f"{ROOT}/status/bench", 1)
+    try:
+        if not online.wait(30):
+            raise RuntimeError("the gateway did not come online")
+    finally:
+        c.loop_stop()
+        c.disconnect()
+
+
+def payload_size() -> int:
+    from streampipe.sources.formats import Zigbee2MQTT
+    from streampipe.sources.simulate import SensorFleet
+
+    reading = SensorFleet(1, faults=False).read(0, 1.7e9)
+    return len(Zigbee2MQTT().encode(reading)[0].payload) + len('"sent":1700000000.000000,')
+
+
+def fmt_rate(rate: float) -> str:
+    return "max" if not math.isfinite(rate) else f"{rate:,.0f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=5.0, help="sending time per step")
+    parser.add_argument(
+        "--rates", default="1000,2000,4000,8000,max", help="offered messages/s, comma-separated"
+    )
+    parser.add_argument("--quick", action="store_true", help="1 run, 3 s steps")
+    args = parser.parse_args()
+    if args.quick:
+        args.runs, args.seconds = 1, 3.0
+    rates = [math.inf if r == "max" else float(r) for r in args.rates.split(",")]
+    results: dict[tuple[float, str], list[Step]] = {(r, w): [] for r in rates for w in ("b", "g")}
+    with PrivateMosquitto() as broker, tempfile.TemporaryDirectory() as tmp:
+        mapping = Path(tmp) / "z2m.toml"
+        mapping.write_text(MAPPING)
+        gw = start_gateway(broker.port, mapping)
+        sub = Subscriber(broker.port)
+        try:
+            wait_online(broker.port)
+            for run in range(args.runs):
+                for rate in rates:
+                    print(f"# run {run + 1}/{args.runs}: {fmt_rate(rate)}/s", file=sys.stderr)
+                    results[rate, "b"].append(
+                        step(sub, broker.port, "direct", rate, args.seconds, gw.pid)
+                    )
+                    results[rate, "g"].append(
+                        step(sub, broker.port, "zigbee2mqtt", rate, args.seconds, gw.pid)
+                    )
+        finally:
+            sub.close()
+            gw.send_signal(signal.SIGINT)
+            out, _ = gw.communicate(timeout=30)
+    print(
+        f"# {SENDERS} senders x {DEVICES_PER_SENDER} devices, QoS 1 JSON (~{payload_size()} B),"
+        f" {args.seconds:g} s a step, median of {args.runs} run(s); gateway defaults "
+        f"(batch 100, linger 100 ms); Python {sys.version.split()[0]}, {os.cpu_count()} cores"
+    )
+    print(f"# gateway: {out.strip()}")
+    header = (
+        f"{'offered/s':>9} | {'broker/s':>9} {'p50 ms':>7} {'p99 ms':>7} | "
+        f"{'gateway/s':>9} {'ratio':>5} {'µs CPU/msg':>10} {'p50 ms':>7} {'p99 ms':>7} "
+        f"{'+p50 ms':>7} {'lost':>5}"
+    )
+    print(header)
+    print("-" * len(header))
+    med = statistics.median
+    for rate in rates:
+        b, g = results[rate, "b"], results[rate, "g"]
+        ratio = med(gs.rate / bs.rate for gs, bs in zip(g, b))
+        cpu = med(gs.cpu / gs.received * 1e6 if gs.received else math.nan for gs in g)
+        b50, b99 = med(s.percentile(0.5) for s in b), med(s.percentile(0.99) for s in b)
+        g50, g99 = med(s.percentile(0.5) for s in g), med(s.percentile(0.99) for s in g)
+        added = med(gs.percentile(0.5) - bs.percentile(0.5) for gs, bs in zip(g, b))
+        lost = max(gs.sent - gs.received for gs in g)
+        print(
+            f"{fmt_rate(rate):>9} | {med(s.rate for s in b):>9,.0f} {b50 * 1e3:>7.1f} "
+            f"{b99 * 1e3:>7.1f} | {med(s.rate for s in g):>9,.0f} {ratio:>5.2f} {cpu:>10.0f} "
+            f"{g50 * 1e3:>7.1f} {g99 * 1e3:>7.1f} {added * 1e3:>7.1f} {lost:>5}"
+        )
+
+
+if __name__ == "__main__":
+    main()
