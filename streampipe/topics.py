@@ -15,6 +15,9 @@ Every topic starts with a root (``streampipe`` unless told otherwise):
                                         promotion
 ``ROOT/control/<stage_id>``             JSON commands to a stage, e.g.
                                         ``{"promote": "challenger"}``
+``ROOT/fleet/<name>/updates/<stage>``   retained, msgpack: a stage's latest model
+                                        update for fleet ``name`` (never readings)
+``ROOT/fleet/<name>/model``             retained, signed artifact: the fleet model
 =====================================  ==============================================
 
 The ``<partition>`` level (``p00`` … ``p63``, a fixed hash of the device id) lets several
@@ -175,3 +178,11 @@ class Topics:
 
     def control(self, stage_id: str = "+") -> str:
         return f"{self.root}/control/{stage_id}"
+
+    def fleet_updates(self, name: str, stage_id: str = "+") -> str:
+        """Retained: the latest model update a stage published for fleet ``name``."""
+        return f"{self.root}/fleet/{name}/updates/{stage_id}"
+
+    def fleet_model(self, name: str) -> str:
+        """Retained: the signed fleet model the aggregator of fleet ``name`` publishes."""
+        return f"{self.root}/fleet/{name}/model"

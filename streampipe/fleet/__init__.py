@@ -1,0 +1,7 @@
+"""Fleet learning: edges share model updates (never readings); an aggregator merges them.
+
+``params`` turns a federable River model into plain numbers and merges them; ``update``
+is the message an edge publishes; ``aggregator`` combines the latest update of each edge
+(staleness-discounted, robust to a bad edge); ``service`` runs it over MQTT and publishes
+the signed fleet model.
+"""
