@@ -16,7 +16,7 @@ import logging
 import socket
 import ssl
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -286,9 +286,17 @@ class Connection:
         qos: int = 1,
         retain: bool = False,
         content_type: str | None = None,
+        user_properties: Sequence[tuple[str, str]] = (),
     ) -> paho.MQTTMessageInfo:
+        """Publish; ``user_properties`` are MQTT v5 user properties (name, value), in order."""
         props = None
-        if content_type is not None:
+        if user_properties:
+            # Built for each message: the values differ from one to the next.
+            props = Properties(PacketTypes.PUBLISH)
+            if content_type is not None:
+                props.ContentType = content_type
+            props.UserProperty = list(user_properties)
+        elif content_type is not None:
             props = _publish_properties(content_type)
         info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
         if info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN:
