@@ -54,6 +54,8 @@ class _Watcher:
             body = json.loads(msg.payload)
         except ValueError:
             return
+        if not isinstance(body, dict):  # a retained last value (edge --last-value): 512.3
+            return
         with self.lock:
             if "/predictions/" in msg.topic:
                 predictions = body.get("predictions") or []

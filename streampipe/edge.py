@@ -49,6 +49,7 @@ from dataclasses import dataclass
 from paho.mqtt.client import MQTTMessageInfo
 from prometheus_client import CollectorRegistry
 
+from streampipe.homeassistant import DEFAULT_PREFIX, Discovery
 from streampipe.http import MAX_CONNECTIONS, REQUEST_TIMEOUT, Health, MetricsServer
 from streampipe.inbox import Inbox
 from streampipe.learn.challenger import PromotionRule
@@ -135,6 +136,10 @@ class EdgeConfig:
     challenger_name: str | None = None
     promote_if_better: float | None = None  # percent
     promote_after: int = 1000  # scored readings
+    # For Home Assistant and Node-RED (streampipe.homeassistant); off by default.
+    last_value: bool = False  # retain each device's newest y_pred on ROOT/predictions/<d>/last
+    ha_discovery: bool = False  # a discovery config per device (implies last_value)
+    ha_discovery_prefix: str = DEFAULT_PREFIX
 
 
 class TakenOver(MQTTError):
@@ -184,6 +189,10 @@ class EdgeService:
             promote=None
             if config.promote_if_better is None
             else PromotionRule(config.promote_if_better, config.promote_after),
+            last_value=config.last_value,
+            ha_discovery=Discovery(self.topics, config.stage_id, config.ha_discovery_prefix)
+            if config.ha_discovery
+            else None,
         )
         self.receiver: ModelReceiver | None = None
         if config.deploy_key is not None:
@@ -657,7 +666,12 @@ class EdgeService:
         if out.qos and len(self._outputs) >= MAX_UNACKED_OUTPUTS:
             self._await_outputs(MAX_UNACKED_OUTPUTS // 2)
         info = self.out.publish(
-            out.topic, out.payload, qos=out.qos, retain=out.retain, content_type="application/json"
+            out.topic,
+            out.payload,
+            qos=out.qos,
+            retain=out.retain,
+            content_type=out.content_type,
+            user_properties=out.user_properties,
         )
         if out.qos:
             self._outputs.append(info)

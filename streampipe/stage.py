@@ -32,7 +32,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import orjson
@@ -58,6 +58,9 @@ from streampipe.metrics import StageStats
 from streampipe.readings import Batch
 from streampipe.topics import InvalidName, Topics, check_name, partition_level
 from streampipe.validate import DEFAULT_MAX_ABS, Rejection, Validated, validate
+
+if TYPE_CHECKING:
+    from streampipe.homeassistant import Discovery
 
 __all__ = ["EdgeStage", "Outgoing"]
 
@@ -93,6 +96,8 @@ class Outgoing:
     payload: bytes
     qos: int = 1
     retain: bool = False
+    content_type: str = "application/json"
+    user_properties: tuple[tuple[str, str], ...] = ()  # MQTT v5 (name, value) pairs
 
 
 @dataclass(slots=True)
@@ -309,6 +314,8 @@ class EdgeStage:
         max_features: int = MAX_FEATURES,
         max_seq_jump: int = MAX_SEQ_JUMP,
         max_clock_ahead: float = MAX_CLOCK_AHEAD,
+        last_value: bool = False,
+        ha_discovery: Discovery | None = None,
     ) -> None:
         self.stage_id = check_name(stage_id, "stage id")
         self.spec = spec or ModelSpec.parse(DEFAULT_MODEL_SPEC)
@@ -379,6 +386,12 @@ class EdgeStage:
             self.learner.labels, self.challenger.labels if self.challenger else None
         )
         self._full_snapshot = False  # after a promotion, the next checkpoint is whole
+        # Outputs for tools that read one value (Home Assistant, Node-RED): the newest
+        # prediction retained on ROOT/predictions/<device>/last, which discovery points at.
+        self.last_value = last_value or ha_discovery is not None
+        self.ha_discovery = ha_discovery
+        if ha_discovery is not None:
+            ha_discovery.numeric = self.learner.kind != "classifier"
 
     def _add_challenger(
         self,
@@ -640,7 +653,11 @@ class EdgeStage:
         stats.non_finite_predictions += result.non_finite
         out: list[Outgoing] = []
         if result.y_pred:
+            if self.ha_discovery is not None:
+                out += self.ha_discovery.announce(batch.device, self.stats.model_name)
             out.append(self._predictions(checked, result, received))
+            if self.last_value:
+                out.append(self._last_value(checked, result))
             if (
                 self.challenger is not None
                 or self.monitors
@@ -907,6 +924,23 @@ class EdgeStage:
             "predictions": predictions,
         }
         return Outgoing(self.topics.predictions(device), _json(body))
+
+    def _last_value(self, checked: Validated, result: LearnResult) -> Outgoing:
+        """The batch's newest prediction as plain text, retained, with its reading's ``ts``
+        and ``seq`` as user properties. A non-finite one (``null`` in the JSON) is ``None``,
+        which Home Assistant shows as unknown."""
+        y = result.y_pred[-1]
+        i = result.skipped + len(result.y_pred) - 1  # its reading, paired as _predictions does
+        text = y if isinstance(y, str) else "None" if y is None else _json(y).decode()
+        props = (("ts", _json(float(checked.timestamps[i])).decode()),
+                 ("seq", str(int(checked.seqs[i]))))  # fmt: skip
+        return Outgoing(
+            self.topics.last_value(checked.batch.device),
+            text.encode(),
+            retain=True,
+            content_type="text/plain",
+            user_properties=props,
+        )
 
     def dead_letter(
         self,

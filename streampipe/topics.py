@@ -6,6 +6,8 @@ Every topic starts with a root (``streampipe`` unless told otherwise):
 ``ROOT/readings/<partition>/<device>``  readings of one device (msgpack + zstd frames)
 ``ROOT/schemas/<schema_id>``            retained field-name schemas for small frames
 ``ROOT/predictions/<device>``           JSON predictions, one message per batch
+``ROOT/predictions/<device>/last``      with ``--last-value``: retained, the newest
+                                        ``y_pred`` as plain text (``512.3``)
 ``ROOT/metrics/<stage_id>``             JSON rolling metrics of a stage
 ``ROOT/deadletter/<stage_id>``          JSON, one message per rejected input message
 ``ROOT/status/<stage_id>``              retained ``online`` / ``offline`` (last will)
@@ -32,6 +34,8 @@ compute a partition.
 'streampipe/readings/p39/boiler-1'
 >>> t.predictions("boiler-1")
 'streampipe/predictions/boiler-1'
+>>> t.last_value("boiler-1")
+'streampipe/predictions/boiler-1/last'
 >>> t.device_of_reading_topic("streampipe/readings/p39/boiler-1")
 'boiler-1'
 """
@@ -151,6 +155,11 @@ class Topics:
 
     def predictions(self, device: str = "+") -> str:
         return f"{self.root}/predictions/{device}"
+
+    def last_value(self, device: str = "+") -> str:
+        """Retained, the newest prediction of a device as plain text. One level below its
+        predictions: ``ROOT/predictions/#`` gets both, ``ROOT/predictions/+`` only JSON."""
+        return f"{self.root}/predictions/{device}/last"
 
     def metrics(self, stage_id: str = "+") -> str:
         return f"{self.root}/metrics/{stage_id}"

@@ -208,6 +208,7 @@ def register(sub: Any) -> argparse.ArgumentParser:
         "other (default: $STREAMPIPE_DEPLOY_KEY, else models are not hot-swapped)",
     )
     _add_evaluation(edge)
+    _add_home_automation(edge)
     edge.set_defaults(run=run)
     return edge
 
@@ -263,6 +264,34 @@ def _add_evaluation(edge: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_home_automation(edge: argparse.ArgumentParser) -> None:
+    g = edge.add_argument_group(
+        "Home Assistant and Node-RED",
+        "Predictions in the shape that home automation tools read: one retained value "
+        "per device, and Home Assistant's MQTT discovery.",
+    )
+    g.add_argument(
+        "--last-value",
+        action="store_true",
+        help="after each predictions message, retain the device's newest y_pred as plain text "
+        "(e.g. 512.3) on ROOT/predictions/DEVICE/last, with the reading's ts and seq as MQTT "
+        "v5 user properties (default: off)",
+    )
+    g.add_argument(
+        "--ha-discovery",
+        action="store_true",
+        help="on each device's first prediction, retain a Home Assistant MQTT discovery config "
+        "on PREFIX/sensor/OBJECT_ID/config, so the prediction shows up as a sensor entity; "
+        "its state is the --last-value topic, which this turns on (default: off)",
+    )
+    g.add_argument(
+        "--ha-discovery-prefix",
+        default="homeassistant",
+        metavar="PREFIX",
+        help="Home Assistant's discovery prefix (default: %(default)s)",
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     from streampipe.edge import EdgeConfig, EdgeService
     from streampipe.http import ListenError
@@ -306,6 +335,9 @@ def run(args: argparse.Namespace) -> int:
             challenger_name=args.challenger_name,
             promote_if_better=args.promote_if_better,
             promote_after=args.promote_after,
+            last_value=args.last_value or args.ha_discovery,
+            ha_discovery=args.ha_discovery,
+            ha_discovery_prefix=args.ha_discovery_prefix,
         )
     )
     on_signals(service.stop)
