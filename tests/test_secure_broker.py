@@ -37,6 +37,7 @@ from streampipe.transport import (
 
 ROOT = Topics("streampipe")
 SENSOR = "boiler-1"
+HA = "homeassistant"  # the discovery prefix the ACL grants edges
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +67,7 @@ def connect(u: BrokerURL) -> Connection:
 
 @pytest.fixture
 def operator(secure: tuple[SecureSetup, int]) -> Iterator[Capture]:
-    cap = Capture(url(secure, "operator"), [f"{ROOT.root}/#"])
+    cap = Capture(url(secure, "operator"), [f"{ROOT.root}/#", f"{HA}/#"])
     yield cap
     cap.close()
 
@@ -147,6 +148,14 @@ def _publish(conn: Connection, topic: str, payload: bytes) -> None:
         ),
         ("edge-1", [f"{ROOT.root}/models/default", ROOT.readings("x")], ROOT.predictions("x")),
         ("edge-1", [ROOT.control("edge-1")], ROOT.events("edge-1")),
+        # --ha-discovery: sensor configs only, under the default prefix; --last-value.
+        (
+            "edge-1",
+            [f"{HA}/switch/x/config", f"{HA}/sensor/x/state", f"{HA}/sensor/a/b/config"],
+            f"{HA}/sensor/streampipe_edge-1_x_m/config",
+        ),
+        ("edge-1", [], ROOT.last_value("x")),
+        (SENSOR, [f"{HA}/sensor/x/config"], ROOT.readings(SENSOR)),
         # One stage's account cannot claim, stop or speak for another (issue 18 §7).
         (
             "edge-1",

@@ -47,8 +47,8 @@ ROLES = {
 #: per stage: a stage's login cannot claim, stop or speak for another stage.
 STAGE_ROLE = (
     "one edge stage, named by its --stage-id: reads readings, schemas, models and its "
-    "control topic; writes predictions, and its own metrics, dead letters, events, "
-    "status and claim"
+    "control topic; writes predictions (and their Home Assistant discovery configs), and "
+    "its own metrics, dead letters, events, status and claim"
 )
 #: The stages of docker-compose.yml, and the accounts ``init-secure`` makes by default.
 DEFAULT_STAGES = ("edge-1", "edge-2")
@@ -86,8 +86,9 @@ def acl_text(root: str, stages: Sequence[str] = DEFAULT_STAGES) -> str:
 #   <device id>  a sensor: publishes only its own readings (and schemas)
 #   gateway      publishes the readings of any device (simulator, replays, gateways)
 #   <stage id>   an edge stage: reads readings, schemas, models and its control
-#                topic; writes predictions, and its own metrics, dead letters,
-#                events, status and claim (so one stage cannot stop another)
+#                topic; writes predictions (and their Home Assistant discovery
+#                configs), and its own metrics, dead letters, events, status
+#                and claim (so one stage cannot stop another)
 #   operator     reads and writes everything: the only account that publishes models
 
 # Patterns apply to every user. %u is the user name Mosquitto authenticated; the
@@ -106,6 +107,8 @@ topic write {root}/readings/#
 {"".join(_stage_block(root, stage) for stage in stages)}\
 user operator
 topic readwrite {root}/#
+# The Home Assistant discovery configs edges publish (and may need clearing).
+topic readwrite homeassistant/#
 """
 
 
@@ -121,6 +124,10 @@ topic write {root}/predictions/#
 topic write {root}/metrics/{stage}
 topic write {root}/deadletter/{stage}
 topic write {root}/events/{stage}
+# `edge --ha-discovery` with Home Assistant's default prefix: a sensor config per
+# device (another --ha-discovery-prefix needs its own line). ROOT/predictions/#
+# above already covers the retained last values (`--last-value`).
+topic write homeassistant/sensor/+/config
 # Its status, the retained claim that keeps a second process from running the stage,
 # and the liveness probes of that claim: this stage's only.
 topic readwrite {root}/status/{stage}
