@@ -53,6 +53,7 @@ __all__ = [
     "check_federable",
     "extract",
     "merge",
+    "merge_scalers",
     "refusal",
     "validate",
 ]
@@ -223,8 +224,9 @@ def apply(model: Any, params: Params) -> Any:
     return model
 
 
-def _merge_scalers(scalers: list[dict[str, Any]]) -> dict[str, Any]:
-    """Exactly River's ``stats.Var.__iadd__``, folded left over the scalers."""
+def merge_scalers(scalers: list[dict[str, Any]]) -> dict[str, Any]:
+    """Scaler parameters merged exactly as River's ``stats.Var.__iadd__`` merges, folded
+    left over the scalers: counts add; means and variances by Chan et al.'s formula."""
     counts: dict[str, int] = {}
     means: dict[str, float] = {}
     sums: dict[str, float] = {}  # n * var: the sum of squared deviations
@@ -289,7 +291,7 @@ def merge(items: list[tuple[Params, float]]) -> Params:
     opts = [(p.get("optimizer") or {"n_iterations": 0, "state": {}}, w) for p, w in items]
     names = sorted({n for o, _ in opts for n in o["state"]})
     return {
-        "scaler": None if scalers[0] is None else _merge_scalers(scalers),
+        "scaler": None if scalers[0] is None else merge_scalers(scalers),
         "weights": _weighted_mean([(p["weights"], w) for p, w in items]),
         "intercept": sum(w * p["intercept"] for p, w in items) / total,
         "optimizer": {
