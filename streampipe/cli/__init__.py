@@ -29,6 +29,7 @@ from streampipe.cli import (
     promote,
     replay,
     sensors,
+    train,
 )
 from streampipe.cli.options import broker_with_credentials
 from streampipe.secure.certs import MissingCryptography
@@ -40,7 +41,19 @@ from streampipe.transport import InvalidBrokerURL, MQTTError
 __all__ = ["build_parser", "main"]
 
 #: In the order ``streampipe --help`` lists them.
-COMMANDS = (edge, ingest, replay, sensors, demo, promote, keys, deploy, export, broker)
+COMMANDS = (
+    edge,
+    ingest,
+    replay,
+    train,
+    sensors,
+    demo,
+    promote,
+    keys,
+    deploy,
+    export,
+    broker,
+)
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 #: Errors that are the user's to fix: printed as one line, never as a traceback.
