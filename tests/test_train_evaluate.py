@@ -1,4 +1,5 @@
-"""`streampipe train`: models from history, equal to River's own over the same rows."""
+"""`streampipe train` and `streampipe evaluate`: models and scores from history, equal to
+River's own over the same rows."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import random
 
 import pytest
 from replaying import write_csv
-from river import datasets, linear_model, preprocessing
+from river import datasets, evaluate, linear_model, metrics, preprocessing
 
 from streampipe.cli import main
 from streampipe.models.deploy import read_model_file
@@ -144,3 +145,71 @@ def test_a_train_mistake_is_one_line_and_exit_2(trump, tmp_path, capsys, args, m
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith(message)
     assert not out.exists()
+
+
+def table(capsys, *args: str) -> list[str]:
+    assert main(["evaluate", *args]) == 0
+    return capsys.readouterr().out.splitlines()
+
+
+def test_evaluate_prints_river_s_progressive_val_score(trump, capsys):
+    river = [metrics.MAE(), metrics.RMSE(), metrics.R2()]
+    for m in river:
+        evaluate.progressive_val_score(datasets.TrumpApproval(), river_default([]), m)
+    lines = table(capsys, str(trump), "--target", "y")
+    assert lines[0] == f"{trump}: 1,001 rows, each predicted then learned by 1 model of each spec"
+    assert lines[1].split() == ["MAE", "RMSE", "R2", "scored", "refused", "µs/row", "model"]
+    assert "1.314548" in lines[2].split()
+    assert lines[2].split()[:5] == [f"{m.get():,.6f}" for m in river] + ["1,001", "0"]
+    assert lines[2].endswith(f"  {DEFAULT}")
+
+
+def test_evaluate_compares_specs_side_by_side(trump, capsys):
+    other = "preprocessing.StandardScaler | linear_model.LinearRegression(l2=0.1)"
+    expected = evaluate.progressive_val_score(
+        datasets.TrumpApproval(),
+        preprocessing.StandardScaler() | linear_model.LinearRegression(l2=0.1),
+        metrics.MAE(),
+    )
+    lines = table(capsys, str(trump), "--target", "y", "--model", DEFAULT, "--model", other)
+    assert len(lines) == 4
+    assert lines[2].split()[0] == "1.314548" and lines[2].endswith(f"  {DEFAULT}")
+    assert lines[3].split()[0] == f"{expected.get():,.6f}" and lines[3].endswith(f"  {other}")
+
+
+def test_evaluate_a_classifier_on_phishing_as_river_does(phishing, capsys):
+    river = {"Accuracy": metrics.Accuracy(), "F1": metrics.F1(), "ROCAUC": metrics.ROCAUC()}
+    for m in river.values():
+        model = preprocessing.StandardScaler() | linear_model.LogisticRegression()
+        evaluate.progressive_val_score(datasets.Phishing(), model, m)
+    lines = table(capsys, str(phishing), "--target", "y", "--model", LOGISTIC)
+    assert lines[1].split()[:3] == ["Accuracy", "F1", "ROCAUC"]
+    assert lines[2].split()[:3] == [f"{m.get():.2%}" for m in river.values()]
+    assert lines[2].split()[0] == "89.28%"
+
+
+def test_evaluate_learns_a_model_per_device_like_the_edge_or_one_for_all(fleet, capsys):
+    path, rows = fleet
+    per_device, models = metrics.MAE(), {}
+    for device, x, y in rows:
+        model = models.setdefault(
+            device, preprocessing.StandardScaler() | linear_model.LinearRegression()
+        )
+        per_device.update(y, model.predict_one(x))
+        model.learn_one(x, y)
+    lines = table(capsys, str(path), "--target", "y")
+    assert "3 models (one per device)" in lines[0]
+    assert lines[2].split()[0] == f"{per_device.get():,.6f}"
+
+    one = metrics.MAE()
+    evaluate.progressive_val_score([(x, y) for _, x, y in rows], river_default([]), one)
+    lines = table(capsys, str(path), "--target", "y", "--one-model")
+    assert "by 1 model of each spec" in lines[0]
+    assert lines[2].split()[0] == f"{one.get():,.6f}"
+
+
+def test_evaluate_a_device_with_no_rows_is_one_line(fleet, capsys):
+    path, _ = fleet
+    assert main(["evaluate", str(path), "--target", "y", "--device", "m9"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1] == f"streampipe evaluate: error: device m9 has no rows in {path}"
