@@ -27,6 +27,7 @@ mapping is loaded. What a message becomes:
 from __future__ import annotations
 
 import math
+import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -153,10 +154,50 @@ class CounterRule:
     modulo: int | None = 2**32
 
 
+_SEGMENT = re.compile(r"\['([^'\\]*)'\]|\[(-?\d+)\]")
+#: path -> its keys and indexes, for paths of names and indexes only (None otherwise).
+_SIMPLE: dict[int, tuple[jsonpath.JSONPath, tuple[str | int, ...] | None]] = {}
+
+
+def _keys(path: jsonpath.JSONPath) -> tuple[str | int, ...] | None:
+    """The steps of a singular path of member names and indexes (``$.a.b``,
+    ``$.a[0]["c:d"]``), which are looked up directly, at a tenth of what the JSONPath
+    engine takes; ``None`` for any other path, which the engine evaluates.
+
+    >>> _keys(compile_path('$.params["switch:0"].apower')), _keys(compile_path("$.a[*]"))
+    (('params', 'switch:0', 'apower'), None)
+    """
+    cached = _SIMPLE.get(id(path))
+    if cached is not None and cached[0] is path:
+        return cached[1]
+    text = str(path)
+    keys: tuple[str | int, ...] | None = None
+    if path.singular_query() and text.startswith("$"):
+        steps = list(_SEGMENT.finditer(text, 1))
+        if "".join(m.group(0) for m in steps) == text[1:]:
+            keys = tuple(m.group(1) if m.group(2) is None else int(m.group(2)) for m in steps)
+    _SIMPLE[id(path)] = (path, keys)
+    return keys
+
+
 def _first(path: jsonpath.JSONPath, doc: Any) -> tuple[bool, Any, tuple]:
-    for match in path.finditer(doc):
-        return True, match.obj, tuple(match.parts)
-    return False, None, ()
+    keys = _keys(path)
+    if keys is None:
+        for match in path.finditer(doc):
+            return True, match.obj, tuple(match.parts)
+        return False, None, ()
+    value, at = doc, []
+    for key in keys:
+        if isinstance(key, str):
+            if not isinstance(value, dict) or key not in value:
+                return False, None, ()
+        else:
+            if not isinstance(value, list) or not -len(value) <= key < len(value):
+                return False, None, ()
+            key = key % len(value)
+        value = value[key]
+        at.append(key)
+    return True, value, tuple(at)
 
 
 def _flatten(prefix: str, value: Any, out: dict[str, float], skip: tuple, at: tuple, depth: int):
