@@ -17,7 +17,9 @@ Threads and their jobs:
 
 With a deploy key, model artifacts (``ROOT/models/<name>``) come through the same queue
 and are handled by the worker like readings (:mod:`streampipe.models.receive`), so a
-hot swap falls between two messages and is committed with them.
+hot swap falls between two messages and is committed with them. So does the fleet model
+(``ROOT/fleet/<name>/model``) of a stage with ``fleet``, whose model updates the worker
+publishes between messages (:mod:`streampipe.fleet.edge`).
 
 Flow control, so that a load larger than the edge can take is a normal condition:
 the stage announces a *Receive Maximum* equal to its queue's capacity, so the broker
@@ -45,6 +47,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from paho.mqtt.client import MQTTMessageInfo
 from prometheus_client import CollectorRegistry
@@ -76,6 +79,9 @@ from streampipe.state import CheckpointStore
 from streampipe.topics import DEFAULT_ROOT, InvalidName, Topics, check_name
 from streampipe.transport import BrokerURL, Connection, Message, MQTTError, Will
 
+if TYPE_CHECKING:
+    from streampipe.fleet.edge import FleetMember
+
 __all__ = ["AlreadyRunning", "EdgeConfig", "EdgeService", "TakenOver"]
 
 log = logging.getLogger(__name__)
@@ -94,6 +100,8 @@ PROBE_TIMEOUT = 3.0
 #: A probe (QoS 0) is sent again this often until answered or PROBE_TIMEOUT is up.
 PROBE_EVERY = 0.5
 _NONCE = re.compile(r"[0-9a-f]{1,64}")
+#: The checkpoint's stage-wide state keeps the fleet's part under this key.
+FLEET = "fleet"
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +148,10 @@ class EdgeConfig:
     last_value: bool = False  # retain each device's newest y_pred on ROOT/predictions/<d>/last
     ha_discovery: bool = False  # a discovery config per device (implies last_value)
     ha_discovery_prefix: str = DEFAULT_PREFIX
+    # Fleet learning (streampipe.fleet.edge); off by default. Needs deploy_key.
+    fleet: str | None = None  # the fleet's name: updates out, the fleet model in
+    fleet_interval: float = 10.0  # s from learning something to the update, at most
+    fleet_blend: float = 0.0  # share of each new fleet model mixed into devices' models
 
 
 class TakenOver(MQTTError):
@@ -202,6 +214,22 @@ class EdgeService:
             except InvalidName as exc:
                 raise InvalidName(f"{exc}: give the stage a --model-name to deploy to") from None
             self.receiver = ModelReceiver(self.stage, load_verify_key(config.deploy_key), name)
+        self.fleet: FleetMember | None = None
+        if config.fleet is not None:
+            if self.receiver is None:
+                raise ValueError(
+                    "--fleet needs --deploy-key: the fleet model is verified with it, as "
+                    "deployed models are"
+                )
+            from streampipe.fleet.edge import FleetMember  # imports the fleet's parts
+
+            self.fleet = FleetMember(
+                self.stage,
+                self.receiver.key,
+                config.fleet,
+                interval=config.fleet_interval,
+                blend=config.fleet_blend,
+            )
         self.checkpoints = (
             CheckpointStore(config.state_dir, config.stage_id) if config.state_dir else None
         )
@@ -323,6 +351,8 @@ class EdgeService:
             saved = self.checkpoints.load()
             if saved is not None:
                 self.stage.restore(*saved)
+                if self.fleet is not None:
+                    self.fleet.restore(saved[0].get(FLEET))
                 self.stats.model_version = self.stage.learner.version
                 log.info(
                     "resumed %d device models from %s", self.stats.devices, self.checkpoints.path
@@ -350,6 +380,8 @@ class EdgeService:
             # First, so that a stage starting afresh runs the deployed model from its
             # first reading: the retained artifact is queued ahead of new readings.
             self.conn.subscribe([self.receiver.topic], qos=1)
+        if self.fleet is not None:  # so too the fleet model that new devices start from
+            self.conn.subscribe([self.fleet.topic], qos=1)
         self.conn.subscribe(
             [self._instance_topic, self.topics.schemas(), self.topics.control(cfg.stage_id)],
             qos=1,
@@ -366,6 +398,11 @@ class EdgeService:
                 self.receiver.topic,
                 self.stats.model_version,
             )
+        if self.fleet is not None:
+            log.info(
+                "fleet %s: updates on %s at most every %g s, fleet model from %s",
+                cfg.fleet, self.fleet.updates_topic, cfg.fleet_interval, self.fleet.topic,
+            )  # fmt: skip
         self.ready.set()
         return self
 
@@ -505,6 +542,8 @@ class EdgeService:
                     self._oldest_uncommitted + self.config.checkpoint_interval
                 ):
                     self._commit()
+                if self.fleet is not None:
+                    self._send_update(self.fleet.poll(time.monotonic()))
                 if time.monotonic() >= next_metrics:
                     self._finish(*self.stage.expire_held())  # type: ignore[arg-type]
                     self._publish(self.stage.metrics_message())
@@ -555,6 +594,8 @@ class EdgeService:
         try:
             if receiver is not None and msg.topic == receiver.topic:
                 outputs, done = receiver.handle(msg.topic, msg.payload), [token]
+            elif self.fleet is not None and msg.topic == self.fleet.topic:
+                outputs, done = self.fleet.handle(msg.topic, msg.payload), [token]
             else:
                 outputs, done = self.stage.handle_message(
                     msg.topic,
@@ -655,9 +696,16 @@ class EdgeService:
         self._uncommitted.clear()
         return True
 
+    def _send_update(self, update: Outgoing | None) -> None:
+        """Publish a fleet update; it changes no model, so nothing waits on it."""
+        if update is not None:
+            self._publish(update)
+
     def _checkpoint(self) -> None:
         if self.checkpoints is not None:
             meta, changed, full = self.stage.snapshot()
+            if self.fleet is not None:
+                meta = {**meta, FLEET: self.fleet.snapshot()}
             self.checkpoints.save(meta, changed, full=full)
 
     def _publish(self, out: Outgoing) -> None:
@@ -694,6 +742,8 @@ class EdgeService:
             # Finish what was already received; the session (and its subscriptions) stays
             # with the broker, which keeps what arrives from now on for the next start.
             self._drain(self.inbox.qsize())
+            if self.fleet is not None:  # what was learned since the last update
+                self._send_update(self.fleet.poll(float("inf")))
             self._publish(self.stage.metrics_message())
             self.stage.dead_letters.flush(force=True)
             self._log_summary()

@@ -102,6 +102,9 @@ class StageStats:
         self.anomalies = 0  # anomaly events published
         self.promotions = 0
         self._drifts: dict[str, int] = {}  # by model name: bounded (champion, challenger)
+        #: With fleet learning, the stage's streampipe.fleet.edge.FleetMember: its counts,
+        #: the fleet model's version and its scores on this stage's readings.
+        self.fleet: Any = None
         #: Per-sender bounds by name (a fixed vocabulary): how much is used, and the bound.
         self.limits: dict[str, Callable[[], tuple[float, float]]] = {}
 
@@ -136,11 +139,15 @@ class StageStats:
         return self.model.metrics.as_dict() if self.model is not None else {}
 
     def evaluated(self) -> list[tuple[str, dict[str, Any]]]:
-        """``(model name, metrics)`` of the served model, then of the challenger."""
+        """``(model name, metrics)`` of the served model, then of the challenger, then of
+        the fleet model (as ``fleet``), those the stage has."""
         models = [(self.model_name, self.model_metrics())]
         challenger = self.challenger
         if challenger is not None:
             models.append((self.challenger_name, challenger.metrics.as_dict()))
+        fleet = self.fleet
+        if fleet is not None and fleet.version:
+            models.append((fleet.LABEL, fleet.scores.as_dict()))
         return models
 
     def snapshot(self) -> dict[str, Any]:
@@ -175,10 +182,14 @@ class StageStats:
     def _evaluation(self) -> dict[str, Any]:
         """The parts of the snapshot that only some stages have."""
         extra: dict[str, Any] = {}
-        models = self.evaluated()
-        if len(models) > 1:
-            name, metrics = models[1]
-            extra["challenger"] = {"model": name, "metrics": metrics}
+        challenger = self.challenger
+        if challenger is not None:
+            extra["challenger"] = {
+                "model": self.challenger_name,
+                "metrics": challenger.metrics.as_dict(),
+            }
+        if self.fleet is not None:
+            extra["fleet"] = self.fleet.snapshot_stats()
         kind = getattr(self.model, "kind", None)
         if kind == "anomaly":
             extra["anomalies"] = self.anomalies
@@ -451,3 +462,24 @@ class StageCollector(Collector):
         )
         yield counter("anomalies", "Readings published as anomaly events.", s.anomalies)
         yield counter("promotions", "Challengers promoted to serve.", s.promotions)
+        fleet = s.fleet
+        if fleet is not None:
+            yield counter(
+                "fleet_updates_sent", "Model updates published for the fleet.", fleet.updates
+            )
+            yield counter(
+                "fleet_models_received",
+                "Fleet models verified and taken (new devices start from the newest).",
+                fleet.received,
+            )
+            yield counts_by(
+                "fleet_models_refused",
+                "Fleet models refused, by reason (as deployed models are).",
+                "reason",
+                fleet.refused_by_reason(),
+            )
+            yield gauge(
+                "fleet_model_version",
+                "Version of the fleet model this stage has (0: none yet).",
+                fleet.version,
+            )

@@ -392,6 +392,9 @@ class EdgeStage:
         self.ha_discovery = ha_discovery
         if ha_discovery is not None:
             ha_discovery.numeric = self.learner.kind != "classifier"
+        #: Told of every predicted batch, after it was learned: ``(batch, result)``
+        #: (the fleet model scores the same readings: streampipe.fleet.edge).
+        self.on_predicted: Callable[[Validated, LearnResult], None] | None = None
 
     def _add_challenger(
         self,
@@ -630,6 +633,8 @@ class EdgeStage:
         # Per-device bounds (devices, features, seq jumps), judged once for both models.
         checked = self.learner.admit(checked)
         result = self.learner.process(checked)
+        if result.y_pred and self.on_predicted is not None:
+            self.on_predicted(checked, result)
         rejected = checked.rejected
         duplicates = result.duplicates
         if redelivered and duplicates:
@@ -923,6 +928,8 @@ class EdgeStage:
             "version": result.version,
             "predictions": predictions,
         }
+        if result.fleet_version:  # the device's model started from this fleet model
+            body["fleet_version"] = result.fleet_version
         return Outgoing(self.topics.predictions(device), _json(body))
 
     def _last_value(self, checked: Validated, result: LearnResult) -> Outgoing:

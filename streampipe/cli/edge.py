@@ -208,6 +208,7 @@ def register(sub: Any) -> argparse.ArgumentParser:
         "other (default: $STREAMPIPE_DEPLOY_KEY, else models are not hot-swapped)",
     )
     _add_evaluation(edge)
+    _add_fleet(edge)
     _add_home_automation(edge)
     edge.set_defaults(run=run)
     return edge
@@ -261,6 +262,40 @@ def _add_evaluation(edge: argparse.ArgumentParser) -> None:
         default=1000,
         metavar="N",
         help="readings the promotion rule compares over (default: %(default)s)",
+    )
+
+
+def _add_fleet(edge: argparse.ArgumentParser) -> None:
+    g = edge.add_argument_group(
+        "fleet learning",
+        "Share what this stage's device models learned (parameters, never readings) with "
+        "an aggregator (`streampipe aggregate`), and start new devices from the fleet model "
+        "it publishes. The model must be StandardScaler | LinearRegression or "
+        "LogisticRegression (or the linear model alone).",
+    )
+    g.add_argument(
+        "--fleet",
+        metavar="NAME",
+        help="join fleet NAME: publish updates retained on ROOT/fleet/NAME/updates/STAGE_ID; "
+        "take the fleet model from ROOT/fleet/NAME/model, signed with the --deploy-key's "
+        "private key, which new devices start from (default: none, no fleet learning)",
+    )
+    g.add_argument(
+        "--fleet-interval",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="seconds between updates at most, and from learning something to the update "
+        "that has it at the latest (default: %(default)s)",
+    )
+    g.add_argument(
+        "--fleet-blend",
+        type=float,
+        default=0.0,
+        metavar="ALPHA",
+        help="after each new fleet model, make each existing device's weights, intercept and "
+        "optimizer state (1-ALPHA)*own + ALPHA*fleet, keeping its own StandardScaler; 0 keeps "
+        "them as they are (default: %(default)s)",
     )
 
 
@@ -338,6 +373,9 @@ def run(args: argparse.Namespace) -> int:
             last_value=args.last_value or args.ha_discovery,
             ha_discovery=args.ha_discovery,
             ha_discovery_prefix=args.ha_discovery_prefix,
+            fleet=args.fleet,
+            fleet_interval=args.fleet_interval,
+            fleet_blend=args.fleet_blend,
         )
     )
     on_signals(service.stop)

@@ -15,6 +15,9 @@ watermark, since readings sent before the stage saw the device were not lost.
 Each device's model has a *version*: 1 is what the stage's spec builds. :meth:`OnlineLearner.deploy`
 hot-swaps a deployed model in between two batches: every matching device continues
 from its own copy of it, watermark unchanged, and devices seen later start from it.
+With fleet learning (:mod:`streampipe.fleet.edge`), a device seen for the first time
+that no deployed model matches starts from a copy of :attr:`OnlineLearner.fleet`, the
+fleet model, and its :attr:`DeviceState.fleet_version` says which version that was.
 
 In ``minibatch`` mode each batch is predicted with ``predict_many`` and then learned
 with ``learn_many``: much faster, but a reading's prediction no longer comes from a
@@ -88,10 +91,13 @@ class DeviceState:
     features: set[str] = field(default_factory=set)  # names its model has learned
     #: ``(epoch, seq)`` of the last reading refused as ``seq_jump``, until one is learned.
     jumped_to: tuple[int, int] | None = None
+    #: The fleet model version this device's model started from (0: none).
+    fleet_version: int = 0
 
     def __setstate__(self, state: tuple[None, dict[str, Any]]) -> None:
         self.version = 1  # checkpoints from before deployments did not record it
         self.features, self.jumped_to = set(), None  # nor these
+        self.fleet_version = 0  # nor this, from before fleet learning
         for name, value in state[1].items():
             setattr(self, name, value)
 
@@ -133,6 +139,7 @@ class LearnResult:
     first_seq: int | None = None
     non_finite: int = 0  # predictions that were not finite numbers (published as null)
     version: int = 1  # of the device's model that made the predictions
+    fleet_version: int = 0  # the fleet model version the device's model started from
     #: The predicted readings' targets as the model saw them (labels for a classifier).
     y_true: list[Any] = field(default_factory=list)
     #: A classifier's probability of each predicted class (None where it has none).
@@ -201,6 +208,12 @@ class OnlineLearner:
         self.spec_version = 1
         #: Deployed models that new devices start from, oldest first (the newest match wins).
         self.deployed: list[Deployed] = []
+        #: The fleet model that new devices start from, if any (set by
+        #: streampipe.fleet.edge, which checkpoints it), under its fleet version.
+        self.fleet: Deployed | None = None
+        #: Readings predicted (and learned, where they had a target) since this learner
+        #: was made: tells that something was learned since a given moment.
+        self.learned = 0
         if mode == "minibatch":
             _need_pandas()
         if mode == "minibatch" and not supports_minibatch(model):
@@ -285,6 +298,11 @@ class OnlineLearner:
         for deployed in reversed(self.deployed):
             if deployed.matches(device):
                 return DeviceState(deployed.build(), version=deployed.version)
+        fleet = self.fleet
+        if fleet is not None:
+            return DeviceState(
+                fleet.build(), version=self.spec_version, fleet_version=fleet.version
+            )
         return DeviceState(self.spec.build(), version=self.spec_version)
 
     def promoted(self, version: int) -> None:
@@ -358,6 +376,7 @@ class OnlineLearner:
             return out
         st = self.state(batch.batch.device)
         out.version = st.version
+        out.fleet_version = st.fleet_version
         epoch = batch.batch.epoch
         seqs = batch.seqs
         if epoch < st.epoch:
@@ -405,6 +424,7 @@ class OnlineLearner:
         out.y_true = ys
         st.seq = seqs[-1]
         st.learned += len(y_pred)
+        self.learned += len(y_pred)
         names = batch.batch.features
         if not st.features.issuperset(names):
             st.features.update(names)
