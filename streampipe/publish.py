@@ -38,6 +38,7 @@ class PublisherStats:
     messages: int = 0
     bytes: int = 0
     acked_readings: int = 0
+    acked_messages: int = 0  # in publishing order: every message before the count is acked
     dropped_readings: int = 0  # overflowed the backlog while the broker was unreachable
 
 
@@ -183,6 +184,7 @@ class ReadingPublisher:
         while self._pending and self._pending[0][0].is_published():  # type: ignore[attr-defined]
             _, n = self._pending.popleft()
             self.stats.acked_readings += n
+            self.stats.acked_messages += 1
 
     def _wait_oldest(self, timeout: float | None = None) -> bool:
         info = self._pending[0][0]
@@ -196,6 +198,17 @@ class ReadingPublisher:
             except RuntimeError:  # disconnected: paho resends on reconnect
                 self.conn.wait_connected(left)
         self._reap()
+        return True
+
+    def acked(self, messages: int, timeout: float = 0.0) -> bool:
+        """Whether the broker has acknowledged the first ``messages`` messages sent (in
+        order), waiting up to ``timeout`` seconds for it."""
+        self._reap()
+        deadline = time.monotonic() + timeout
+        while self.stats.acked_messages < messages:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self._pending or not self._wait_oldest(left):
+                return self.stats.acked_messages >= messages
         return True
 
     def wait_acked(self, timeout: float) -> bool:

@@ -229,7 +229,7 @@ def test_a_killed_gateway_loses_nothing_and_learns_nothing_twice(
     state = str(tmp_path / "state")
     with running(edge(broker, topics)):
         gw = gateway(broker, topics, prefix, tmp_path, state_dir=state, batch=batch)
-        gw.commit = lambda: gw.publisher.wait_acked(10)  # type: ignore[method-assign]
+        gw.settle = lambda block=False: gw._tickets.clear()  # type: ignore[method-assign]
         with running(gw):
             publish_all(broker, prefix, [("m", r) for r in rows(20, seed=3)])
             assert gw.wait_handled(20, 10)

@@ -90,9 +90,9 @@ def register(sub: Any) -> argparse.ArgumentParser:
     ingest.add_argument(
         "--queue-size",
         type=positive_int,
-        default=1000,
-        help="foreign messages held for mapping; the Receive Maximum announced to the "
-        "broker (default: %(default)s)",
+        default=10_000,
+        help="foreign messages held for mapping or for the broker's acknowledgement of "
+        "their readings; the Receive Maximum announced to the broker (default: %(default)s)",
     )
     add_batching(ingest, batch=100, linger_ms=100)
     ingest.set_defaults(run=run)

@@ -13,12 +13,15 @@ of its own (:attr:`Mapped.counter`) numbers them by it instead: a skipped counte
 leaves the same gap in ``seq`` (the edge counts it), a counter that goes back starts
 the device's next epoch (a reboot), and a repeated one is a ``duplicate``.
 
-**Acknowledgement.** Foreign messages are received with manual acknowledgement. Every
-``linger`` seconds (or ``max_unacked`` messages) the gateway commits: it sends what it
-has buffered, waits until the broker has acknowledged all of it, writes its state to
-``--state-dir`` (numbering, the digest of the last payload per topic, the sources'
-alias tables and partial readings), and only then acknowledges the foreign messages
-behind it. A gateway killed before that gets them again from the broker: before the
+**Acknowledgement.** Foreign messages are received with manual acknowledgement. The
+gateway commits whenever no message waits for it, ``linger`` seconds after the last
+commit, or when half its queue waits for acknowledgement (so the busier it is, the more
+readings each frame carries): it sends what it has buffered and marks the foreign
+messages mapped since the last commit. Once the broker has acknowledged every frame
+sent up to that mark, the gateway writes the state they left to ``--state-dir``
+(numbering, the digest of the last payload per topic, the sources' alias tables and
+partial readings), and only then acknowledges those foreign messages; it maps on
+meanwhile. A gateway killed before that gets them again from the broker: before the
 checkpoint they map to the same ``(epoch, seq)`` (the edge refuses what it already has,
 as ``duplicate``), after it the digests say they were done (``redelivered``, not
 dead-lettered). Nothing is lost, and nothing learned twice. Without ``--state-dir`` a
@@ -42,7 +45,7 @@ import logging
 import math
 import threading
 import time
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,6 +75,9 @@ DEADLETTER_PREFIX_BYTES = 256
 MAX_TOPICS = 100_000
 #: How long the network thread waits for room in the inbox at a time (seconds).
 ROOM_WAIT = 5.0
+#: Commits whose readings may wait for the broker's acknowledgement before the gateway
+#: waits for the oldest.
+MAX_TICKETS = 50
 
 
 @dataclass
@@ -88,7 +94,7 @@ class GatewayConfig:
     record: str | None = None
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
-    queue_size: int = 1000
+    queue_size: int = 10_000
     session_expiry: int = 86_400
     max_devices: int = 100_000
     client_id: str | None = None
@@ -141,6 +147,15 @@ class Numbering:
             return epoch + 1, 0
         state[1], state[2] = seq + step, m.counter
         return epoch, seq + step
+
+
+@dataclass(slots=True)
+class _Ticket:
+    """Foreign messages mapped between two commits, and what settles them."""
+
+    messages: list[tuple[int, Message]]
+    published: int  # the publisher's message count once their readings were sent
+    snapshot: tuple[dict[str, Any], dict[str, Any]] | None  # checkpoint meta and rows
 
 
 @dataclass
@@ -218,6 +233,8 @@ class Gateway:
         self._digests: OrderedDict[str, bytes] = OrderedDict()
         self._stop = threading.Event()
         self._unacked: list[tuple[int, Message]] = []
+        self._touched: set[str] = set()  # topics whose digest changed since the last ticket
+        self._tickets: deque[_Ticket] = deque()
         self._handled = threading.Condition()
         self._store: Any = None
         self._recorder = Recorder(config.record) if config.record else None
@@ -282,24 +299,34 @@ class Gateway:
 
     def run(self) -> None:
         """Map messages until :meth:`stop`; then commit what was mapped and close."""
-        next_commit = time.monotonic() + self.config.linger
+        linger = self.config.linger
+        next_commit = time.monotonic() + linger
         try:
             while not self._stop.is_set():
-                item = self.inbox.get(max(0.0, min(next_commit - time.monotonic(), 0.5)))
+                wait = max(0.0, min(next_commit - time.monotonic(), 0.5))
+                item = self.inbox.get(wait if self._unacked or not self._tickets else 0.5)
                 if item is not None:
                     connection, msg = item
                     self._handle(msg, connection)
                     with self._handled:
                         self._handled.notify_all()
                 now = time.monotonic()
-                if now >= next_commit or len(self._unacked) >= self.config.queue_size // 2:
+                # Commit when nothing more waits (a reading waits for no one), when the
+                # linger bound passed, or when half the queue waits for acknowledgement:
+                # the busier the gateway, the more readings each frame carries.
+                idle = self.inbox.qsize() == 0
+                if idle or now >= next_commit or len(self._unacked) >= self.config.queue_size // 2:
                     self._due()
                     self.commit()
-                    next_commit = now + self.config.linger
+                    next_commit = now + linger
+                self.settle(block=len(self._tickets) > MAX_TICKETS)
         finally:
             self.inbox.close()
             with contextlib.suppress(Exception):
                 self.commit()
+                deadline = time.monotonic() + 10
+                while self._tickets and time.monotonic() < deadline and self.out.connected:
+                    self.settle(block=True)
             self.close()
 
     def close(self) -> None:
@@ -341,6 +368,7 @@ class Gateway:
             self.stats.redelivered += 1
             return
         self._digests[msg.topic] = digest
+        self._touched.add(msg.topic)
         self._digests.move_to_end(msg.topic)
         if len(self._digests) > MAX_TOPICS:
             self._digests.popitem(last=False)
@@ -440,43 +468,62 @@ class Gateway:
     # -- commits -------------------------------------------------------------------
 
     def commit(self) -> None:
-        """Publish what is buffered, wait for the broker, checkpoint, then acknowledge
-        the foreign messages behind it (see the module)."""
-        if not self._unacked and not self.publisher.next_due():
+        """Send what is buffered, and mark the foreign messages mapped so far as one
+        ticket, to be acknowledged once the broker has the readings they became and a
+        checkpoint holds the state they left (:meth:`settle`)."""
+        if not self._unacked:
             return
         self.publisher.flush()
-        while not self.publisher.wait_acked(1.0):
-            if self._stop.is_set() and not self.out.connected:
-                return  # stopping without a broker: the broker redelivers after restart
+        snapshot = None
         if self._store is not None:
-            self._checkpoint()
+            rows = {f"d:{d}": list(self.numbering.devices[d]) for d in self.numbering.changed}
+            rows.update((f"t:{topic}", self._digests[topic]) for topic in self._touched)
+            meta = {
+                "epoch": self.numbering.epoch,
+                "sources": {s.name: s.state() for s in self.sources},
+            }
+            snapshot = (meta, rows)
+        self.numbering.changed.clear()
+        self._touched.clear()
+        self._tickets.append(_Ticket(self._unacked, self.publisher.stats.messages, snapshot))
+        self._unacked = []
+
+    def settle(self, block: bool = False) -> None:
+        """Acknowledge the foreign messages of every ticket whose readings the broker has
+        acknowledged, after checkpointing the state they left; with ``block``, wait (a
+        second at most) for the oldest ticket."""
+        if not self._tickets:
+            return
+        self.publisher.acked(self._tickets[0].published, 1.0 if block else 0.0)
+        done: list[_Ticket] = []
+        while self._tickets and self.publisher.stats.acked_messages >= self._tickets[0].published:
+            done.append(self._tickets.popleft())
+        if not done:
+            return
+        if self._store is not None:
+            rows: dict[str, Any] = {}
+            for ticket in done:
+                rows.update(ticket.snapshot[1])  # type: ignore[index]
+            self._store.save(done[-1].snapshot[0], rows)  # type: ignore[index]
         if self._recorder is not None:
             self._recorder.flush()
-        for connection, msg in self._unacked:
-            self.input.ack(msg, connection)
-        self.stats.acknowledged += len(self._unacked)
-        self._unacked.clear()
+        for ticket in done:
+            for connection, msg in ticket.messages:
+                self.input.ack(msg, connection)
+            self.stats.acknowledged += len(ticket.messages)
         self.stats.commits += 1
-
-    def _checkpoint(self) -> None:
-        meta = {
-            "epoch": self.numbering.epoch,
-            "digests": list(self._digests.items()),
-            "sources": {s.name: s.state() for s in self.sources},
-        }
-        changed = {d: self.numbering.devices[d] for d in self.numbering.changed}
-        self._store.save(meta, changed)
-        self.numbering.changed.clear()
 
     def _restore(self) -> None:
         loaded = self._store.load()
         if loaded is None:  # the first start with this state dir: its epoch, kept at once
-            self._checkpoint()
+            meta = {"epoch": self.numbering.epoch, "sources": {}}
+            self._store.save(meta, {})
             return
-        meta, devices = loaded
+        meta, rows = loaded
         self.numbering.epoch = meta["epoch"]
-        self.numbering.devices = {d: list(v) for d, v in devices.items()}
-        self._digests = OrderedDict((t, d) for t, d in meta.get("digests", []))
+        devices = {k[2:]: list(v) for k, v in rows.items() if k.startswith("d:")}
+        self.numbering.devices = devices
+        self._digests = OrderedDict((k[2:], v) for k, v in rows.items() if k.startswith("t:"))
         states = meta.get("sources", {})
         for s in self.sources:
             if s.name in states:
