@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from streampipe import __version__
 from streampipe.broker import MosquittoNotFound
 from streampipe.cli import (
+    aggregate,
     broker,
     demo,
     deploy,
@@ -53,6 +54,7 @@ COMMANDS = (
     promote,
     keys,
     deploy,
+    aggregate,
     export,
     broker,
 )
