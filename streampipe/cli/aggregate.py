@@ -120,6 +120,10 @@ def run(args: argparse.Namespace) -> int:
     from streampipe.models.keys import load_signing_key
 
     check_name(args.model_name, "--model-name")
+    if args.model is not None:
+        from streampipe.fleet.aggregator import Aggregator
+
+        Aggregator(args.model)  # a spec that cannot be federated: say so before anything
     if not args.signing_key:
         raise ValueError("--signing-key FILE is needed (make one with `streampipe keys init`)")
     if args.broker is None:
