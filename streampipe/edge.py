@@ -76,7 +76,7 @@ from streampipe.models.keys import load_verify_key
 from streampipe.models.receive import ModelReceiver
 from streampipe.stage import EdgeStage, Outgoing
 from streampipe.state import CheckpointStore
-from streampipe.topics import DEFAULT_ROOT, InvalidName, Topics, check_name
+from streampipe.topics import DEFAULT_ROOT, PARTITIONS, InvalidName, Topics, check_name
 from streampipe.transport import BrokerURL, Connection, Message, MQTTError, Will
 
 if TYPE_CHECKING:
@@ -186,6 +186,7 @@ class EdgeService:
             max_features=config.max_features,
             max_seq_jump=config.max_seq_jump,
             max_clock_ahead=config.max_clock_ahead,
+            partitions=config.partitions,
             topics=self.topics,
             stats=self.stats,
             model_name=config.model_name,
@@ -386,7 +387,18 @@ class EdgeService:
             [self._instance_topic, self.topics.schemas(), self.topics.control(cfg.stage_id)],
             qos=1,
         )
-        self.conn.subscribe(self.topics.readings_filter(cfg.partitions), qos=1)
+        # The session the broker kept may hold the readings subscriptions of an earlier
+        # start with other --partitions: drop those first, or this stage would go on
+        # learning devices another edge now serves.
+        wanted = set(self.topics.readings_filter(cfg.partitions))
+        stale = [
+            f
+            for f in self.topics.readings_filter(None)
+            + self.topics.readings_filter(tuple(range(PARTITIONS)))
+            if f not in wanted
+        ]
+        self.conn.unsubscribe(stale)
+        self.conn.subscribe(sorted(wanted), qos=1)
         self.conn.publish(self.topics.status(cfg.stage_id), ONLINE, retain=True).wait_for_publish(
             10
         )

@@ -56,7 +56,7 @@ from streampipe.limits import (
 )
 from streampipe.metrics import StageStats
 from streampipe.readings import Batch
-from streampipe.topics import InvalidName, Topics, check_name, partition_level
+from streampipe.topics import InvalidName, Topics, check_name, partition_level, partition_of
 from streampipe.validate import DEFAULT_MAX_ABS, Rejection, Validated, validate
 
 if TYPE_CHECKING:
@@ -316,8 +316,10 @@ class EdgeStage:
         max_clock_ahead: float = MAX_CLOCK_AHEAD,
         last_value: bool = False,
         ha_discovery: Discovery | None = None,
+        partitions: tuple[int, ...] | None = None,
     ) -> None:
         self.stage_id = check_name(stage_id, "stage id")
+        self.partitions = None if partitions is None else frozenset(partitions)
         self.spec = spec or ModelSpec.parse(DEFAULT_MODEL_SPEC)
         self.topics = topics or Topics()
         self.max_abs = max_abs
@@ -467,6 +469,13 @@ class EdgeStage:
             level = topic.rsplit("/", 2)[-2]
             detail = f"device {device!r} is on partition {partition_level(device)}, not {level!r}"
             return [self.dead_letter(topic, payload, "wrong_partition", detail)], [token]
+        if self.partitions is not None and partition_of(device) not in self.partitions:
+            # Queued for this stage's session under a subscription it had before it was
+            # started with other --partitions: the edge that serves it now learns it.
+            self.stats.messages += 1
+            level = partition_level(device)
+            detail = f"partition {level} is not among this stage's --partitions"
+            return [self.dead_letter(topic, payload, "unserved_partition", detail)], [token]
         if received is None:
             received = self.timer()
         if device in self._held:  # learned after the device's frames that wait
