@@ -68,6 +68,25 @@ def test_password_and_files_come_from_the_environment(monkeypatch, tmp_path):
     assert args.ca_file == "/etc/ssl/certs/ca-certificates.crt"
 
 
+def test_tls_files_from_the_environment_with_a_plain_url_name_the_variables(monkeypatch):
+    """Exported for the secured broker, then a plain mqtt:// URL: the error names what
+    was set, not flags the user never gave."""
+    monkeypatch.setenv("STREAMPIPE_CA_FILE", "secure/ca.crt")
+    monkeypatch.setenv("STREAMPIPE_CERT_FILE", "secure/client.crt")
+    args = build_parser().parse_args(["sensors", "--broker", "mqtt://gw@localhost:8883"])
+    with pytest.raises(ValueError) as caught:
+        broker_with_credentials(args)
+    message = str(caught.value)
+    assert "$STREAMPIPE_CA_FILE, $STREAMPIPE_CERT_FILE are set" in message
+    assert "use mqtts://" in message and "--ca-file" not in message
+    # given as flags, the flags are what the message names
+    args = build_parser().parse_args(
+        ["sensors", "--broker", "mqtt://gw@localhost", "--ca-file", "other.crt"]
+    )
+    with pytest.raises(ValueError, match="--ca-file"):
+        broker_with_credentials(args)
+
+
 def test_a_password_in_the_url_warns_that_ps_shows_it():
     result = run(
         "edge",

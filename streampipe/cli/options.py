@@ -164,7 +164,22 @@ def broker_with_credentials(args: argparse.Namespace) -> BrokerURL | None:
             "the password in --broker is visible to other users of this machine (ps); "
             "use --password-file or $STREAMPIPE_PASSWORD"
         )
+    tls = {k: v for k, v in files.items() if k != "password_file" and v}
+    if tls and not args.broker.tls and all(v == os.environ.get(_ENV[k]) for k, v in tls.items()):
+        names = ", ".join(f"${_ENV[k]}" for k in tls)
+        raise ValueError(
+            f"{names} {'is' if len(tls) == 1 else 'are'} set for TLS, but the broker URL is "
+            f"{args.broker}: use mqtts:// for a TLS broker, or unset {names}"
+        )
     return with_credentials(args.broker, password=os.environ.get("STREAMPIPE_PASSWORD"), **files)
+
+
+_ENV = {
+    "password_file": "STREAMPIPE_PASSWORD_FILE",
+    "ca_file": "STREAMPIPE_CA_FILE",
+    "cert_file": "STREAMPIPE_CERT_FILE",
+    "key_file": "STREAMPIPE_KEY_FILE",
+}
 
 
 def add_batching(p: argparse.ArgumentParser, batch: int, linger_ms: float) -> None:
