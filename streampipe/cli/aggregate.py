@@ -27,7 +27,7 @@ DESCRIPTION = (
 
 def register(sub: Any) -> argparse.ArgumentParser:
     """Add ``streampipe aggregate`` to the subcommands ``sub``."""
-    from streampipe.fleet.aggregator import RULES
+    from streampipe.fleet import RULES
 
     p = sub.add_parser(
         "aggregate",

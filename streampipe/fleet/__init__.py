@@ -5,3 +5,7 @@ is the message an edge publishes; ``aggregator`` combines the latest update of e
 (staleness-discounted, robust to a bad edge); ``service`` runs it over MQTT and publishes
 the signed fleet model.
 """
+
+#: The rules ``streampipe aggregate --rule`` offers (here, so that the command line does
+#: not import River to list them).
+RULES: tuple[str, ...] = ("auto", "mean", "trimmed-mean", "median")

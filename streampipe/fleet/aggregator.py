@@ -39,6 +39,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from streampipe.fleet import RULES
 from streampipe.fleet.params import (
     DEFAULT_LIMIT,
     NotFederable,
@@ -53,7 +54,6 @@ from streampipe.fleet.update import Update, canonical_spec
 __all__ = ["MAX_STAGES", "REFUSALS", "RULES", "Aggregator", "Contribution", "Rule"]
 
 Rule = Literal["auto", "mean", "trimmed-mean", "median"]
-RULES: tuple[str, ...] = ("auto", "mean", "trimmed-mean", "median")
 #: Stages whose updates one aggregator keeps. Beyond it a new stage is refused
 #: (``too_many_stages``): each costs its parameters in memory and in every combination.
 MAX_STAGES = 1000
