@@ -293,10 +293,13 @@ def cold_start(
     first: int = 50,
     seed: int = 0,
     root: str | None = None,
+    start: float | None = None,
 ) -> ColdStart:
-    """The simulated fleet's experiment on the broker at ``url`` (see the module's docs)."""
+    """The simulated fleet's experiment on the broker at ``url`` (see the module's docs).
+    Its readings start at ``start`` (Unix time; by default so that they end now): the
+    simulated sensors follow the time of day, and so do the figures."""
     fleet = SensorFleet(train_devices + holdout, seed=seed, faults=False)
-    t0 = time.time() - (readings + first) * STEP
+    t0 = time.time() - (readings + first) * STEP if start is None else start
     train = [fleet.read(i, t0 + k * STEP) for k in range(readings) for i in range(train_devices)]
     held = [
         fleet.read(i, t0 + k * STEP)

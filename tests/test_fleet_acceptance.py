@@ -82,7 +82,7 @@ def test_the_edges_predict_as_rivers_predict_then_learn_from_the_fleet_model(chi
 def simulated(broker, bench):
     return bench.cold_start(
         broker.url, train_devices=16, holdout=8, readings=300, first=50, seed=0,
-        root=_root("sim"),
+        root=_root("sim"), start=1_767_225_600.0,  # fixed, as in test_fleet_cold_start.py
     )  # fmt: skip
 
 
