@@ -319,3 +319,27 @@ def test_edge_works_end_to_end_over_tls_and_no_password_is_shown(secure, operato
         assert setup.passwords[user].encode() not in cmdline
         assert setup.passwords[user] not in err
     assert f"mqtts://{stage}:***@localhost:{port}" in err
+
+
+def test_publishes_the_broker_refuses_are_an_error_not_a_success(secure):
+    """A sensor account simulating devices it is not: the broker answers every publish
+    with PUBACK 0x87 (not authorized). It printed "published 31 readings", exit 0."""
+    setup, port = secure
+    tls = ["--ca-file", str(setup.path("ca.crt")), "--cert-file", str(setup.path("client.crt"))]
+    tls += ["--key-file", str(setup.path("client.key"))]
+    result = subprocess.run(
+        [
+            *(sys.executable, "-m", "streampipe", "sensors", "--devices", "2"),
+            *("--broker", f"mqtts://{SENSOR}@localhost:{port}", *tls),
+            *("--password-file", str(setup.password_file(SENSOR)), "--prefix", "not-mine"),
+            *("--duration", "1", "--rate", "20", "--no-faults"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("streampipe sensors: error: the broker refused ")
+    assert "Not authorized" in last and "allowed to publish" in last
+    assert "published" not in result.stdout

@@ -28,6 +28,7 @@ __all__ = [
     "percent",
     "positive_int",
     "rate",
+    "refused_summary",
 ]
 
 log = logging.getLogger("streampipe")
@@ -196,6 +197,22 @@ def add_batching(p: argparse.ArgumentParser, batch: int, linger_ms: float) -> No
         metavar="MS",
         help="longest a reading waits for its batch to fill, in ms (default: %(default)s)",
     )
+
+
+def refused_summary(conn: Any) -> str:
+    """How many messages the broker refused on ``conn``, and why (one line).
+
+    >>> from collections import Counter
+    >>> from types import SimpleNamespace
+    >>> refused_summary(SimpleNamespace(refused=Counter({"Not authorized": 31})))
+    '31 messages (Not authorized)'
+    """
+    n = sum(conn.refused.values())
+    why = ", ".join(
+        f"{reason}" if len(conn.refused) == 1 else f"{reason}: {k}"
+        for reason, k in conn.refused.most_common()
+    )
+    return f"{n:,} message{'s' if n != 1 else ''} ({why})"
 
 
 def on_signals(stop: Callable[[], None]) -> None:

@@ -18,6 +18,7 @@ from streampipe.cli.options import (
     client_id,
     on_signals,
     rate,
+    refused_summary,
 )
 from streampipe.cli.progress import Progress as _Progress
 from streampipe.sources.csv import CsvError, CsvSource
@@ -138,14 +139,16 @@ def run(args: argparse.Namespace) -> int:
         f"({s.readings / max(elapsed, 1e-9):,.0f} readings/s), {s.bytes:,} bytes in "
         f"{s.messages:,} messages ({s.bytes / max(s.readings, 1):.1f} bytes/reading); "
         + (
-            "all acknowledged by the broker"
+            f"the broker refused {refused_summary(conn)}"
+            if conn.refused
+            else "all acknowledged by the broker"
             if acked
             else f"only {s.acked_readings:,} acknowledged within {args.ack_timeout:g} s"
         )
     )
     if source.unparsable:
         log.warning("%s", unparsable_summary(source))
-    if not acked:
+    if not acked or conn.refused:
         return 1
     return 130 if stopped.is_set() else 0
 

@@ -17,10 +17,11 @@ from streampipe.cli.options import (
     on_signals,
     positive_int,
     rate,
+    refused_summary,
 )
 from streampipe.cli.progress import Progress
 from streampipe.topics import Topics
-from streampipe.transport import BrokerURL
+from streampipe.transport import BrokerURL, MQTTError
 
 __all__ = ["register", "run", "run_sensors"]
 
@@ -184,6 +185,11 @@ def run_sensors(
         log.warning(
             "%d readings dropped: the broker was unreachable and the backlog was full",
             stats.dropped_readings,
+        )
+    if conn.refused:
+        raise MQTTError(
+            f"the broker refused {refused_summary(conn)}: is this account allowed to "
+            f"publish on {topics.root}/readings/# (and {topics.root}/schemas/+)?"
         )
     return published()
 

@@ -16,6 +16,7 @@ import logging
 import socket
 import ssl
 import threading
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -142,6 +143,11 @@ class Connection:
         #: to it), from its CONNACK; 65,535 when it sets none.
         self.broker_receive_maximum = 65_535
         self.sessions_lost = 0
+        #: QoS 1 messages the broker acknowledged with a failure reason (MQTT v5 PUBACK
+        #: 0x80 and up: not authorized, quota exceeded, …), by reason; paho counts them
+        #: as published, so without this a refused publish looked delivered.
+        self.refused: Counter[str] = Counter()
+        self._pending_topics: dict[int, str] = {}
         #: Set when another client took over our client id (MQTT v5 reason 0x8E).
         self.taken_over = threading.Event()
 
@@ -165,6 +171,7 @@ class Connection:
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_subscribe = self._on_subscribe
+        c.on_publish = self._on_publish
         if on_message is not None:
             c.on_message = lambda _c, _u, msg: on_message(msg)
         self._client = c
@@ -299,6 +306,8 @@ class Connection:
         elif content_type is not None:
             props = _publish_properties(content_type)
         info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
+        if qos:
+            self._pending_topics[info.mid] = topic
         if info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN:
             if qos > 0:
                 # Not connected right now: paho keeps a QoS 1 message and sends it once
@@ -424,6 +433,22 @@ class Connection:
             client.disconnect()  # ends paho's loop without reconnecting
         elif reason.is_failure:
             log.warning("disconnected from %s: %s; reconnecting", self.url, reason)
+
+    def _on_publish(
+        self, client: Any, userdata: Any, mid: int, reason: Any, properties: Any
+    ) -> None:
+        topic = self._pending_topics.pop(mid, "?")
+        if reason is not None and getattr(reason, "is_failure", False):
+            name = str(reason)
+            if not self.refused[name]:
+                log.warning(
+                    "the broker refused a message on %s: %s (reason %d); is this account "
+                    "allowed to publish there?",
+                    topic,
+                    name,
+                    reason.value,
+                )
+            self.refused[name] += 1
 
     def _on_subscribe(
         self,
