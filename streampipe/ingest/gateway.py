@@ -204,6 +204,12 @@ class _Collector(Collector):
             "reason",
             dict(s.rejected),
         )
+        yield counts_by(
+            "broker_refused_messages",
+            "Messages the broker refused (PUBACK reason 0x80 and up, e.g. not authorized)",
+            "reason",
+            dict(self.gw.out.refused),
+        )
         yield GaugeMetricFamily(
             "streampipe_ingest_devices",
             "Devices the gateway numbers",
