@@ -78,7 +78,9 @@ def register(sub: Any) -> argparse.ArgumentParser:
         "--format",
         choices=["native", "z2m", "tasmota", "shelly", "esphome", "sparkplug"],
         default="native",
-        help="publish as streampipe readings, or as Zigbee2MQTT, Tasmota, Shelly Gen2, "
+        metavar="FORMAT",
+        help="native, z2m, tasmota, shelly, esphome or sparkplug: publish as streampipe "
+        "readings, or as Zigbee2MQTT, Tasmota, Shelly Gen2, "
         "ESPHome or Sparkplug B devices do, for `streampipe ingest` (examples/ingest/"
         "FORMAT.toml maps them back; default: %(default)s)",
     )

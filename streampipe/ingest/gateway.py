@@ -293,7 +293,7 @@ class Gateway:
         self.input.subscribe(filters, qos=1)
         self.out.publish(self.topics.status(self.id), b"online", qos=1, retain=True)
         log.info(
-            "ingest %s: subscribed to %s; publishing readings under %s/readings",
+            "gateway %r: subscribed to %s; publishing readings under %s/readings",
             self.id,
             ", ".join(filters),
             self.topics.root,
