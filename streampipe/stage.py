@@ -26,7 +26,6 @@ drift detection on each device's errors (:mod:`streampipe.learn.drift`), and a
 
 from __future__ import annotations
 
-import base64
 import logging
 import time
 from collections import Counter, deque
@@ -39,6 +38,7 @@ import orjson
 from river import base
 
 from streampipe import codec
+from streampipe.deadletter import dead_letter_body
 from streampipe.events import anomaly_event, drift_event, promotion_event
 from streampipe.learn.challenger import PROMOTE_AFTER, Duel, PromotionRule
 from streampipe.learn.drift import DriftMonitor
@@ -66,8 +66,7 @@ __all__ = ["EdgeStage", "Outgoing"]
 
 log = logging.getLogger(__name__)
 
-#: How much of a rejected payload a dead letter carries (base64), and how many readings.
-DEADLETTER_PREFIX_BYTES = 256
+#: How many refused readings a dead letter lists.
 DEADLETTER_MAX_READINGS = 100
 #: Frames that wait for their schema, or behind a frame of their device that does: at
 #: most this many, none for longer than this (those behind go when the first one does).
@@ -972,16 +971,7 @@ class EdgeStage:
         """A dead letter for one input message; counts it unless the caller did."""
         if count:
             self.stats.reject(reason)
-        body: dict[str, Any] = {
-            "stage": self.stage_id,
-            "ts": self.clock(),
-            "reason": reason,
-            "detail": detail,
-            "topic": topic,
-            "size": len(payload),
-            "payload_prefix": base64.b64encode(payload[:DEADLETTER_PREFIX_BYTES]).decode(),
-            "payload_truncated": len(payload) > DEADLETTER_PREFIX_BYTES,
-        }
+        body = dead_letter_body(self.stage_id, self.clock(), reason, detail, topic, payload)
         if n_readings is not None:
             body["readings_in_message"] = n_readings
         if readings:

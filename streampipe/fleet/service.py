@@ -37,6 +37,7 @@ from typing import Any
 import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from streampipe.deadletter import dead_letter_body
 from streampipe.fleet.aggregator import Aggregator, Rule
 from streampipe.fleet.update import MAX_UPDATE_BYTES, UpdateError, decode_update
 from streampipe.models.artifact import CONTENT_TYPE, ArtifactError, make_artifact, read_header
@@ -290,14 +291,7 @@ class FleetAggregator:
         if reason == "duplicate":
             return
         log.warning("refused an update on %s: %s (%s)", msg.topic, reason, detail)
-        body = {
-            "stage": self.stage_id,
-            "ts": time.time(),
-            "reason": reason,
-            "detail": detail,
-            "topic": msg.topic,
-            "size": len(msg.payload),
-        }
+        body = dead_letter_body(self.stage_id, time.time(), reason, detail, msg.topic, msg.payload)
         self.conn.publish(
             self.topics.deadletter(self.stage_id),
             orjson.dumps(body),

@@ -38,7 +38,6 @@ a reason, and counted in ``streampipe_rejected_total{reason}``.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import hashlib
 import logging
@@ -56,6 +55,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from streampipe.deadletter import dead_letter_body
 from streampipe.inbox import Inbox
 from streampipe.ingest.base import Incoming, Mapped, Source, Unmappable
 from streampipe.ingest.record import Recorder
@@ -69,8 +69,6 @@ __all__ = ["Gateway", "GatewayConfig", "Numbering"]
 
 log = logging.getLogger("streampipe.ingest")
 
-#: First bytes of a payload a dead letter carries (base64).
-DEADLETTER_PREFIX_BYTES = 256
 #: Topics whose last payload digest the gateway remembers (least recently seen go first).
 MAX_TOPICS = 100_000
 #: How long the network thread waits for room in the inbox at a time (seconds).
@@ -451,16 +449,7 @@ class Gateway:
         self, topic: str, payload: bytes, reason: str, detail: str, source: str | None = None
     ) -> None:
         self.stats.rejected[reason] += 1
-        body: dict[str, Any] = {
-            "stage": self.id,
-            "ts": self.clock(),
-            "reason": reason,
-            "detail": detail,
-            "topic": topic,
-            "size": len(payload),
-            "payload_prefix": base64.b64encode(payload[:DEADLETTER_PREFIX_BYTES]).decode(),
-            "payload_truncated": len(payload) > DEADLETTER_PREFIX_BYTES,
-        }
+        body = dead_letter_body(self.id, self.clock(), reason, detail, topic, payload)
         if source is not None:
             body["source"] = source
         log.debug("dead letter from %s: %s (%s)", topic, reason, detail)
