@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -123,3 +125,17 @@ def run_in_thread(service: Any) -> tuple[threading.Thread, list[BaseException]]:
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     return thread, failure
+
+
+@contextmanager
+def running(service: Any) -> Iterator[Any]:
+    """A started ``service`` (an edge, a gateway) running on a thread; stopped, and
+    checked to have stopped without raising, on exit."""
+    thread, failure = run_in_thread(service)
+    try:
+        yield service
+    finally:
+        service.stop()
+        thread.join(30)
+    assert not thread.is_alive(), "the service did not stop within 30 s"
+    assert not failure, f"the service raised {failure[0]!r}"

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from faults import friedman_csv, friedman_rows
+from faults import friedman_csv, friedman_rows, running
 from replaying import predict_then_learn, start_replay
 from river import linear_model, preprocessing, tree
 
@@ -52,14 +52,8 @@ def running_edge(broker, topics: Topics, keys, **kwargs) -> Iterator[EdgeService
         **kwargs,
     )
     service = EdgeService(config).start()
-    thread = threading.Thread(target=service.run, daemon=True)
-    thread.start()
-    try:
+    with running(service):
         yield service
-    finally:
-        service.stop()
-        thread.join(30)
-        assert not thread.is_alive()
 
 
 def pretrained(seed: int = 99, n: int = 500):

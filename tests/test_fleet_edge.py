@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import math
 import pickle
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any
 
 import msgpack
 import pytest
-from faults import friedman_rows
+from faults import friedman_rows, running
 from replaying import predict_then_learn
 from river import linear_model, preprocessing
 
@@ -56,14 +55,8 @@ def fleet_edge(broker, topics: Topics, keys, **kwargs: Any) -> Iterator[EdgeServ
         **kwargs,
     )
     service = EdgeService(config).start()
-    thread = threading.Thread(target=service.run, daemon=True)
-    thread.start()
-    try:
+    with running(service):
         yield service
-    finally:
-        service.stop()
-        thread.join(30)
-        assert not thread.is_alive()
 
 
 def publish_rows(broker, topics: Topics, device: str, rows, start: int = 0, ts0: float = 1e9):

@@ -4,13 +4,13 @@ through a real Mosquitto; and that without them nothing extra is published."""
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import SimpleNamespace
 
 import jinja2
 import pytest
+from faults import running
 
 from streampipe import codec
 from streampipe.demo import _Watcher
@@ -44,13 +44,8 @@ def edge(broker, topics, **flags) -> Iterator[EdgeService]:
     service = EdgeService(
         EdgeConfig(broker.url, STAGE, topic_root=topics.root, metrics_port=None, **flags)
     ).start()
-    thread = threading.Thread(target=service.run, daemon=True)
-    thread.start()
-    try:
+    with running(service):
         yield service
-    finally:
-        service.stop()
-        thread.join(30)
 
 
 def send(broker, topics, start: int, n: int) -> None:

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import faults
 import pytest
 from replaying import predict_then_learn, streampipe
 
@@ -60,15 +61,8 @@ SIMULATED = {
 
 @contextmanager
 def running(service: Any) -> Iterator[Any]:
-    service.start()
-    thread = threading.Thread(target=service.run, daemon=True)
-    thread.start()
-    try:
+    with faults.running(service.start()):
         yield service
-    finally:
-        service.stop()
-        thread.join(30)
-        assert not thread.is_alive()
 
 
 def edge(broker: Any, topics: Any) -> EdgeService:

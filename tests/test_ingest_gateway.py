@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import csv
 import json
-import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import faults
 import pytest
 from paho.mqtt.client import topic_matches_sub
 from replaying import predict_then_learn
@@ -65,15 +65,8 @@ class PlainJson:
 
 @contextmanager
 def running(service: Any) -> Iterator[Any]:
-    service.start()
-    thread = threading.Thread(target=service.run, daemon=True)
-    thread.start()
-    try:
+    with faults.running(service.start()):
         yield service
-    finally:
-        service.stop()
-        thread.join(30)
-        assert not thread.is_alive()
 
 
 def gateway(broker, topics, prefix: str, tmp_path: Path, **kw: Any) -> Gateway:

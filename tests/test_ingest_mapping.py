@@ -102,7 +102,8 @@ def _error(text: str) -> str:
         ),
         (
             ('target = "$.ENERGY.Power"', 'format = "csv"'),
-            "ingest.toml: source 'tasmota': format must be one of json, value, sparkplug, not 'csv'",
+            "ingest.toml: source 'tasmota': "
+            "format must be one of json, value, sparkplug, not 'csv'",
         ),
         (
             ('target = "$.ENERGY.Power"', 'merge = "first"'),

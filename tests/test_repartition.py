@@ -4,8 +4,9 @@ it are dead letters (``unserved_partition``), not learned by a second edge."""
 
 from __future__ import annotations
 
-import threading
 import uuid
+
+from faults import running
 
 from streampipe import codec
 from streampipe.edge import EdgeConfig, EdgeService
@@ -16,26 +17,14 @@ from streampipe.transport import Connection
 LOW = tuple(range(32))
 
 
-def run(service: EdgeService) -> threading.Thread:
-    thread = threading.Thread(target=service.run, daemon=True)
-    thread.start()
-    return thread
-
-
-def stop(service: EdgeService, thread: threading.Thread) -> None:
-    service.stop()
-    thread.join(30)
-    assert not thread.is_alive()
-
-
 def test_a_stage_restarted_with_partitions_learns_only_those(broker, topics, capture):
     devices = [f"meter-{i}" for i in range(12)]
     high = [d for d in devices if partition_of(d) not in LOW]
     low = [d for d in devices if partition_of(d) in LOW]
     assert high and low
     config = {"topic_root": topics.root, "metrics_port": None}
-    first = EdgeService(EdgeConfig(broker.url, "edge-1", **config)).start()  # all partitions
-    stop(first, run(first))
+    with running(EdgeService(EdgeConfig(broker.url, "edge-1", **config)).start()):
+        pass  # all partitions: the session subscribes to every one
     cap = capture([topics.predictions(), topics.deadletter("edge-1")])
     with Connection(broker.url, f"p-{uuid.uuid4().hex[:6]}").connect() as pub:
 
@@ -48,13 +37,10 @@ def test_a_stage_restarted_with_partitions_learns_only_those(broker, topics, cap
 
         send(0)  # queued for edge-1's session, under its subscription to every partition
         again = EdgeService(EdgeConfig(broker.url, "edge-1", partitions=LOW, **config)).start()
-        thread = run(again)
-        try:
+        with running(again):
             send(1)  # after the restart: only the low partitions' readings come at all
             assert cap.wait(lambda: len(cap.json(topics.predictions())) == 2 * len(low))
             assert cap.wait(lambda: len(cap.json(topics.deadletter("edge-1"))) == len(high))
-        finally:
-            stop(again, thread)
     assert set(again.stage.learner.devices) == set(low)
     dead = cap.json(topics.deadletter("edge-1"))
     assert {b["reason"] for b in dead} == {"unserved_partition"}
