@@ -9,7 +9,10 @@ An edge started with ``--fleet NAME`` (which needs ``--deploy-key``) has a
   *all* of the stage's devices that learned anything, pre-combined with
   :func:`~streampipe.fleet.params.merge` weighted by the readings each device learned,
   since the aggregator keeps only the latest update of a stage (FedAsync: it must be the
-  edge's current model, not what changed). Parameters and counts only: no reading, no
+  edge's current model, not what changed). For a ``LinearRegression`` the weights and
+  intercept are instead the least-squares fit of every reading the stage learned, written
+  for that merged scaler (:mod:`streampipe.fleet.leastsq`: averaged SGD models took a
+  few hundred steps each). Parameters and counts only: no reading, no
   seq, no timestamp of a reading leaves the edge. A device that started from the fleet
   model contributes its scaler *minus* the fleet scaler it started from (Chan et al.'s
   merge, inverted), and the readings it learned itself, so the fleet's readings are never
@@ -50,11 +53,14 @@ from collections import Counter
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from streampipe.fleet.params import Params, apply, check_federable, extract, merge
+from river import linear_model, preprocessing
+
+from streampipe.fleet.leastsq import LeastSquares, to_scaler_space
+from streampipe.fleet.params import Params, apply, check_federable, extract, merge, refusal
 from streampipe.fleet.update import CONTENT_TYPE, UpdateError, canonical_spec, encode_update
 from streampipe.learn.learner import Deployed, LearnResult
 from streampipe.learn.scores import scores_for
-from streampipe.learn.spec import model_kind
+from streampipe.learn.spec import _final_step, model_kind
 from streampipe.models.artifact import (
     DEFAULT_LIMITS,
     Artifact,
@@ -101,7 +107,8 @@ class FleetMember:
         limits: ArtifactLimits = DEFAULT_LIMITS,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        check_federable(stage.spec.build())  # NotFederable names the step
+        built = stage.spec.build()
+        check_federable(built)  # NotFederable names the step
         if not interval > 0:
             raise ValueError(f"--fleet-interval must be more than 0 seconds, not {interval}")
         if not 0 <= blend <= 1:
@@ -129,7 +136,16 @@ class FleetMember:
         self._sent_at = -math.inf  # when the last update was published (poll's clock)
         self._sent_learned = 0  # the learner's count of learned readings then
         self._withheld: set[str] = set()  # reasons an update was withheld, logged once
-        stage.on_predicted = self._score
+        final = _final_step(built)
+        #: A LinearRegression fleet's least-squares statistics (None for another model):
+        #: its updates carry their fit (streampipe.fleet.leastsq).
+        self.least_squares: LeastSquares | None = None
+        if type(final) is linear_model.LinearRegression:
+            self.least_squares = LeastSquares()
+        self._l2 = float(getattr(final, "l2", 0.0))
+        first = next(iter(built.steps.values())) if hasattr(built, "steps") else None
+        self._with_std = not isinstance(first, preprocessing.StandardScaler) or first.with_std
+        stage.on_predicted = self._learned
         stage.stats.fleet = self
 
     @property
@@ -256,7 +272,16 @@ class FleetMember:
             learner.dirty.add(device)
         return len(learner.devices)
 
-    # -- scoring the fleet model -------------------------------------------------------
+    # -- what the stage learned --------------------------------------------------------
+
+    def _learned(self, checked: Validated, result: LearnResult) -> None:
+        """A batch the stage predicted and learned: its readings into the least-squares
+        statistics, its predictions scored against the fleet model's."""
+        if self.least_squares is not None:
+            self.least_squares.add(
+                checked.batch.features, checked.values[result.skipped :], result.y_true
+            )
+        self._score(checked, result)
 
     def _score(self, checked: Validated, result: LearnResult) -> None:
         """Predict the batch's predicted readings with the fleet model (which does not
@@ -307,6 +332,9 @@ class FleetMember:
             readings += st.learned
         if not items:
             return None
+        params = merge(items)
+        if self.least_squares is not None:
+            params = self._fit(params)
         seq = max(self.seq + 1, int(self.clock() * 1000))  # rises across restarts too
         try:
             data = encode_update(
@@ -317,13 +345,39 @@ class FleetMember:
                 base=self.version,
                 readings=readings,
                 devices=len(items),
-                params=merge(items),
+                params=params,
             )
         except UpdateError as exc:  # a model that diverged: an aggregator would refuse it
             return self._withhold(exc.reason, str(exc))
         self.seq = seq
         self.updates += 1
         return Outgoing(self.updates_topic, data, qos=1, retain=True, content_type=CONTENT_TYPE)
+
+    def _fit(self, merged: Params) -> Params:
+        """``merged`` with its linear part the least-squares fit of the readings the
+        stage learned, written for its (exactly merged) scaler; ``merged`` as it is when
+        the statistics cannot stand for it (see streampipe.fleet.leastsq)."""
+        ls = self.least_squares
+        assert ls is not None
+        scaler = merged["scaler"]
+        if ls.overflow or ls.n == 0:
+            return merged
+        if scaler is not None:
+            if not set(scaler["counts"]) <= set(ls.index):  # readings from before the stats
+                return merged
+            variances = scaler["vars"]
+            drop = (
+                {f for f in ls.names if not variances.get(f, 0.0) > 0} if self._with_std else set()
+            )
+            scales = {f: v**0.5 for f, v in variances.items()} if self._with_std else None
+        else:
+            drop, scales = set(), None
+        weights, intercept = ls.fit(scales=scales, l2=self._l2, drop=drop)
+        weights, intercept = to_scaler_space(weights, intercept, scaler, with_std=self._with_std)
+        fitted = {**merged, "weights": weights, "intercept": intercept}
+        if refusal(fitted) is not None:  # an aggregator would refuse it: the average then
+            return merged
+        return fitted
 
     def _withhold(self, reason: str, detail: str) -> None:
         if reason not in self._withheld:
@@ -343,6 +397,7 @@ class FleetMember:
             "bases": self.bases,
             "seq": self.seq,
             "scores": self.scores,
+            "least_squares": self.least_squares,
         }
 
     def restore(self, saved: dict[str, Any] | None) -> None:
@@ -355,6 +410,8 @@ class FleetMember:
         if fleet is not None:
             self._take(fleet, fleet.build())
         self.bases.update(saved["bases"])
+        if self.least_squares is not None and saved.get("least_squares") is not None:
+            self.least_squares = saved["least_squares"]
 
 
 def own_scaler(total: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
