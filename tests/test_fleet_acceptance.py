@@ -65,10 +65,9 @@ def test_held_out_chicks_starting_from_the_fleet_model_err_less(chicks):
     print(f"ChickWeights fold 0: fleet {r.fleet_mae:.2f} g, scratch {r.scratch_mae:.2f} g")
     assert r.holdout_devices == 10 and r.holdout_readings + r.trained_readings == 578
     assert r.version > 0
-    # Measured 0.68-0.72 of scratch over the five folds, not the issue's 0.5: each chick
-    # trains alone on its ~12 readings, so the fleet averages models that took ~12 SGD
-    # steps each (see the benchmark's table and the README's figures).
-    assert r.fleet_mae < 0.8 * r.scratch_mae
+    # Measured 0.19-0.28 of scratch over the five folds (0.68-0.72 when the edges
+    # averaged their chicks' SGD models, which took ~12 steps each and no diet weight).
+    assert r.fleet_mae <= 0.5 * r.scratch_mae
 
 
 def test_the_edges_predict_as_rivers_predict_then_learn_from_the_fleet_model(chicks):
@@ -86,17 +85,23 @@ def simulated(broker, bench):
     )  # fmt: skip
 
 
-def test_the_fleet_model_lies_between_scratch_and_central_training(simulated, chicks):
+def test_the_fleet_model_is_close_to_central_training(simulated, chicks):
+    # Each edge publishes the least-squares fit of all its readings (fleet.leastsq), not
+    # its devices' averaged SGD models (9.4x central here, 1.3-1.5x on ChickWeights).
+    # Measured 0.38-0.52x central on ChickWeights; on the simulated fleet 1.03-1.38x for
+    # this seed over three runs (0.97-1.02x for seeds 1 and 2): see the next test.
     for r in (simulated, chicks):
         print(f"fleet {r.fleet_mae:.2f}, central {r.central_mae:.2f}, scratch {r.scratch_mae:.2f}")
-        assert r.central_mae < r.fleet_mae < r.scratch_mae
+        assert r.fleet_mae < r.scratch_mae
+    assert chicks.fleet_mae <= 1.10 * chicks.central_mae
+    assert simulated.fleet_mae <= 1.5 * simulated.central_mae
 
 
 @pytest.mark.xfail(
-    strict=True,
-    reason="measured 9.4x central on the simulated fleet (140 vs 15 W) and 1.30-1.47x on "
-    "ChickWeights: the fleet averages per-device models trained apart from scratch, which "
-    "took 300 (12) SGD steps each, while the central model took 4,800 (~460)",
+    reason="not reliably: 1.03-1.38x central for seed 0 over three runs. The exact pooled "
+    "least-squares fit is 0.97x central; the aggregator averages the two edges' fits "
+    "coordinate-wise in scaled space, and each edge's intercept is its prediction at its "
+    "own means, so the mix depends on the edges' staleness weights, which vary with timing",
 )
 def test_the_fleet_model_is_within_10_percent_of_central_training(simulated):
     assert simulated.fleet_mae <= 1.10 * simulated.central_mae
