@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from streampipe.ingest.mapping import load_mapping, load_mapping_text
+from streampipe.secure.mosquitto import DEFAULT_INGEST_TOPICS, acl_text
 
 ROOT = Path(__file__).resolve().parent.parent
 BLOCKS = re.findall(r"```toml\n(.*?)```", (ROOT / "docs" / "ingest.md").read_text(), re.S)
@@ -30,3 +31,28 @@ def test_each_documented_mapping_loads(text):
 def test_each_example_mapping_loads(path):
     sources = load_mapping(path)
     assert len(sources) == 1 and sources[0].name == path.stem
+
+
+def _covers(acl: str, sub: str) -> bool:
+    """Whether every topic ``sub`` matches is matched by ``acl`` (as Mosquitto checks a
+    SUBSCRIBE against the ACL)."""
+    a, s = acl.split("/"), sub.split("/")
+    for i, level in enumerate(a):
+        if level == "#":
+            return True
+        if i >= len(s) or s[i] == "#" or (level != "+" and level != s[i]):
+            return False
+    return len(a) == len(s)
+
+
+def test_the_secured_broker_lets_the_gateway_read_every_shipped_mapping():
+    """`broker init-secure`'s default --ingest-topic filters cover what every mapping
+    of examples/ingest/ and docs/ingest.md subscribes to, and the ACL grants them."""
+    sources = [s for text in BLOCKS for s in load_mapping_text(text)]
+    sources += [s for p in (ROOT / "examples" / "ingest").glob("*.toml") for s in load_mapping(p)]
+    for source in sources:
+        for sub in source.filters():
+            assert any(_covers(f, sub) for f in DEFAULT_INGEST_TOPICS), (source.name, sub)
+    gateway = acl_text("streampipe").split("user gateway\n", 1)[1].split("\nuser ", 1)[0]
+    assert {f"topic read {f}" for f in DEFAULT_INGEST_TOPICS} <= set(gateway.splitlines())
+    assert not _covers("zigbee2mqtt/#", "zigbee2mqtt2/x") and _covers("+/+", "a/+")

@@ -18,11 +18,18 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import orjson
 import pytest
 from conftest import Capture
+from faults import running
 
 from streampipe.broker import PrivateMosquitto, free_port
 from streampipe.cli import main
+from streampipe.codec.frame import decode
+from streampipe.codec.schema import SchemaRegistry
+from streampipe.ingest import DEFAULT_ID as INGEST_ID
+from streampipe.ingest.gateway import Gateway, GatewayConfig
+from streampipe.ingest.mapping import load_mapping
 from streampipe.secure import SecureSetup, init_secure
 from streampipe.secure.mosquitto import check_password
 from streampipe.topics import Topics
@@ -38,6 +45,9 @@ from streampipe.transport import (
 ROOT = Topics("streampipe")
 SENSOR = "boiler-1"
 HA = "homeassistant"  # the discovery prefix the ACL grants edges
+#: Foreign topics the gateway account reads by default (and the operator may write).
+FOREIGN = ["zigbee2mqtt/#", "spBv1.0/#"]
+Z2M = Path(__file__).resolve().parent.parent / "examples" / "ingest" / "z2m.toml"
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +77,7 @@ def connect(u: BrokerURL) -> Connection:
 
 @pytest.fixture
 def operator(secure: tuple[SecureSetup, int]) -> Iterator[Capture]:
-    cap = Capture(url(secure, "operator"), [f"{ROOT.root}/#", f"{HA}/#"])
+    cap = Capture(url(secure, "operator"), [f"{ROOT.root}/#", f"{HA}/#", *FOREIGN])
     yield cap
     cap.close()
 
@@ -146,6 +156,24 @@ def _publish(conn: Connection, topic: str, payload: bytes) -> None:
             [f"{ROOT.root}/models/default", ROOT.status("edge-1"), ROOT.control("edge-1")],
             ROOT.readings("x"),
         ),
+        # `streampipe ingest` as the gateway account: its default id's status and dead
+        # letters, and Sparkplug rebirth requests; not the devices' own topics.
+        (
+            "gateway",
+            [
+                ROOT.status("other"),
+                ROOT.instance(INGEST_ID),
+                "zigbee2mqtt/plug",
+                "spBv1.0/g/NDATA/n",
+            ],
+            ROOT.status(INGEST_ID),
+        ),
+        (
+            "gateway",
+            [ROOT.deadletter("edge-1"), ROOT.events(INGEST_ID)],
+            ROOT.deadletter(INGEST_ID),
+        ),
+        ("gateway", [], "spBv1.0/plant/NCMD/line1"),
         ("edge-1", [f"{ROOT.root}/models/default", ROOT.readings("x")], ROOT.predictions("x")),
         ("edge-1", [ROOT.control("edge-1")], ROOT.events("edge-1")),
         # --ha-discovery: sensor configs only, under the default prefix; --last-value.
@@ -198,6 +226,7 @@ def _round_trip(conn: Connection) -> None:
         (SENSOR, ROOT.predictions(), ROOT.predictions(SENSOR)),
         (SENSOR, ROOT.readings_filter()[0], ROOT.readings("boiler-2")),
         ("gateway", ROOT.predictions(), ROOT.predictions(SENSOR)),
+        ("gateway", f"{ROOT.root}/#", ROOT.models("default")),
         ("edge-1", ROOT.predictions(), ROOT.predictions(SENSOR)),
         ("edge-1", ROOT.metrics(), ROOT.metrics("edge-2")),
         ("edge-1", f"{ROOT.root}/status/#", ROOT.instance("edge-2")),
@@ -225,6 +254,38 @@ def test_accounts_cannot_read_what_is_not_theirs(secure, user, topic_filter, top
     finally:
         op.publish(topic, b"", qos=1, retain=True).wait_for_publish(10)
         op.close()
+
+
+def test_the_gateway_account_runs_streampipe_ingest(secure, operator):
+    """`streampipe ingest` with the default id, as the gateway account: a Zigbee2MQTT
+    device's state in, a native reading out, its status online and nothing refused."""
+    gateway = Gateway(
+        GatewayConfig(url(secure, "gateway"), INGEST_ID, load_mapping(Z2M), batch=1, linger=0.05)
+    )
+    device = f"plug-{uuid.uuid4().hex[:6]}"
+    state = {"power": 118.2, "temperature": 21.5, "current": 0.52, "state": "ON"}
+    with running(gateway.start()):
+        assert operator.wait(lambda: _last(operator, ROOT.status(INGEST_ID)) == b"online", 10)
+        op = connect(url(secure, "operator"))
+        try:
+            _publish(op, f"zigbee2mqtt/{device}", orjson.dumps(state))
+        finally:
+            op.close()
+        topic = ROOT.readings(f"z2m.{device}")
+        assert operator.wait(lambda: operator.on(topic), 10), gateway.stats
+    assert _last(operator, ROOT.status(INGEST_ID)) == b"offline"
+    assert gateway.out.refused == {} and gateway.stats.rejected == {}
+    schemas = SchemaRegistry()
+    for m in operator.on(ROOT.schemas()):
+        schemas.add_frame(m.payload, m.topic.rsplit("/", 1)[1])
+    (reading,) = decode(operator.on(topic)[0].payload, schemas).readings()
+    assert reading.y == 118.2
+    assert reading.x == {"temperature": 21.5, "current": 0.52}
+
+
+def _last(cap: Capture, topic: str) -> bytes | None:
+    got = cap.on(topic)
+    return got[-1].payload if got else None
 
 
 def test_a_password_without_a_user_or_given_twice_is_refused(secure):

@@ -7,6 +7,7 @@ import shlex
 from typing import Any
 
 from streampipe.cli.options import positive_int
+from streampipe.secure.mosquitto import DEFAULT_INGEST_TOPICS
 from streampipe.topics import DEFAULT_ROOT
 
 __all__ = ["register", "run"]
@@ -45,6 +46,15 @@ def register(sub: Any) -> argparse.ArgumentParser:
         metavar="STAGE_ID",
         help="an edge stage's account, named as its --stage-id; it may write only its own "
         "status and claim (repeat for more; default: edge-1 and edge-2)",
+    )
+    init.add_argument(
+        "--ingest-topic",
+        action="append",
+        default=[],
+        metavar="FILTER",
+        help="a topic filter devices publish on that the gateway account may read for "
+        "`streampipe ingest`, e.g. 'zigbee2mqtt/#' (repeat for more; default: those of "
+        "the shipped mappings: " + ", ".join(DEFAULT_INGEST_TOPICS) + ")",
     )
     init.add_argument(
         "--sensors",
@@ -98,6 +108,7 @@ def run(args: argparse.Namespace) -> int:
         args.dir,
         sensors=sensors,
         stages=args.stage or DEFAULT_STAGES,
+        ingest_topics=args.ingest_topic or DEFAULT_INGEST_TOPICS,
         hosts=args.host,
         port=args.port,
         bind=args.bind,

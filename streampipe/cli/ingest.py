@@ -14,6 +14,7 @@ from streampipe.cli.options import (
     on_signals,
     positive_int,
 )
+from streampipe.ingest import DEFAULT_ID
 
 __all__ = ["register", "run"]
 
@@ -34,9 +35,10 @@ def register(sub: Any) -> argparse.ArgumentParser:
     add_broker(ingest, DEFAULT_BROKER)
     ingest.add_argument(
         "--id",
-        default="ingest",
+        default=DEFAULT_ID,
         metavar="ID",
-        help="this gateway's id: its dead letters, status and session (default: %(default)s)",
+        help="this gateway's id: its dead letters, status and session; a secured broker's "
+        "gateway account may publish those of the default id only (default: %(default)s)",
     )
     how = ingest.add_argument_group("what to map: a file, or one source from flags")
     how.add_argument("--map", metavar="FILE", help="mapping file (TOML), one [[source]] each")

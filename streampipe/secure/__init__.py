@@ -19,7 +19,9 @@ Passwords are random and are never printed: they are in the 0600 files only.
 The accounts: ``operator``, ``gateway``, one per sensor (named by its device id) and
 one per edge stage (named by its stage id, ``edge-1`` and ``edge-2`` unless
 ``stages`` says otherwise). A stage's account may write only its own status and claim,
-so one stage's login cannot stop another (issue 18 §7).
+so one stage's login cannot stop another (issue 18 §7). ``gateway`` also runs
+``streampipe ingest`` (its default id): it reads the foreign ``ingest_topics``
+(:data:`~.mosquitto.DEFAULT_INGEST_TOPICS` unless given).
 
 >>> import tempfile
 >>> with tempfile.TemporaryDirectory() as tmp:
@@ -39,10 +41,13 @@ from pathlib import Path
 
 from streampipe.secure.certs import DevPKI, MissingCryptography
 from streampipe.secure.mosquitto import (
+    DEFAULT_INGEST_TOPICS,
     DEFAULT_STAGES,
+    INGEST_ID,
     ROLES,
     BrokerFiles,
     acl_text,
+    check_ingest_topic,
     config_text,
     password_line,
 )
@@ -98,6 +103,7 @@ def init_secure(
     *,
     sensors: Sequence[str] = (),
     stages: Sequence[str] = DEFAULT_STAGES,
+    ingest_topics: Sequence[str] = DEFAULT_INGEST_TOPICS,
     hosts: Sequence[str] = (),
     port: int = 8883,
     bind: str = "127.0.0.1",
@@ -121,8 +127,12 @@ def init_secure(
             raise ValueError(f"stage id {name!r} is taken by the {name} account")
         if name in sensors:
             raise ValueError(f"stage id {name!r} is also a sensor account: name them apart")
+        if name == INGEST_ID:  # the gateway account writes that id's status
+            raise ValueError(f"stage id {name!r} is the ingest gateway's id: name them apart")
     if len(set(stages)) != len(stages):
         raise ValueError("stage ids must differ from each other")
+    for topic_filter in ingest_topics:
+        check_ingest_topic(topic_filter, topic_root)
     directory = Path(directory).resolve()
     if (directory / "passwd").exists() and not force:
         raise SetupExists(
@@ -152,7 +162,7 @@ def init_secure(
         "".join(password_line(u, p) + "\n" for u, p in passwords.items()),
         0o600,
     )
-    _write(directory / "acl", acl_text(topic_root, stages), 0o644)
+    _write(directory / "acl", acl_text(topic_root, stages, ingest_topics), 0o644)
     width = max(len(u) for u in roles)
     _write(
         directory / "credentials",

@@ -20,12 +20,17 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from streampipe.ingest import DEFAULT_ID as INGEST_ID
+
 __all__ = [
+    "DEFAULT_INGEST_TOPICS",
     "DEFAULT_STAGES",
+    "INGEST_ID",
     "ROLES",
     "STAGE_ROLE",
     "BrokerFiles",
     "acl_text",
+    "check_ingest_topic",
     "check_password",
     "config_text",
     "password_line",
@@ -41,7 +46,7 @@ SALT_BYTES = 12
 ROLES = {
     "operator": "reads everything; the only account that may publish models",
     "gateway": "publishes readings of any device: the simulator, CSV replays, "
-    "gateways that forward for many devices",
+    "`streampipe ingest` (which also reads the devices' own topics)",
 }
 #: What the account of an edge stage (named by its ``--stage-id``) may do. One account
 #: per stage: a stage's login cannot claim, stop or speak for another stage.
@@ -52,6 +57,21 @@ STAGE_ROLE = (
 )
 #: The stages of docker-compose.yml, and the accounts ``init-secure`` makes by default.
 DEFAULT_STAGES = ("edge-1", "edge-2")
+#: The foreign topics ``streampipe ingest`` may read as the ``gateway`` account unless
+#: ``init-secure --ingest-topic`` says otherwise: those of the mappings in
+#: examples/ingest/ and docs/ingest.md.
+DEFAULT_INGEST_TOPICS = (
+    "zigbee2mqtt/#",
+    "tele/+/SENSOR",  # Tasmota
+    "+/events/rpc",  # Shelly Gen2
+    "+/+/+/state",  # ESPHome: <node>/<domain>/<name>/state
+    "spBv1.0/#",  # Sparkplug B
+    "owntracks/#",
+    "v3/+/devices/+/up",  # The Things Stack
+    "homeassistant/+/+/+",  # Home Assistant's MQTT Statestream
+)
+#: Sparkplug B's topic namespace: a gateway that reads it may ask nodes for a rebirth.
+SPARKPLUG = "spBv1.0"
 
 
 def password_line(user: str, password: str, *, salt: bytes | None = None) -> str:
@@ -72,24 +92,82 @@ def check_password(line: str, password: str) -> bool:
     return hmac.compare_digest(got, base64.b64decode(digest))
 
 
-def acl_text(root: str, stages: Sequence[str] = DEFAULT_STAGES) -> str:
-    """The ACL file for topic root ``root`` and edge ``stages``: who may publish and read what.
+def check_ingest_topic(topic_filter: str, root: str) -> str:
+    """A foreign topic filter the gateway may read; never one that reaches into ``root``.
+
+    >>> check_ingest_topic("zigbee2mqtt/#", "streampipe")
+    'zigbee2mqtt/#'
+    >>> check_ingest_topic("streampipe/#", "streampipe")
+    Traceback (most recent call last):
+    ...
+    ValueError: --ingest-topic 'streampipe/#' would let the gateway read under the topic root streampipe
+    """
+    levels = topic_filter.split("/")
+    bad = (
+        not topic_filter
+        or any(c in topic_filter for c in "\0\n\r")
+        or any(("+" in lvl or "#" in lvl) and len(lvl) > 1 for lvl in levels)
+        or "#" in levels[:-1]
+    )
+    if bad:
+        raise ValueError(f"--ingest-topic {topic_filter!r} is not an MQTT topic filter")
+    if levels[0] in ("#", root.split("/")[0]):
+        raise ValueError(
+            f"--ingest-topic {topic_filter!r} would let the gateway read under the topic root "
+            f"{root}"
+        )
+    return topic_filter
+
+
+def _sparkplug_commands(ingest_topics: Sequence[str]) -> list[str]:
+    """The NCMD topics of the Sparkplug groups the gateway reads (rebirth requests).
+
+    >>> _sparkplug_commands(["spBv1.0/plant/#", "spBv1.0/#", "tele/+/SENSOR"])
+    ['spBv1.0/plant/NCMD/+', 'spBv1.0/+/NCMD/+']
+    """
+    groups = []
+    for f in ingest_topics:
+        levels = f.split("/")
+        if levels[0] == SPARKPLUG:
+            groups.append("+" if len(levels) < 2 or levels[1] == "#" else levels[1])
+    return [f"{SPARKPLUG}/{g}/NCMD/+" for g in dict.fromkeys(groups)]
+
+
+def acl_text(
+    root: str,
+    stages: Sequence[str] = DEFAULT_STAGES,
+    ingest_topics: Sequence[str] = DEFAULT_INGEST_TOPICS,
+) -> str:
+    """The ACL file for topic root ``root``, edge ``stages`` and the foreign topics the
+    ingest gateway reads: who may publish and read what.
 
     >>> [line for line in acl_text("streampipe").splitlines() if line.startswith("pattern")]
     ['pattern write streampipe/readings/+/%u', 'pattern write streampipe/schemas/+']
     """
+    reads = "".join(f"topic read {check_ingest_topic(f, root)}\n" for f in ingest_topics)
+    commands = "".join(f"topic write {t}\n" for t in _sparkplug_commands(ingest_topics))
+    operator_foreign = "".join(f"topic readwrite {f}\n" for f in ingest_topics)
+    if commands:
+        commands = (
+            "# Sparkplug B rebirth requests (a source's `rebirth = true`). The broker cannot\n"
+            "# tell a rebirth from another node command: drop these lines if no source asks.\n"
+            + commands
+        )
     return f"""\
 # Mosquitto ACL for streampipe, topic root "{root}" (made by `streampipe broker
 # init-secure`). With an ACL file Mosquitto denies every topic that no line allows,
 # so what is not granted below is refused; anonymous clients get nothing at all.
 #
 #   <device id>  a sensor: publishes only its own readings (and schemas)
-#   gateway      publishes the readings of any device (simulator, replays, gateways)
+#   gateway      publishes the readings of any device (simulator, replays,
+#                `streampipe ingest`); reads the devices' own topics listed
+#                below; writes the status and dead letters of gateway id "{INGEST_ID}"
 #   <stage id>   an edge stage: reads readings, schemas, models and its control
 #                topic; writes predictions (and their Home Assistant discovery
 #                configs), and its own metrics, dead letters, events, status
 #                and claim (so one stage cannot stop another)
-#   operator     reads and writes everything: the only account that publishes models
+#   operator     reads and writes everything (under the root, Home Assistant's and
+#                the devices' topics): the only account that publishes models
 
 # Patterns apply to every user. %u is the user name Mosquitto authenticated; the
 # client id (%c) is not used because any client may claim any client id.
@@ -103,13 +181,23 @@ pattern write {root}/schemas/+
 
 user gateway
 topic write {root}/readings/#
-
+# `streampipe ingest` (its default --id, "{INGEST_ID}"): its status (retained, and its
+# will) and dead letters. A gateway of another --id needs these two lines for it.
+topic write {root}/status/{INGEST_ID}
+topic write {root}/deadletter/{INGEST_ID}
+# The topics devices publish on that `streampipe ingest` maps to readings
+# (`broker init-secure --ingest-topic`). A filter starting with + also matches the
+# topics of its shape under {root}/ (+/events/rpc: the events of a stage named rpc);
+# it lets the gateway read them, never write.
+{reads}{commands}
 {"".join(_stage_block(root, stage) for stage in stages)}\
 user operator
 topic readwrite {root}/#
 # The Home Assistant discovery configs edges publish (and may need clearing).
 topic readwrite homeassistant/#
-"""
+# The devices' topics the gateway reads: to watch them, or to play devices there
+# (`streampipe sensors --format z2m`). Real devices need accounts of their own.
+{operator_foreign}"""
 
 
 def _stage_block(root: str, stage: str) -> str:
