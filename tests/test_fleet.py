@@ -427,15 +427,19 @@ def test_absurd_weights_are_refused_and_counted(honest):
 
 
 def test_auto_is_the_weighted_mean_for_two_edges(honest):
+    """With two edges the fleet model is their readings-weighted mean as models of the
+    features in their own units: it predicts the weighted mean of their predictions,
+    each edge's model with its own scaler (averaged in each edge's scaled units, an
+    intercept made at one edge's means was mixed with another's)."""
     agg = Aggregator(SPEC)
     agg.add(edge_update("a", honest[0], readings=100))
     agg.add(edge_update("b", honest[1], readings=300))
-    expected = merge([(extract(honest[0]), 100), (extract(honest[1]), 300)])
     got = agg.combine()
-    assert got["scaler"] == expected["scaler"]
-    for f, w in expected["weights"].items():
-        assert got["weights"][f] == pytest.approx(w, rel=1e-12)
-    assert got["intercept"] == pytest.approx(expected["intercept"], rel=1e-12)
+    assert got["scaler"] == merge([(extract(honest[0]), 100), (extract(honest[1]), 300)])["scaler"]
+    fleet = agg.build(got)
+    for x, _ in stream(20, 7):
+        expected = (100 * honest[0].predict_one(x) + 300 * honest[1].predict_one(x)) / 400
+        assert fleet.predict_one(x) == pytest.approx(expected, rel=1e-9)
 
 
 def test_the_scaler_is_merged_exactly_whatever_the_rule(honest):
@@ -467,7 +471,6 @@ def test_rules_on_one_coordinate():
 
 
 def test_stale_updates_weigh_less(honest):
-    fresh = extract(honest[0])
     agg = Aggregator(SPEC, rule="mean")
     agg.add(edge_update("fresh", honest[0], base=9), version_now=10)
     agg.add(edge_update("stale", honest[1], base=1), version_now=10)
@@ -475,15 +478,16 @@ def test_stale_updates_weigh_less(honest):
     assert weights["fresh"].staleness == 1 and weights["stale"].staleness == 9
     assert weights["stale"].weight == pytest.approx(2000 * 10**-0.5)
     assert weights["fresh"].weight == pytest.approx(2000 * 2**-0.5)
-    stale = extract(honest[1])
-    got = agg.combine()["intercept"]
     share = (2**-0.5) / (2**-0.5 + 10**-0.5)
-    assert got == pytest.approx(share * fresh["intercept"] + (1 - share) * stale["intercept"])
+    x = dict(next(iter(stream(1, 11)))[0])
+
+    def mixed(share: float) -> float:  # the fleet predicts the weighted mean of the two
+        return share * honest[0].predict_one(x) + (1 - share) * honest[1].predict_one(x)
+
+    assert agg.build(agg.combine()).predict_one(x) == pytest.approx(mixed(share), rel=1e-9)
     # with no discount, the two weigh alike
     agg.staleness_exponent = 0
-    assert agg.combine()["intercept"] == pytest.approx(
-        (fresh["intercept"] + stale["intercept"]) / 2
-    )
+    assert agg.build(agg.combine()).predict_one(x) == pytest.approx(mixed(0.5), rel=1e-9)
 
 
 def test_a_stage_counts_once_and_its_newer_update_replaces_the_older(honest):

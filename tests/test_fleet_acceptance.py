@@ -97,13 +97,11 @@ def test_the_fleet_model_is_close_to_central_training(simulated, chicks):
     assert simulated.fleet_mae <= 1.5 * simulated.central_mae
 
 
-@pytest.mark.xfail(
-    reason="not reliably: 1.03-1.38x central for seed 0 over three runs. The exact pooled "
-    "least-squares fit is 0.97x central; the aggregator averages the two edges' fits "
-    "coordinate-wise in scaled space, and each edge's intercept is its prediction at its "
-    "own means, so the mix depends on the edges' staleness weights, which vary with timing",
-)
 def test_the_fleet_model_is_within_10_percent_of_central_training(simulated):
+    """Measured 1.00-1.04x central over four runs (seed 0), since the aggregator combines
+    the edges' fits as models of the features in their own units: combined in each
+    edge's scaled units it was 1.03-1.38x, as the mix of intercepts made at different
+    means depended on timing."""
     assert simulated.fleet_mae <= 1.10 * simulated.central_mae
 
 

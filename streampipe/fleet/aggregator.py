@@ -132,6 +132,12 @@ class Aggregator:
             raise LookupError("no spec yet")
         return str(self._model_spec.kind)
 
+    def _with_std(self) -> bool:
+        """Whether the spec's scaler divides by the standard deviation (River's default)."""
+        model = self.build()
+        steps = getattr(model, "steps", {})
+        return all(getattr(s, "with_std", True) for s in getattr(steps, "values", dict)())
+
     def build(self, params: Params | None = None) -> Any:
         """A fresh model of the fleet's spec, with ``params`` applied if given."""
         if self._model_spec is None:
@@ -206,12 +212,23 @@ class Aggregator:
             return _combine(values, rule, self.trim)
 
         scalers = [p["scaler"] for p, _ in items]
+        merged = None if scalers[0] is None else merge_scalers(scalers)
         opts = [(p.get("optimizer") or {"n_iterations": 0, "state": {}}, w) for p, w in counted]
         names = sorted({n for o, _ in opts for n in o["state"]})
+        # Each edge's weights apply to features scaled by its own scaler: combined as they
+        # are, an edge's intercept (its prediction at its own means) would be mixed with
+        # another's at other means. So they are combined as the one model they are in
+        # the features' own units, then written for the fleet's merged scaler.
+        std = merged is not None and self._with_std()
+        linear = [(_unscaled(p, std), w) for p, w in counted] if merged else counted
+        weights = _per_key([(p["weights"], w) for p, w in linear], combine)
+        intercept = combine([(p["intercept"], w) for p, w in linear])
+        if merged is not None:
+            weights, intercept = _rescaled(weights, intercept, merged, std)
         return {
-            "scaler": None if scalers[0] is None else merge_scalers(scalers),
-            "weights": _per_key([(p["weights"], w) for p, w in counted], combine),
-            "intercept": combine([(p["intercept"], w) for p, w in counted]),
+            "scaler": merged,
+            "weights": weights,
+            "intercept": intercept,
             "optimizer": {
                 "n_iterations": round(combine([(o["n_iterations"], w) for o, w in opts])),
                 "state": {
@@ -220,6 +237,39 @@ class Aggregator:
                 },
             },
         }
+
+
+def _unscaled(params: Params, std: bool) -> Params:
+    """``params``' weights and intercept for features in their own units (the model
+    they make with their scaler, as River's StandardScaler transforms: a feature of no
+    variance is 0 to it, and so has no weight here)."""
+    s = params["scaler"]
+    weights, intercept = {}, params["intercept"]
+    for f, w in params["weights"].items():
+        mean, var = s["means"].get(f, 0.0), s["vars"].get(f, 0.0)
+        if f not in s["means"]:  # not a scaled feature: taken as it comes
+            weights[f] = w
+            continue
+        raw = (w / math.sqrt(var) if var else 0.0) if std else w
+        weights[f] = raw
+        intercept -= raw * mean
+    return {**params, "weights": weights, "intercept": intercept}
+
+
+def _rescaled(
+    weights: dict[str, float], intercept: float, scaler: dict[str, Any], std: bool
+) -> tuple[dict[str, float], float]:
+    """Weights and intercept in units of features for the model they make with
+    ``scaler`` (the inverse of :func:`_unscaled`)."""
+    out = {}
+    for f, w in weights.items():
+        if f not in scaler["means"]:
+            out[f] = w
+            continue
+        mean, var = scaler["means"][f], scaler["vars"].get(f, 0.0)
+        out[f] = (w * math.sqrt(var) if var else 0.0) if std else w
+        intercept += w * mean
+    return out, intercept
 
 
 def _per_key(dicts: list[tuple[dict[str, float], float]], combine: Any) -> dict[str, float]:
