@@ -19,7 +19,6 @@ import pytest
 from prometheus_client import CollectorRegistry
 from test_fleet import FEDERABLE, learned
 
-from streampipe.fleet.aggregator import Aggregator
 from streampipe.fleet.params import extract
 from streampipe.fleet.service import AggregatorConfig, FleetAggregator
 from streampipe.fleet.update import (
@@ -230,14 +229,27 @@ def test_a_stopped_edge_blocks_nothing_and_its_stale_return_counts_once_weighted
 
     fleet = extract(verify(published()[-1], public).load())
     assert fleet == agg.combine(final - 1)
-    fresh = Aggregator(SPEC, rule="mean")
-    unweighted = Aggregator(SPEC, rule="mean", staleness_exponent=0.0)
-    for u in latest.values():
-        unweighted.add(u, version_now=now)
-        if u.stage != "edge-c":
-            fresh.add(u, version_now=now)
-    target = _linear(fresh.combine())
-    got = math.dist(_linear(fleet), target)
-    plain = math.dist(_linear(unweighted.combine()), target)
-    print(f"distance to the fresh edges' mean: {got:.4f} weighted, {plain:.4f} unweighted")
-    assert got < plain
+    # The fleet model is the weighted mean of the three edges' models, edge-c's with its
+    # discounted weight: it predicts the mean of their predictions so weighted (and not
+    # what the undiscounted weights would give).
+    s = agg.combine(final - 1)["scaler"]
+    xs = [
+        {
+            f: s["means"][f] + k * math.sqrt(s["vars"][f]) * (-1) ** i
+            for i, f in enumerate(s["means"])
+        }  # noqa: E501
+        for k in (-2, -1, 0, 1, 2)
+    ]
+    models = {stage: agg.build(u.params) for stage, u in agg.latest.items()}
+    fleet_model = agg.build(fleet)
+
+    def mean_of_edges(weight):
+        total = sum(weight(c) for c in contribs.values())
+        return [
+            sum(weight(c) * models[st].predict_one(x) for st, c in contribs.items()) / total
+            for x in xs
+        ]
+
+    got = [fleet_model.predict_one(x) for x in xs]
+    assert got == pytest.approx(mean_of_edges(lambda c: c.weight), rel=1e-9)
+    assert got != pytest.approx(mean_of_edges(lambda c: c.readings), rel=1e-9)
