@@ -8,8 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from streampipe.ingest.mapping import load_mapping, load_mapping_text
+from streampipe.ingest.mapping import (
+    load_mapping,
+    load_mapping_text,
+    shipped_mapping,
+    shipped_mapping_names,
+)
 from streampipe.secure.mosquitto import DEFAULT_INGEST_TOPICS, acl_text
+from streampipe.sources.formats import FORMATS
 
 ROOT = Path(__file__).resolve().parent.parent
 BLOCKS = re.findall(r"```toml\n(.*?)```", (ROOT / "docs" / "ingest.md").read_text(), re.S)
@@ -56,3 +62,14 @@ def test_the_secured_broker_lets_the_gateway_read_every_shipped_mapping():
     gateway = acl_text("streampipe").split("user gateway\n", 1)[1].split("\nuser ", 1)[0]
     assert {f"topic read {f}" for f in DEFAULT_INGEST_TOPICS} <= set(gateway.splitlines())
     assert not _covers("zigbee2mqtt/#", "zigbee2mqtt2/x") and _covers("+/+", "a/+")
+
+
+def test_examples_ingest_are_the_mappings_installed_with_the_package():
+    """examples/ingest/ links to streampipe/ingest/examples/ (package data, which
+    `streampipe demo --format` loads, installed or not): one copy, one per format."""
+    examples = sorted((ROOT / "examples" / "ingest").glob("*.toml"))
+    assert [p.stem for p in examples] == shipped_mapping_names() == sorted(FORMATS)
+    shipped = ROOT / "streampipe" / "ingest" / "examples"
+    for path in examples:
+        assert path.read_text() == (shipped / path.name).read_text(), path
+        assert [s.name for s in shipped_mapping(path.stem)] == [path.stem]

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import tomllib
 from collections.abc import Iterable, Sequence
+from importlib import resources
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -42,7 +43,14 @@ from streampipe.ingest.json_source import (
 )
 from streampipe.ingest.topic import TemplateError, TopicTemplate, names_in
 
-__all__ = ["MappingError", "build_source", "load_mapping", "load_mapping_text"]
+__all__ = [
+    "MappingError",
+    "build_source",
+    "load_mapping",
+    "load_mapping_text",
+    "shipped_mapping",
+    "shipped_mapping_names",
+]
 
 FORMATS = ("json", "value", "sparkplug")
 MERGES = ("none", "last")
@@ -70,6 +78,36 @@ def load_mapping(path: str | Path) -> list[Source]:
     except OSError as e:
         raise MappingError(f"{path}: cannot read it ({e.strerror or e})") from None
     return load_mapping_text(text, path.name)
+
+
+def _shipped() -> Any:
+    # Package data, not the checkout's examples/ingest/ (links to these files): a
+    # non-editable install has no checkout.
+    return resources.files("streampipe.ingest").joinpath("examples")
+
+
+def shipped_mapping_names() -> list[str]:
+    """The mappings installed with streampipe, one per ``streampipe sensors --format``.
+
+    >>> shipped_mapping_names()
+    ['esphome', 'shelly', 'sparkplug', 'tasmota', 'z2m']
+    """
+    return sorted(f.name[: -len(".toml")] for f in _shipped().iterdir() if f.name.endswith(".toml"))
+
+
+def shipped_mapping(name: str) -> list[Source]:
+    """The sources of a mapping installed with streampipe (``examples/ingest/NAME.toml``
+    in the checkout).
+
+    >>> [(s.name, s.filters()) for s in shipped_mapping("z2m")]
+    [('z2m', ['zigbee2mqtt/+'])]
+    """
+    if name not in shipped_mapping_names():
+        raise MappingError(
+            f"no shipped mapping {name!r}: one of {', '.join(shipped_mapping_names())}"
+        )
+    text = _shipped().joinpath(f"{name}.toml").read_text(encoding="utf-8")
+    return load_mapping_text(text, f"{name}.toml")
 
 
 def load_mapping_text(text: str, where: str = "mapping") -> list[Source]:
