@@ -32,11 +32,16 @@ COLUMNS = 80
 #: The labels of the lines that say what the demo runs ("model:   ...").
 LABEL_WIDTH = 10
 STAGE_ID = "demo-edge"
+#: The id of the ingest gateway of ``--format``: its status and dead letters.
+INGEST_ID = "demo-ingest"
 #: Seconds between the edge's metrics messages, and so the demo's metrics lines.
 METRICS_EVERY = 3.0
 
-#: The edge's clean stop waits at most ~10 s for an unreachable broker, then gives up.
+#: The edge's clean stop waits at most ~10 s for an unreachable broker, then gives up;
+#: so does the gateway's.
 EDGE_STOP_TIMEOUT = 15.0
+#: What a prediction line holds besides the device id, which gets the rest of a line.
+_PREDICTION_WIDTH = 53
 
 
 class _Watcher:
@@ -72,16 +77,33 @@ class _Watcher:
 
 
 def prediction_line(device: str, p: dict[str, Any]) -> str:
-    """One prediction of the target and its true value.
+    """One prediction of the target and its true value; a long device id loses its start.
 
     >>> prediction_line("sensor-003", {"seq": 1234, "y_pred": 512.34, "y_true": 509.8})
     'sensor-003  seq   1234  predicted    512.3 W  actual    509.8 W'
+    >>> prediction_line("streampipe.sensors.sensor-003", {"seq": 1})[:24]
+    '…sensors.sensor-003  seq'
     """
     unit = UNITS[TARGET]
+    device = _fit(device, COLUMNS - _PREDICTION_WIDTH)
     return (
         f"{device:<10}  seq {p.get('seq', '-'):>6}  "
         f"predicted {_value(p.get('y_pred'))} {unit}  actual {_value(p.get('y_true'))} {unit}"
     )
+
+
+def _fit(device: str, width: int) -> str:
+    """``device`` in ``width`` characters: leading dotted parts (Sparkplug's group,
+    then node) go first, as the end names the device.
+
+    >>> _fit("streampipe.sensors.sensor-003", 27), _fit("z" * 30, 27)[:3]
+    ('…sensors.sensor-003', '…zz')
+    """
+    if len(device) <= width:
+        return device
+    while "." in device and len(device) + 1 > width:
+        device = device.split(".", 1)[1]
+    return "…" + device[-(width - 1) :]
 
 
 def metrics_line(m: dict[str, Any]) -> str:
@@ -166,6 +188,7 @@ def _header(
     lines = [
         *_say("broker:", f"{'a private Mosquitto at ' if private else ''}{broker}"),
         *_say("sensors:", f"{args.devices} simulated machines ({fleet}), {rate}"),
+        *_ingest_lines(args.format),
         *_say("learns:", f"{TARGET} ({UNITS[TARGET]}), the electrical power a machine draws"),
         *_say("from:", ", ".join(f"{f} ({UNITS[f]})" for f in FEATURES)),
         *_say("model:", args.model),
@@ -175,6 +198,47 @@ def _header(
     if metrics_port:
         lines += _say("metrics:", f"http://127.0.0.1:{metrics_port}/metrics (Prometheus)")
     return [*lines, "Ctrl-C to stop.", ""]
+
+
+def _ingest_lines(fmt: str) -> list[str]:
+    """How the sensors publish with ``--format``, and who maps it (nothing if native)."""
+    if fmt == "native":
+        return []
+    from streampipe.sources.formats import DEVICES
+
+    return _say(
+        "ingest:",
+        f"sensors publish as {DEVICES[fmt]}; streampipe ingest maps them to readings "
+        f"(examples/ingest/{fmt}.toml)",
+    )
+
+
+def _start_ingest(
+    args: argparse.Namespace, broker: BrokerURL, stack: contextlib.ExitStack, edge: EdgeService
+) -> None:
+    """An ingest gateway with the shipped mapping of ``args.format``, on a thread,
+    subscribed before the sensors publish (a Sparkplug birth must not be missed)."""
+    from streampipe.ingest.gateway import Gateway, GatewayConfig
+    from streampipe.ingest.mapping import shipped_mapping
+
+    gateway = Gateway(
+        GatewayConfig(
+            broker=broker,
+            gateway_id=INGEST_ID,
+            sources=shipped_mapping(args.format),
+            topic_root=args.topic_root,
+            batch=10,
+            linger=0.2,
+            session_expiry=0,  # nothing of the demo's stays on a broker it was given
+        )
+    ).start()
+    thread = threading.Thread(target=gateway.run, name="ingest", daemon=True)
+    thread.start()
+    stack.callback(thread.join, EDGE_STOP_TIMEOUT)
+    # Both stop at once: each takes up to half a second to notice, and one after the
+    # other would keep Ctrl-C waiting for both (the last readings need not be learned).
+    stack.callback(edge.stop)
+    stack.callback(gateway.stop)
 
 
 def _stop_on_signals(stop: threading.Event, stack: contextlib.ExitStack) -> None:
@@ -200,10 +264,12 @@ def run_demo(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     # the watcher and the broker, each still reachable by those before it.
     with contextlib.ExitStack() as stack:
         _stop_on_signals(stop, stack)
-        # The edge's INFO lines (online, stopped) say what the demo's lines say.
-        edge_log = logging.getLogger("streampipe.edge")
-        edge_log.addFilter(_not_info)
-        stack.callback(edge_log.removeFilter, _not_info)
+        # The edge's and the gateway's INFO lines (online, subscribed, stopped) say what
+        # the demo's lines say.
+        for name in ("streampipe.edge", "streampipe.ingest"):
+            quiet = logging.getLogger(name)
+            quiet.addFilter(_not_info)
+            stack.callback(quiet.removeFilter, _not_info)
         broker_url = args.broker
         if broker_url is None:
             broker_url = stack.enter_context(PrivateMosquitto()).url
@@ -229,6 +295,8 @@ def run_demo(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
         edge_thread.start()
         stack.callback(edge_thread.join, EDGE_STOP_TIMEOUT)
         stack.callback(edge.stop)
+        if args.format != "native":
+            _start_ingest(args, broker_url, stack, edge)
         with watcher.lock:  # before the first prediction line
             for line in _header(
                 args, broker_url, args.broker is None, topics, edge.metrics_port or 0
@@ -245,6 +313,7 @@ def run_demo(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
             linger=0.2,
             faults=False,  # a spike ×5–10 throws plain SGD regression far off course
             stop=stop,
+            format=args.format,
         )
     n = watcher.predictions
     print(f"demo stopped: {n:,} prediction{'' if n == 1 else 's'}", file=out, flush=True)

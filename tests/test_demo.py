@@ -12,6 +12,8 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+import pytest
+
 from streampipe.cli import main
 from streampipe.learn import DEFAULT_MODEL_SPEC
 
@@ -133,6 +135,40 @@ def test_ctrl_c_stops_the_demo_at_once_and_quietly():
     assert "model:    preprocessing.StandardScaler | linear_model.LinearRegression" in header
     assert "mosquitto_sub -h 127.0.0.1 -p " in header and "'streampipe/predictions/+'" in header
     assert "/metrics (Prometheus)" in header and "Ctrl-C" in header
+
+
+@pytest.mark.parametrize(
+    ("fmt", "devices"),
+    [
+        ("z2m", "Zigbee2MQTT devices on zigbee2mqtt/<device>"),
+        # Its device ids (streampipe.sensors.sensor-000) are longer than a line allows.
+        ("sparkplug", "Sparkplug B devices on spBv1.0/streampipe/DDATA/sensors/<device>"),
+    ],
+)
+def test_the_demo_shows_ingest_and_ctrl_c_still_stops_it_quietly(fmt, devices):
+    """--format: the sensors publish as those devices do, an ingest gateway with the
+    shipped mapping maps them to readings, and the edge predicts them."""
+
+    def mapped(line: str) -> bool:
+        return "sensor-" in line.split(" ", 1)[0] and " predicted " in line
+
+    with demo("--devices", "3", "--format", fmt) as d:
+        assert d.wait_for(mapped), (d.lines, d.stderr)
+        assert d.wait_for(is_metrics), (d.lines, d.stderr)
+        start = time.monotonic()
+        d.ctrl_c()
+        rc = d.wait(timeout=10)
+        took = time.monotonic() - start
+    print(f"Ctrl-C stopped the demo --format {fmt} in {took:.2f} s")
+    assert rc in (0, 130), d.stderr
+    assert took < 3, f"Ctrl-C took {took:.1f} s to stop the demo"
+    assert quiet(d.stderr), d.stderr
+    assert d.lines[-1].startswith("demo stopped: "), d.lines
+    assert not fits(d.lines)
+    header = " ".join(" ".join(d.lines[: d.lines.index(next(filter(mapped, d.lines)))]).split())
+    assert f"ingest: sensors publish as {devices}; streampipe ingest maps them" in header
+    assert f"(examples/ingest/{fmt}.toml)" in header
+    assert "rejected" not in "\n".join(filter(is_metrics, d.lines))
 
 
 def test_demo_runs_for_its_duration_and_stops_by_itself(broker):

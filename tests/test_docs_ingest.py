@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from streampipe.cli.demo import INGEST_FORMATS
 from streampipe.ingest.mapping import (
     load_mapping,
     load_mapping_text,
@@ -69,6 +70,7 @@ def test_examples_ingest_are_the_mappings_installed_with_the_package():
     `streampipe demo --format` loads, installed or not): one copy, one per format."""
     examples = sorted((ROOT / "examples" / "ingest").glob("*.toml"))
     assert [p.stem for p in examples] == shipped_mapping_names() == sorted(FORMATS)
+    assert sorted(INGEST_FORMATS) == sorted(FORMATS)
     shipped = ROOT / "streampipe" / "ingest" / "examples"
     for path in examples:
         assert path.read_text() == (shipped / path.name).read_text(), path

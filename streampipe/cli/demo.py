@@ -10,12 +10,18 @@ from streampipe.learn import DEFAULT_MODEL_SPEC
 
 __all__ = ["register", "run"]
 
+#: `streampipe sensors --format`'s formats (streampipe.sources.formats.FORMATS, which
+#: the parser does not import): each has a shipped mapping of the same name.
+INGEST_FORMATS = ("z2m", "tasmota", "shelly", "esphome", "sparkplug")
+
 DESCRIPTION = (
     "Watch an edge stage learn online. Starts a private Mosquitto (unless --broker is "
     "given), simulated sensors and an edge stage with a model per sensor, which predicts "
     "each reading's power (W) from its temperature, humidity, pressure, vibration and "
     "current, then learns from it. Prints a prediction a second and the edge's metrics "
-    "every few seconds, as any MQTT client can see them, until Ctrl-C or --duration."
+    "every few seconds, as any MQTT client can see them, until Ctrl-C or --duration. "
+    "With --format, the sensors publish as Zigbee2MQTT, Tasmota, … devices, and "
+    "`streampipe ingest` maps their messages to readings."
 )
 
 
@@ -51,6 +57,15 @@ def register(sub: Any) -> argparse.ArgumentParser:
         default=DEFAULT_MODEL_SPEC,
         metavar="SPEC",
         help="the River model learned for each sensor (default: %(default)s)",
+    )
+    demo.add_argument(
+        "--format",
+        choices=["native", *INGEST_FORMATS],
+        default="native",
+        metavar="FORMAT",
+        help="native, or " + ", ".join(INGEST_FORMATS) + ": the sensors publish as those "
+        "devices do, and a `streampipe ingest` gateway with the shipped mapping turns "
+        "their messages into readings for the edge (default: %(default)s)",
     )
     demo.add_argument(
         "--metrics-port",

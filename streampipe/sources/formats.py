@@ -67,6 +67,7 @@ from streampipe.readings import Reading
 from streampipe.sources.simulate import DECIMALS, TARGET
 
 __all__ = [
+    "DEVICES",
     "FORMATS",
     "MAINS_VOLTS",
     "ESPHome",
@@ -314,6 +315,16 @@ FORMATS: dict[str, Callable[..., Encoder]] = {
     "shelly": Shelly,
     "esphome": ESPHome,
     "sparkplug": Sparkplug,
+}
+
+
+#: Each format's devices and where they publish, in a phrase (``streampipe demo``).
+DEVICES = {
+    "z2m": "Zigbee2MQTT devices on zigbee2mqtt/<device>",
+    "tasmota": "Tasmota devices on tele/<device>/SENSOR",
+    "shelly": "Shelly Gen2 devices on <device>/events/rpc",
+    "esphome": "ESPHome nodes on <device>/sensor/<name>/state",
+    "sparkplug": "Sparkplug B devices on spBv1.0/streampipe/DDATA/sensors/<device>",
 }
 
 
