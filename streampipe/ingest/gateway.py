@@ -164,6 +164,9 @@ class GatewayStats:
     retained_replays: int = 0
     redelivered: int = 0
     commits: int = 0
+    #: Messages lost that a source saw by its own sequence numbers (Sparkplug's per-node
+    #: seq, which is not a device's counter, so the edge cannot see the gap).
+    source_gaps: int = 0
     rejected: Counter[str] = field(default_factory=Counter)
     by_source: Counter[str] = field(default_factory=Counter)
 
@@ -196,6 +199,11 @@ class _Collector(Collector):
             s.redelivered,
         )
         yield counter("commits", "Commits: published, acknowledged, checkpointed", s.commits)
+        yield counter(
+            "source_sequence_gaps",
+            "Messages lost by a source's own sequence numbers (Sparkplug seq gaps)",
+            s.source_gaps,
+        )
         yield counts_by(
             "rejected",
             "Foreign messages dead-lettered, by reason",
@@ -387,6 +395,7 @@ class Gateway:
             self._dead(msg.topic, msg.payload, "mapping_failed", repr(exc), source.name)
             return
         for m in mapped:
+            self.stats.source_gaps += m.meta.get("seq_gap", 0)
             self._publish(m, arrived, msg.topic, msg.payload, source.name)
         self._commands(source)
 
