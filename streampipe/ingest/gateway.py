@@ -147,6 +147,12 @@ class Numbering:
         return epoch, seq + step
 
 
+def _excludes(source: Source, topic: str) -> bool:
+    """Whether ``source`` leaves ``topic`` alone on purpose (its ``exclude``)."""
+    template = getattr(source, "template", None)
+    return template is not None and template.excluded(topic)
+
+
 @dataclass(slots=True)
 class _Ticket:
     """Foreign messages mapped between two commits, and what settles them."""
@@ -167,6 +173,9 @@ class GatewayStats:
     #: Messages lost that a source saw by its own sequence numbers (Sparkplug's per-node
     #: seq, which is not a device's counter, so the edge cannot see the gap).
     source_gaps: int = 0
+    #: Messages on a topic a source's ``exclude`` leaves alone (a bridge's own state, a
+    #: statestream's ``last_changed``): subscribed to by a wider filter, not readings.
+    excluded: int = 0
     rejected: Counter[str] = field(default_factory=Counter)
     by_source: Counter[str] = field(default_factory=Counter)
 
@@ -199,6 +208,7 @@ class _Collector(Collector):
             s.redelivered,
         )
         yield counter("commits", "Commits: published, acknowledged, checkpointed", s.commits)
+        yield counter("excluded", "Messages on topics a source's exclude leaves alone", s.excluded)
         yield counter(
             "source_sequence_gaps",
             "Messages lost by a source's own sequence numbers (Sparkplug seq gaps)",
@@ -368,6 +378,9 @@ class Gateway:
         self.stats.messages += 1
         source = next((s for s in self.sources if s.claims(msg.topic)), None)
         if source is None:
+            if any(_excludes(s, msg.topic) for s in self.sources):
+                self.stats.excluded += 1  # left alone on purpose: not a dead letter
+                return
             self._dead(msg.topic, msg.payload, "no_rule", "no source claims this topic")
             return
         self.stats.by_source[source.name] += 1
