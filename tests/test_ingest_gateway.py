@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -240,3 +241,18 @@ def test_a_killed_gateway_loses_nothing_and_learns_nothing_twice(
     assert (
         sum(b.get("rejected_readings", 1) for b in cap.json(topics.deadletter("ingest-edge"))) == 20
     )
+
+
+def test_an_idle_gateway_waits_instead_of_spinning(broker, topics, tmp_path):
+    """With nothing to do, the worker sleeps in the inbox (up to 0.5 s a time): a wrong
+    deadline once made it poll with no wait at all, burning a core while idle."""
+    gw = gateway(broker, topics, f"{topics.root}-idle", tmp_path)
+    calls = []
+    get = gw.inbox.get
+    gw.inbox.get = lambda timeout: calls.append(timeout) or get(timeout)  # type: ignore[method-assign]
+    with running(gw):
+        publish_all(broker, f"{topics.root}-idle", [("d", {"power": 1.0, "v": 2.0})])
+        assert gw.wait_handled(1, 10)
+        n = len(calls)
+        time.sleep(1.0)  # not a wait for an event: the second of idleness observed
+        assert len(calls) - n <= 6, f"{len(calls) - n} polls in a second"

@@ -329,8 +329,9 @@ class Gateway:
         oldest = 0.0  # when the oldest message not yet committed was mapped
         try:
             while not self._stop.is_set():
-                due = min(next_commit, oldest + IDLE_COMMIT_AFTER) if self._unacked else 0.5
-                item = self.inbox.get(max(0.0, min(due - time.monotonic(), 0.5)))
+                now = time.monotonic()
+                due = min(next_commit, oldest + IDLE_COMMIT_AFTER) if self._unacked else now + 0.5
+                item = self.inbox.get(max(0.0, min(due - now, 0.5)))
                 if item is not None:
                     if not self._unacked:
                         oldest = time.monotonic()
