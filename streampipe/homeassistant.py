@@ -2,8 +2,10 @@
 
 On a device's first prediction (``streampipe edge --ha-discovery``) the stage publishes,
 retained, one *single-component* discovery config on
-``<prefix>/sensor/<object_id>/config``, as Home Assistant's MQTT integration documents
-it (``/integrations/mqtt/#discovery-messages`` and ``/integrations/sensor.mqtt/``):
+``<prefix>/sensor/<stage node id>/<object_id>/config``, as Home Assistant's MQTT
+integration documents it (``/integrations/mqtt/#discovery-messages`` and
+``/integrations/sensor.mqtt/``); the node id level, which it allows, is the stage's:
+:func:`node_id`.
 
 - ``state_topic`` (the one option a sensor requires) is the device's retained last
   value, ``ROOT/predictions/<device>/last``, read with ``{{ value }}``: Home Assistant
@@ -26,7 +28,7 @@ changed gets a hash of the original, so two devices never share an entity.
 >>> d = Discovery(Topics("streampipe"), "edge-1")
 >>> [out] = d.announce("boiler.1", "power")
 >>> out.topic
-'homeassistant/sensor/streampipe_edge-1_boiler_1_power_34a46419/config'
+'homeassistant/sensor/edge-1/streampipe_edge-1_boiler_1_power_34a46419/config'
 >>> cfg = json.loads(out.payload)
 >>> cfg["state_topic"], cfg["value_template"]
 ('streampipe/predictions/boiler.1/last', '{{ value }}')
@@ -73,6 +75,15 @@ def object_id(*parts: str) -> str:
     return f"{clean}_{hashlib.sha256(text.encode()).hexdigest()[:8]}"
 
 
+def node_id(stage_id: str) -> str:
+    """The discovery topic level of a stage's configs (an :func:`object_id` of it).
+
+    >>> node_id("edge-1"), node_id("edge.1")
+    ('edge-1', 'edge_1_d6fe7c99')
+    """
+    return object_id(stage_id)
+
+
 def _support_url() -> str | None:
     """The project's first URL in its package metadata (``[project.urls]``), if any."""
     try:
@@ -112,7 +123,10 @@ class Discovery:
             check_name(level, "discovery prefix level")
 
     def topic(self, oid: str) -> str:
-        return f"{self.prefix}/sensor/{oid}/config"
+        """``PREFIX/sensor/<node id>/<object id>/config``: Home Assistant's optional node
+        id level is the stage's, so a secured broker can let each stage write its own
+        configs only (:func:`node_id`)."""
+        return f"{self.prefix}/sensor/{node_id(self.stage_id)}/{oid}/config"
 
     def announce(self, device: str, model: str) -> list[Outgoing]:
         """What to publish before ``device``'s prediction by ``model``: its config the

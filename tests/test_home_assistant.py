@@ -86,9 +86,10 @@ def test_ha_discovery_announces_each_device_once_with_a_config_home_assistant_re
     for device, (topic, cfg) in by_device.items():
         assert not KEYS - set(cfg), KEYS - set(cfg)
         level = topic.split("/")
-        assert level[:2] == [prefix, "sensor"] and level[3] == "config" and len(level) == 4
-        assert all(c.isascii() and (c.isalnum() or c in "_-") for c in level[2]), level[2]
-        assert level[2] == cfg["unique_id"]
+        assert level[:3] == [prefix, "sensor", STAGE] and level[4] == "config"
+        assert len(level) == 5  # the node id level is the stage's: its ACL names it
+        assert all(c.isascii() and (c.isalnum() or c in "_-") for c in level[3]), level[3]
+        assert level[3] == cfg["unique_id"]
         assert cfg["default_entity_id"] == "sensor." + cfg["unique_id"].lower().replace("-", "_")
         assert cfg["state_topic"] == topics.last_value(device)
         assert cfg["availability"] == [

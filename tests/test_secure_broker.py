@@ -176,11 +176,17 @@ def _publish(conn: Connection, topic: str, payload: bytes) -> None:
         ("gateway", [], "spBv1.0/plant/NCMD/line1"),
         ("edge-1", [f"{ROOT.root}/models/default", ROOT.readings("x")], ROOT.predictions("x")),
         ("edge-1", [ROOT.control("edge-1")], ROOT.events("edge-1")),
-        # --ha-discovery: sensor configs only, under the default prefix; --last-value.
+        # --ha-discovery: sensor configs only, under the default prefix and its own node
+        # id (another stage's entities are not its to overwrite); --last-value.
         (
             "edge-1",
-            [f"{HA}/switch/x/config", f"{HA}/sensor/x/state", f"{HA}/sensor/a/b/config"],
-            f"{HA}/sensor/streampipe_edge-1_x_m/config",
+            [
+                f"{HA}/switch/edge-1/x/config",
+                f"{HA}/sensor/edge-1/x/state",
+                f"{HA}/sensor/edge-2/streampipe_edge-2_x_m/config",
+                f"{HA}/sensor/streampipe_edge-1_x_m/config",
+            ],
+            f"{HA}/sensor/edge-1/streampipe_edge-1_x_m/config",
         ),
         ("edge-1", [], ROOT.last_value("x")),
         (SENSOR, [f"{HA}/sensor/x/config"], ROOT.readings(SENSOR)),
@@ -273,7 +279,7 @@ def test_the_gateway_account_runs_streampipe_ingest(secure, operator):
             op.close()
         topic = ROOT.readings(f"z2m.{device}")
         assert operator.wait(lambda: operator.on(topic), 10), gateway.stats
-    assert _last(operator, ROOT.status(INGEST_ID)) == b"offline"
+    assert operator.wait(lambda: _last(operator, ROOT.status(INGEST_ID)) == b"offline", 10)
     assert gateway.out.refused == {} and gateway.stats.rejected == {}
     schemas = SchemaRegistry()
     for m in operator.on(ROOT.schemas()):

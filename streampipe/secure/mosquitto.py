@@ -97,10 +97,10 @@ def check_ingest_topic(topic_filter: str, root: str) -> str:
 
     >>> check_ingest_topic("zigbee2mqtt/#", "streampipe")
     'zigbee2mqtt/#'
-    >>> check_ingest_topic("streampipe/#", "streampipe")
+    >>> check_ingest_topic("streampipe/#", "streampipe")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    ValueError: --ingest-topic 'streampipe/#' would let the gateway read under the topic root streampipe
+    ValueError: --ingest-topic 'streampipe/#' would let the gateway read under the topic ...
     """
     levels = topic_filter.split("/")
     bad = (
@@ -202,6 +202,8 @@ topic readwrite homeassistant/#
 
 def _stage_block(root: str, stage: str) -> str:
     """The ACL lines of one edge stage's account, whose user name is its stage id."""
+    from streampipe.homeassistant import node_id  # here: it imports the edge, and River
+
     return f"""\
 user {stage}
 topic read {root}/readings/#
@@ -213,9 +215,9 @@ topic write {root}/metrics/{stage}
 topic write {root}/deadletter/{stage}
 topic write {root}/events/{stage}
 # `edge --ha-discovery` with Home Assistant's default prefix: a sensor config per
-# device (another --ha-discovery-prefix needs its own line). ROOT/predictions/#
-# above already covers the retained last values (`--last-value`).
-topic write homeassistant/sensor/+/config
+# device, under this stage's node id only (another --ha-discovery-prefix needs its
+# own line). ROOT/predictions/# above already covers the retained last values.
+topic write homeassistant/sensor/{node_id(stage)}/+/config
 # Its status, the retained claim that keeps a second process from running the stage,
 # and the liveness probes of that claim: this stage's only.
 topic readwrite {root}/status/{stage}
