@@ -237,7 +237,7 @@ def test_a_stopped_edge_blocks_nothing_and_its_stale_return_counts_once_weighted
         {
             f: s["means"][f] + k * math.sqrt(s["vars"][f]) * (-1) ** i
             for i, f in enumerate(s["means"])
-        }  # noqa: E501
+        }
         for k in (-2, -1, 0, 1, 2)
     ]
     models = {stage: agg.build(u.params) for stage, u in agg.latest.items()}
