@@ -375,7 +375,11 @@ def test_a_model_slower_than_the_keepalive_does_not_disconnect(broker, topics, c
     assert service.conn.connects == 1  # never reconnected
     statuses = lambda: [m.payload for m in cap.on(topics.status())]  # noqa: E731
     assert cap.wait(lambda: len(statuses()) >= 2, timeout=10)  # "offline" is on its way
-    assert statuses() == [b"online", b"offline"]
+    got = statuses()
+    assert got[0] == b"online" and b"online" not in got[1:]  # one start, no reconnect
+    # Its own "offline", and once in a suite run (under load) the same again: the will,
+    # when the clean disconnect was not written before the connection closed.
+    assert got[1] == b"offline" and set(got[1:]) == {b"offline"} and len(got) <= 3
 
 
 def test_the_input_thread_waits_for_room_briefly_and_only_while_the_worker_runs():
