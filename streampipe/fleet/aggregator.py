@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from streampipe.fleet import RULES
+from streampipe.fleet.leastsq import from_scaler_space, to_scaler_space
 from streampipe.fleet.params import (
     DEFAULT_LIMIT,
     NotFederable,
@@ -122,8 +123,12 @@ class Aggregator:
 
         text = canonical_spec(spec)
         model_spec = ModelSpec.parse(text)
-        check_federable(model_spec.build())
+        model = model_spec.build()
+        check_federable(model)
         self.spec, self._model_spec = text, model_spec
+        steps = getattr(model, "steps", {})
+        #: Whether the spec's scaler divides by the standard deviation (River's default).
+        self._with_std = all(getattr(s, "with_std", True) for s in getattr(steps, "values", dict)())
 
     @property
     def kind(self) -> str:
@@ -131,12 +136,6 @@ class Aggregator:
         if self._model_spec is None:
             raise LookupError("no spec yet")
         return str(self._model_spec.kind)
-
-    def _with_std(self) -> bool:
-        """Whether the spec's scaler divides by the standard deviation (River's default)."""
-        model = self.build()
-        steps = getattr(model, "steps", {})
-        return all(getattr(s, "with_std", True) for s in getattr(steps, "values", dict)())
 
     def build(self, params: Params | None = None) -> Any:
         """A fresh model of the fleet's spec, with ``params`` applied if given."""
@@ -219,12 +218,14 @@ class Aggregator:
         # are, an edge's intercept (its prediction at its own means) would be mixed with
         # another's at other means. So they are combined as the one model they are in
         # the features' own units, then written for the fleet's merged scaler.
-        std = merged is not None and self._with_std()
-        linear = [(_unscaled(p, std), w) for p, w in counted] if merged else counted
-        weights = _per_key([(p["weights"], w) for p, w in linear], combine)
-        intercept = combine([(p["intercept"], w) for p, w in linear])
-        if merged is not None:
-            weights, intercept = _rescaled(weights, intercept, merged, std)
+        std = self._with_std
+        linear = [
+            (from_scaler_space(p["weights"], p["intercept"], p["scaler"], with_std=std), w)
+            for p, w in counted
+        ]
+        weights = _per_key([(ws, w) for (ws, _), w in linear], combine)
+        intercept = combine([(b, w) for (_, b), w in linear])
+        weights, intercept = to_scaler_space(weights, intercept, merged, with_std=std)
         return {
             "scaler": merged,
             "weights": weights,
@@ -237,39 +238,6 @@ class Aggregator:
                 },
             },
         }
-
-
-def _unscaled(params: Params, std: bool) -> Params:
-    """``params``' weights and intercept for features in their own units (the model
-    they make with their scaler, as River's StandardScaler transforms: a feature of no
-    variance is 0 to it, and so has no weight here)."""
-    s = params["scaler"]
-    weights, intercept = {}, params["intercept"]
-    for f, w in params["weights"].items():
-        mean, var = s["means"].get(f, 0.0), s["vars"].get(f, 0.0)
-        if f not in s["means"]:  # not a scaled feature: taken as it comes
-            weights[f] = w
-            continue
-        raw = (w / math.sqrt(var) if var else 0.0) if std else w
-        weights[f] = raw
-        intercept -= raw * mean
-    return {**params, "weights": weights, "intercept": intercept}
-
-
-def _rescaled(
-    weights: dict[str, float], intercept: float, scaler: dict[str, Any], std: bool
-) -> tuple[dict[str, float], float]:
-    """Weights and intercept in units of features for the model they make with
-    ``scaler`` (the inverse of :func:`_unscaled`)."""
-    out = {}
-    for f, w in weights.items():
-        if f not in scaler["means"]:
-            out[f] = w
-            continue
-        mean, var = scaler["means"][f], scaler["vars"].get(f, 0.0)
-        out[f] = (w * math.sqrt(var) if var else 0.0) if std else w
-        intercept += w * mean
-    return out, intercept
 
 
 def _per_key(dicts: list[tuple[dict[str, float], float]], combine: Any) -> dict[str, float]:

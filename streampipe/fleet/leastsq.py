@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["MAX_FEATURES", "RIDGE", "LeastSquares", "to_scaler_space"]
+__all__ = ["MAX_FEATURES", "RIDGE", "LeastSquares", "from_scaler_space", "to_scaler_space"]
 
 log = logging.getLogger(__name__)
 
@@ -224,4 +224,34 @@ def to_scaler_space(
             out[f] = w * v**0.5 if v else 0.0
         else:
             out[f] = w
+    return out, intercept
+
+
+def from_scaler_space(
+    weights: dict[str, float],
+    intercept: float,
+    scaler: dict[str, Any] | None,
+    *,
+    with_std: bool = True,
+) -> tuple[dict[str, float], float]:
+    """The inverse of :func:`to_scaler_space`: the raw-space model that a linear model
+    over features scaled with ``scaler`` is (a feature of no variance is 0 to River's
+    scaler, and so gets no raw weight).
+
+    >>> from_scaler_space({"a": 4.0}, 7.0, {"counts": {"a": 4}, "means": {"a": 3.0},
+    ...                                     "vars": {"a": 4.0}})
+    ({'a': 2.0}, 1.0)
+    """
+    if scaler is None:
+        return dict(weights), intercept
+    means, variances = scaler["means"], scaler["vars"]
+    out = {}
+    for f, w in weights.items():
+        if with_std:
+            v = variances.get(f, 0.0)
+            raw = w / v**0.5 if v else 0.0
+        else:
+            raw = w
+        out[f] = raw
+        intercept -= raw * means.get(f, 0.0)
     return out, intercept
