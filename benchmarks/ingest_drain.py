@@ -13,7 +13,6 @@ to the last native reading's arrival, and its CPU time is read from ``/proc``. S
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import statistics
 import subprocess
@@ -23,33 +22,21 @@ import threading
 import time
 from pathlib import Path
 
-import orjson
+from ingest import MAPPING, cpu_seconds  # benchmarks/ingest.py, beside this script
 
 from streampipe import codec
 from streampipe.broker import PrivateMosquitto
+from streampipe.sources.formats import Zigbee2MQTT
+from streampipe.sources.simulate import SensorFleet
 from streampipe.transport import Connection
 
-MAPPING = """[[source]]
-name = "z2m"
-topic = "zigbee2mqtt/{device}"
-target = "$.power"
-timestamp = { path = "$.sent", format = "unix" }
-"""
 
-
-def payload(i: int) -> bytes:
-    return orjson.dumps(
-        {
-            "temperature": 21.5 + i % 7, "humidity": 40.2, "pressure": 1013.2,
-            "vibration": 0.02, "current": 1.2, "power": 270.3 + i % 13, "voltage": 230.0,
-            "linkquality": 120, "state": "ON", "sent": time.time(),
-        }
-    )  # fmt: skip
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def payload(fleet: SensorFleet, i: int) -> tuple[str, bytes]:
+    """Message ``i`` of ``fleet``'s simulated Zigbee2MQTT plugs, stamped now: as
+    ``benchmarks/ingest.py``'s senders make them."""
+    reading = fleet.read(i % len(fleet), 1.7e9 + i)
+    message = Zigbee2MQTT().encode(reading)[0]
+    return message.topic, b'{"sent":%f,' % time.time() + message.payload[1:]
 
 
 def drain(n: int, devices: int) -> tuple[float, float]:
@@ -74,9 +61,8 @@ def drain(n: int, devices: int) -> tuple[float, float]:
             first.send_signal(signal.SIGINT)
             first.wait(30)
         with Connection(broker.url, "sender", max_inflight=1000).connect() as sender:
-            infos = [
-                sender.publish(f"zigbee2mqtt/d{i % devices}", payload(i), qos=1) for i in range(n)
-            ]
+            fleet = SensorFleet(devices, seed=0, faults=False)
+            infos = [sender.publish(*payload(fleet, i), qos=1) for i in range(n)]
             for info in infos:
                 info.wait_for_publish(60)
         got = [0]
