@@ -108,6 +108,15 @@ def percent(value: str) -> float:
     return pct
 
 
+#: The credential files every broker-using command takes, and their environment variables.
+_ENV = {
+    "password_file": "STREAMPIPE_PASSWORD_FILE",
+    "ca_file": "STREAMPIPE_CA_FILE",
+    "cert_file": "STREAMPIPE_CERT_FILE",
+    "key_file": "STREAMPIPE_KEY_FILE",
+}
+
+
 def add_broker(p: argparse.ArgumentParser, default: str | None = None) -> None:
     env = os.environ.get("STREAMPIPE_BROKER")
     g = p.add_argument_group(
@@ -123,37 +132,28 @@ def add_broker(p: argparse.ArgumentParser, default: str | None = None) -> None:
         help="mqtt://[user@]host[:port], or mqtts:// for TLS (default: $STREAMPIPE_BROKER or "
         f"{default or 'a private Mosquitto'})",
     )
-    for flag, env_name, text in (
+    for dest, text in (
+        ("password_file", "file whose first line is the password (default: {env})"),
         (
-            "--password-file",
-            "STREAMPIPE_PASSWORD_FILE",
-            "file whose first line is the password (default: {env})",
-        ),
-        (
-            "--ca-file",
-            "STREAMPIPE_CA_FILE",
+            "ca_file",
             "CA certificates (PEM) that the broker's must chain to (default: {env}, else the "
             "system's)",
         ),
-        (
-            "--cert-file",
-            "STREAMPIPE_CERT_FILE",
-            "client certificate (PEM), for brokers that require one (default: {env})",
-        ),
-        ("--key-file", "STREAMPIPE_KEY_FILE", "private key (PEM) of --cert-file (default: {env})"),
+        ("cert_file", "client certificate (PEM), for brokers that require one (default: {env})"),
+        ("key_file", "private key (PEM) of --cert-file (default: {env})"),
     ):
         g.add_argument(
-            flag,
+            "--" + dest.replace("_", "-"),
             metavar="FILE",
-            default=os.environ.get(env_name),
-            help=text.format(env="$" + env_name),
+            default=os.environ.get(_ENV[dest]),
+            help=text.format(env="$" + _ENV[dest]),
         )
     g.add_argument("--topic-root", default=DEFAULT_ROOT, help="topic root (default: %(default)s)")
 
 
 def broker_with_credentials(args: argparse.Namespace) -> BrokerURL | None:
     """``--broker`` joined with the password and TLS flags, checked once for every command."""
-    files = {k: getattr(args, k) for k in ("password_file", "ca_file", "cert_file", "key_file")}
+    files = {k: getattr(args, k) for k in _ENV}
     if args.broker is None:
         given = [f"--{k.replace('_', '-')}" for k, v in files.items() if v]
         if given:
@@ -173,14 +173,6 @@ def broker_with_credentials(args: argparse.Namespace) -> BrokerURL | None:
             f"{args.broker}: use mqtts:// for a TLS broker, or unset {names}"
         )
     return with_credentials(args.broker, password=os.environ.get("STREAMPIPE_PASSWORD"), **files)
-
-
-_ENV = {
-    "password_file": "STREAMPIPE_PASSWORD_FILE",
-    "ca_file": "STREAMPIPE_CA_FILE",
-    "cert_file": "STREAMPIPE_CERT_FILE",
-    "key_file": "STREAMPIPE_KEY_FILE",
-}
 
 
 def add_batching(p: argparse.ArgumentParser, batch: int, linger_ms: float) -> None:
