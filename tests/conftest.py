@@ -80,3 +80,18 @@ def capture(broker: PrivateMosquitto) -> Iterator[Callable[[list[str]], Capture]
     yield make
     for c in made:
         c.close()
+
+
+@pytest.fixture(scope="session")
+def fleet_bench() -> Any:
+    """``benchmarks/fleet.py`` as a module: the fleet tests run its experiments."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "fleet.py"
+    spec = importlib.util.spec_from_file_location("fleet_benchmark", path)
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    sys.modules[spec.name] = module  # type: ignore[union-attr]  # its dataclasses look it up
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module

@@ -7,13 +7,10 @@ the third drives the aggregator service with updates published as edges publish 
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
 import threading
 import time
 import uuid
-from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -32,17 +29,7 @@ from streampipe.models.artifact import read_header, verify
 from streampipe.models.keys import init_keys, load_signing_key, load_verify_key
 from streampipe.transport import Connection
 
-BENCHMARK = Path(__file__).resolve().parent.parent / "benchmarks" / "fleet.py"
 SPEC = canonical_spec("preprocessing.StandardScaler | linear_model.LinearRegression")
-
-
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("fleet_benchmark", BENCHMARK)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 def _root(what: str) -> str:
@@ -53,10 +40,10 @@ def _root(what: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def chicks(broker, bench):
+def chicks(broker, fleet_bench):
     """Fold 0: chicks 5, 10, …, 50 held out (two to four of each diet), all their readings
     scored; the other 40 chicks learn through two edges and the aggregator."""
-    return bench.chick_weights(broker.url, fold=0, folds=5, root=_root("chicks"))
+    return fleet_bench.chick_weights(broker.url, fold=0, folds=5, root=_root("chicks"))
 
 
 def test_held_out_chicks_starting_from_the_fleet_model_err_less(chicks):
@@ -77,10 +64,10 @@ def test_the_edges_predict_as_rivers_predict_then_learn_from_the_fleet_model(chi
 
 
 @pytest.fixture(scope="module")
-def simulated(broker, bench):
-    return bench.cold_start(
+def simulated(broker, fleet_bench):
+    return fleet_bench.cold_start(
         broker.url, train_devices=16, holdout=8, readings=300, first=50, seed=0,
-        root=_root("sim"), start=1_767_225_600.0,  # fixed, as in test_fleet_cold_start.py
+        root=_root("sim"), start=fleet_bench.FIXED_START,
     )  # fmt: skip
 
 
