@@ -139,3 +139,19 @@ def running(service: Any) -> Iterator[Any]:
         thread.join(30)
     assert not thread.is_alive(), "the service did not stop within 30 s"
     assert not failure, f"the service raised {failure[0]!r}"
+
+
+def predictions_by_device(cap: Any, topics: Any) -> dict[str, list[tuple[int, Any]]]:
+    """Every prediction the edge published, ``(seq, y_pred)`` by device, in order."""
+    out: dict[str, list[tuple[int, Any]]] = {}
+    for body in cap.json(topics.predictions()):
+        out.setdefault(body["device"], []).extend(
+            (p["seq"], p["y_pred"]) for p in body["predictions"]
+        )
+    return out
+
+
+def predicted(cap: Any, topics: Any, devices: Any = None) -> int:
+    """How many predictions the edge published, for ``devices`` (default: every one)."""
+    got = predictions_by_device(cap, topics)
+    return sum(len(v) for d, v in got.items() if devices is None or d in devices)

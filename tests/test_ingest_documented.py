@@ -37,6 +37,7 @@ from typing import Any
 
 import faults
 import pytest
+from faults import predicted, predictions_by_device
 from river import linear_model, preprocessing
 
 from streampipe.edge import EdgeConfig, EdgeService
@@ -397,20 +398,6 @@ def clear_retained(broker: Any, messages: list[tuple[str, bytes, bool]]) -> None
         publish(broker, [(t, b"", True) for t in retained])
 
 
-def predictions(cap: Any, topics: Any) -> dict[str, list[tuple[int, Any]]]:
-    """Every prediction the edge published, ``(seq, y_pred)`` by device, in order."""
-    out: dict[str, list[tuple[int, Any]]] = {}
-    for body in cap.json(topics.predictions()):
-        out.setdefault(body["device"], []).extend(
-            (p["seq"], p["y_pred"]) for p in body["predictions"]
-        )
-    return out
-
-
-def count(cap: Any, topics: Any, devices: Any) -> int:
-    return sum(len(v) for d, v in predictions(cap, topics).items() if d in devices)
-
-
 def recorded(path: Path, device: str) -> list[tuple[float, dict[str, float], float | None]]:
     """The gateway's ``--record``ed readings of ``device``: ``(time, x, y)``, x without
     the empty cells (features the reading did not carry)."""
@@ -468,8 +455,8 @@ def test_documented_payloads_are_learned_once_as_river_learns_the_recording(
             began = time.time()
             publish(broker, sent.messages)
             assert gw.wait_handled(len(sent.messages), 30)
-            assert cap.wait(lambda: count(cap, topics, devices) >= n), (
-                {d: [s for s, _ in p] for d, p in predictions(cap, topics).items()},
+            assert cap.wait(lambda: predicted(cap, topics, devices) >= n), (
+                {d: [s for s, _ in p] for d, p in predictions_by_device(cap, topics).items()},
                 [(b["stage"], b["reason"], b["detail"]) for b in dead_letters(cap, topics, "+")],
             )
             ended = time.time()
@@ -480,7 +467,7 @@ def test_documented_payloads_are_learned_once_as_river_learns_the_recording(
     assert dead == sent.dead
     assert dead_letters(cap, topics, "doc-edge") == []
 
-    got = predictions(cap, topics)
+    got = predictions_by_device(cap, topics)
     for device, expected in sent.readings.items():
         # Each reading predicted once, in order, none missing, under the mapped id.
         assert [seq for seq, _ in got.get(device, [])] == list(range(len(expected))), device
@@ -534,8 +521,8 @@ def test_sparkplug_rebirth_starts_an_epoch_a_lost_ddata_is_counted_a_repeat_refu
     ):
         publish(broker, messages)
         assert gw.wait_handled(len(messages), 30)
-        assert cap.wait(lambda: count(cap, topics, {device}) >= first + second)
-    seqs = [s for s, _ in predictions(cap, topics)[device]]
+        assert cap.wait(lambda: predicted(cap, topics, {device}) >= first + second)
+    seqs = [s for s, _ in predictions_by_device(cap, topics)[device]]
     assert seqs == list(range(first)) + list(range(second)), "learned twice, or lost"
     assert learned(e, device).epoch == gw.numbering.epoch + 1
     assert learned(e, device).learned == first + second
@@ -551,7 +538,7 @@ def test_sparkplug_rebirth_starts_an_epoch_a_lost_ddata_is_counted_a_repeat_refu
     rows = recorded(record, device)
     assert len(rows) == first + second
     order = [dict.fromkeys(("Volts", "Amps", "Inputs/A"))] * len(rows)
-    assert [p for _, p in predictions(cap, topics)[device]] == offline(rows, order)
+    assert [p for _, p in predictions_by_device(cap, topics)[device]] == offline(rows, order)
 
 
 def test_the_things_stack_f_cnt_skipped_repeated_and_reset(broker, topics, capture, tmp_path):
@@ -574,8 +561,8 @@ def test_the_things_stack_f_cnt_skipped_repeated_and_reset(broker, topics, captu
     ):
         publish(broker, messages)
         assert gw.wait_handled(len(messages), 30)
-        assert cap.wait(lambda: count(cap, topics, {device}) >= 14 + 6)
-    got = predictions(cap, topics)[device]
+        assert cap.wait(lambda: predicted(cap, topics, {device}) >= 14 + 6)
+    got = predictions_by_device(cap, topics)[device]
     # f_cnt 1..15 are seq 0..14 (f_cnt 11, seq 10, missing); the rejoin is a new epoch.
     assert [s for s, _ in got] == [s for s in range(15) if s != 10] + list(range(6))
     assert e.registry.get_sample_value("streampipe_sequence_gaps_total") == 1
@@ -644,7 +631,7 @@ def test_every_dead_letter_reason_and_the_gateway_goes_on(broker, topics, captur
     messages += [("zigbee2mqtt/bridge", b'{"state":"online"}', False), (*good_z2m(0), False)]
     for _, bad, goods in bad_and_good:
         messages += [(bad[0], bad[1], False)] + [(g[0], g[1], False) for g in goods]
-    predicted = {
+    per_device = {
         f"z2m.{plug}": 4,
         f"esphome.{node}": 1,
         f"tasmota.{tele}": 1,
@@ -656,7 +643,7 @@ def test_every_dead_letter_reason_and_the_gateway_goes_on(broker, topics, captur
     with running(edge(broker, topics)), running(gateway(broker, topics, mapping, record)) as gw:
         publish(broker, messages)
         assert gw.wait_handled(len(messages), 30)
-        assert cap.wait(lambda: count(cap, topics, predicted) >= sum(predicted.values()))
+        assert cap.wait(lambda: predicted(cap, topics, per_device) >= sum(per_device.values()))
         assert cap.wait(lambda: len(dead_letters(cap, topics, GW)) >= len(bad_and_good))
     dead = dead_letters(cap, topics, GW)
     assert [(b["reason"], b["topic"]) for b in dead] == [
@@ -666,8 +653,8 @@ def test_every_dead_letter_reason_and_the_gateway_goes_on(broker, topics, captur
     assert gw.registry.get_sample_value("streampipe_ingest_excluded_total") == 1
     for reason, _, _ in bad_and_good:
         assert gw.registry.get_sample_value("streampipe_rejected_total", {"reason": reason}) == 1
-    got = predictions(cap, topics)
-    assert {d: [s for s, _ in got.get(d, [])] for d in predicted} == {
-        d: list(range(k)) for d, k in predicted.items()
+    got = predictions_by_device(cap, topics)
+    assert {d: [s for s, _ in got.get(d, [])] for d in per_device} == {
+        d: list(range(k)) for d, k in per_device.items()
     }
     assert dead_letters(cap, topics, "doc-edge") == []

@@ -22,6 +22,7 @@ from typing import Any
 
 import faults
 import pytest
+from faults import predicted, predictions_by_device
 from replaying import predict_then_learn, streampipe
 
 from streampipe.edge import EdgeConfig, EdgeService
@@ -94,21 +95,6 @@ def clear_retained(broker: Any, topics: set[str]) -> None:
         publish(broker, [Outgoing(t, b"", retain=True) for t in sorted(topics)])
 
 
-def predictions(cap: Any, topics: Any) -> dict[str, list[tuple[int, Any]]]:
-    """Every prediction the edge published, ``(seq, y_pred)`` by device, in order."""
-    out: dict[str, list[tuple[int, Any]]] = {}
-    for body in cap.json(topics.predictions()):
-        out.setdefault(body["device"], []).extend(
-            (p["seq"], p["y_pred"]) for p in body["predictions"]
-        )
-    return out
-
-
-def count(cap: Any, topics: Any, devices: set[str] | None = None) -> int:
-    got = predictions(cap, topics)
-    return sum(len(v) for d, v in got.items() if devices is None or d in devices)
-
-
 def recorded(path: Path) -> list[dict[str, str]]:
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
@@ -143,13 +129,13 @@ def test_every_format_is_learned_once_and_equals_river_offline(
         with running(edge(broker, topics)), running(gw):
             publish(broker, messages)
             assert gw.wait_handled(len(messages), 30)
-            assert cap.wait(lambda: count(cap, topics) >= len(readings))
+            assert cap.wait(lambda: predicted(cap, topics) >= len(readings))
     finally:
         clear_retained(broker, {m.topic for m in messages if m.retain})
     assert cap.on(topics.deadletter()) == []
     assert gw.stats.readings == len(readings) and not gw.stats.rejected
 
-    got = predictions(cap, topics)
+    got = predictions_by_device(cap, topics)
     assert set(got) == set(ids.values())
     rows = recorded(record)
     assert list(rows[0]) == ["device", "time", *sorted(FEATURE_ORDER[fmt]), "target"]
@@ -218,7 +204,7 @@ def test_sensors_in_z2m_format_through_the_ingest_command(broker, topics, captur
             assert sensors.returncode == 0, sensors.stderr
             published = int(re.search(r"published ([\d,]+) readings", sensors.stdout)[1])
             assert published >= 3 * 20
-            assert cap.wait(lambda: count(cap, topics, ids) >= published)
+            assert cap.wait(lambda: predicted(cap, topics, ids) >= published)
             began = time.monotonic()
             ingest.send_signal(signal.SIGINT)
             out, err = ingest.communicate(timeout=10)
@@ -236,7 +222,7 @@ def test_sensors_in_z2m_format_through_the_ingest_command(broker, topics, captur
     assert m, line
     # Messages of other tests' devices may be retained on the shared broker: ours are all.
     assert int(m[2].replace(",", "")) >= published
-    got = predictions(cap, topics)
+    got = predictions_by_device(cap, topics)
     assert sum(len(got[d]) for d in ids) == published
     for d in ids:
         assert [seq for seq, _ in got[d]] == list(range(len(got[d])))
@@ -278,7 +264,7 @@ def test_an_ingest_process_killed_mid_stream_loses_nothing_and_learns_nothing_tw
             devices = threading.Thread(target=devices_publish, daemon=True)
             devices.start()
             # Mid-stream: after the edge has learned some, well before the last is sent.
-            assert cap.wait(lambda: count(cap, topics, ids) >= 60)
+            assert cap.wait(lambda: predicted(cap, topics, ids) >= 60)
             assert not sent.is_set(), "the stream ended before the kill: slow the devices"
             first.send_signal(signal.SIGKILL)
             first.wait(10)
@@ -286,7 +272,7 @@ def test_an_ingest_process_killed_mid_stream_loses_nothing_and_learns_nothing_tw
             wait_online(cap, topics, second, "killed", seen=1)
             devices.join(60)
             assert sent.is_set()
-            assert cap.wait(lambda: count(cap, topics, ids) >= len(readings), 60)
+            assert cap.wait(lambda: predicted(cap, topics, ids) >= len(readings), 60)
             second.send_signal(signal.SIGINT)
             _, err = second.communicate(timeout=10)
     finally:
@@ -296,7 +282,7 @@ def test_an_ingest_process_killed_mid_stream_loses_nothing_and_learns_nothing_tw
         clear_retained(broker, {m.topic for m in messages})
     assert second.returncode == 0, err
     assert first.returncode == -signal.SIGKILL
-    got = predictions(cap, topics)
+    got = predictions_by_device(cap, topics)
     assert set(got) == ids
     for device in ids:
         seqs = sorted(seq for seq, _ in got[device])
