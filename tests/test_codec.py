@@ -131,6 +131,17 @@ def test_a_few_floats_encode_as_the_numpy_path_does(v: np.ndarray) -> None:
 
 @FAST
 @given(
+    st.tuples(st.integers(1, 40), st.integers(1, 5)).flatmap(
+        lambda nc: st.lists(column(nc[0], any_float), min_size=nc[1], max_size=nc[1])
+    )
+)
+def test_columns_encoded_together_are_the_bytes_of_each_alone(cols: list[np.ndarray]) -> None:
+    matrix = np.column_stack(cols)
+    assert columns.encode_float_columns(matrix) == [columns.encode_float_column(c) for c in cols]
+
+
+@FAST
+@given(
     st.lists(st.integers(-(2**63), 2**63 - 1), min_size=1, max_size=columns.FEW),
     st.sampled_from([0, 3, columns.RAW]),
 )

@@ -344,3 +344,88 @@ def ints_to_floats(code: int, ints: np.ndarray) -> np.ndarray:
 def decode_float_column(r: Reader, n: int) -> np.ndarray:
     code, ints = decode_int_column(r, n)
     return ints_to_floats(code, ints)
+
+
+#: Decimal exponents :func:`encode_float_columns` tries for all columns at once; a
+#: column that needs more digits goes through :func:`float_code` on its own.
+_MATRIX_EXPONENTS = 7
+_MATRIX_POW10 = np.array(_POW10[:_MATRIX_EXPONENTS]).reshape(-1, 1, 1)
+
+
+def encode_float_columns(m: np.ndarray) -> list[bytes]:
+    """:func:`encode_float_column` of each column of ``m`` (n x c float64), the same
+    bytes, in a fixed number of numpy calls for the whole matrix rather than dozens
+    per column: what makes frames of a few readings cheap (~4x for 2-16 readings of
+    11 columns).
+
+    >>> m = np.array([[21.53, 1e300], [21.55, float("nan")]])
+    >>> encode_float_columns(m) == [encode_float_column(m[:, j]) for j in range(2)]
+    True
+    """
+    n, c = m.shape
+    if n == 0 or c == 0:
+        return [encode_float_column(m[:, j]) for j in range(c)]
+    with np.errstate(invalid="ignore", over="ignore"):
+        amax = np.abs(m).max(axis=0)  # NaN where a column holds one: never < _EXACT
+        scaled = np.rint(m * _MATRIX_POW10)  # (exponents, n, c)
+        back = (scaled + 0.0) / _MATRIX_POW10  # + 0.0: an integer zero has no sign
+        exact = (back.view(np.int64) == m.view(np.int64)).all(axis=1)  # (exponents, c)
+        fits = amax * _MATRIX_POW10.reshape(-1, 1) < _EXACT  # (exponents, c)
+    # As float_code: the smallest exponent at which every value round-trips, unless
+    # the integers outgrow 2**53 first (then, and for NaN, inf and -0.0, raw bits).
+    good = exact & fits
+    found = good.any(axis=0)
+    first = good.argmax(axis=0)
+    raw = ~found & ~fits[-1]
+    codes = np.where(found, first, RAW).tolist()
+    ints = np.where(found, scaled[first, :, np.arange(c)].T, 0.0).astype(np.int64)
+    raw_bits = m.view(np.int64)
+    ints[:, raw] = raw_bits[:, raw]
+    out: list[bytes | None] = [None] * c
+    for j in np.flatnonzero(~found & ~raw).tolist():  # more digits than tried here
+        out[j] = encode_float_column(m[:, j])
+    return _encode_int_matrix(ints, codes, out)
+
+
+def _encode_int_matrix(
+    y: np.ndarray, codes: list[int], out: list[bytes | None]
+) -> list[bytes]:
+    """:func:`_encode_ints` of each column of ``y`` (n x c int64) with its code, except
+    where ``out`` already holds a column's bytes."""
+    n, c = y.shape
+    y = np.ascontiguousarray(y)
+    u = y.view(np.uint64)
+    base, top = y.min(axis=0).tolist(), y.max(axis=0).tolist()
+    if n > 1:
+        d = (u[1:] - u[:-1]).view(np.int64)
+        dlo, dhi = d.min(axis=0).tolist(), d.max(axis=0).tolist()
+        doff = d.view(np.uint64) - np.array(dlo, dtype=np.int64).view(np.uint64)
+        dplanes = doff.view(np.uint8).reshape(n - 1, c, 8).transpose(1, 2, 0).tobytes()
+    plain = u - np.array(base, dtype=np.int64).view(np.uint64)
+    planes = plain.view(np.uint8).reshape(n, c, 8).transpose(1, 2, 0).tobytes()
+    firsts = y[0].tolist()
+    result: list[bytes] = []
+    for j in range(c):
+        done = out[j]
+        if done is not None:
+            result.append(done)
+            continue
+        code, lo, hi = codes[j], base[j], top[j]
+        if n > 1 and dhi[j] - dlo[j] < hi - lo:  # deltas, modulo 2**64, span less
+            code |= _DELTA
+            lo, hi = dlo[j], dhi[j]
+            width = ((hi - lo).bit_length() + 7) // 8
+            start = j * 8 * (n - 1)
+            body = dplanes[start : start + width * (n - 1)]
+        else:
+            width = ((hi - lo).bit_length() + 7) // 8
+            start = j * 8 * n
+            body = planes[start : start + width * n]
+        packed = compress(body) if width else None
+        if packed is not None:
+            code |= _ZSTD
+        head = bytes((code, width)) + uvarint(zigzag(lo))
+        if code & _DELTA:
+            head += uvarint(zigzag(firsts[j]))
+        result.append(head + (uvarint(len(packed)) + packed if packed is not None else body))
+    return result

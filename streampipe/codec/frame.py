@@ -7,7 +7,9 @@ that size is allocated, and only :class:`CodecError` escapes.
 
 from __future__ import annotations
 
+import functools
 import struct
+from math import copysign
 
 import msgpack
 import numpy as np
@@ -19,6 +21,7 @@ from streampipe.codec.columns import (
     decode_float_column,
     decode_int_column,
     encode_float_column,
+    encode_float_columns,
     encode_int_column,
     scalar_exponent,
     uvarint,
@@ -30,8 +33,14 @@ from streampipe.readings import Batch, Reading
 
 __all__ = ["decode", "encode", "encode_reading"]
 
-_POW10 = [10.0**e for e in range(8)]
 _SINGLE_RAW = 7  # 3-bit code in single-reading frames: float64 bits, not a decimal
+_POW10 = [10.0**e for e in range(_SINGLE_RAW)]  # the decimal exponents they use
+_EXACT = float(2**53)  # integers beyond this are not all exact in float64
+_DOUBLE = struct.Struct("<d")
+#: Frames of this many readings, every value present, encode their columns together
+#: (:func:`~streampipe.codec.columns.encode_float_columns`): the same bytes, 2-4x
+#: faster; two readings are cheaper a column at a time, and so are thousands.
+MATRIX_READINGS = (3, 256)
 
 
 # ---------------------------------------------------------------------------- encode
@@ -83,6 +92,11 @@ def encode(batch: Batch, *, schema_id: bool = False) -> bytes:
         if negative:
             flags |= h.SIGNS
         payload = b"".join(body) + single
+    elif present is None and tpresent is None and MATRIX_READINGS[0] <= n <= MATRIX_READINGS[1]:
+        parts_ = [ts[:, None], values] if target is None else [ts[:, None], values, target[:, None]]
+        body.append(encode_int_column(seq))
+        body += encode_float_columns(np.concatenate(parts_, axis=1))
+        payload = b"".join(body)
     else:
         columns = [ts] + [
             values[:, j] if present is None else values[present[:, j], j]
@@ -136,11 +150,8 @@ def _head(
     or schema id), after checking the batch against the limits a receiver applies."""
     limits = DEFAULT_LIMITS
     f = len(features)
-    raw = device.encode("utf-8")
-    if len(raw) > limits.max_string_bytes or any(
-        len(name.encode("utf-8")) > limits.max_string_bytes for name in features
-    ):
-        raise CodecError("string_too_long", "device id or a field name is over 128 bytes")
+    device_part = _device_part(device)
+    names_part = _names_part(features, has_target, schema_id)
     if n > limits.max_readings:
         raise CodecError("too_many_readings", f"{n} readings exceed {limits.max_readings}")
     if f > limits.max_fields:
@@ -151,18 +162,35 @@ def _head(
     if not 0 <= epoch < 1 << 64:
         raise CodecError("malformed", f"epoch {epoch} is not in 0..2**64-1")
     flags = 0
-    parts = [uvarint(len(raw)), raw, uvarint(epoch)]
+    parts = [device_part, uvarint(epoch)]
     if n == 1:
         flags |= h.SINGLE
     else:
         parts.append(uvarint(n))
     if schema_id:
         flags |= h.SCHEMA_ID
-        parts.append(Schema(features, has_target).raw_id)
-    else:
-        packed = msgpack.packb(list(features), use_bin_type=True)
-        parts += [uvarint(len(packed)), packed]
+    parts.append(names_part)
     return flags, parts
+
+
+# A sender repeats its device ids and field names in every frame: what they encode to
+# is worked out (and checked against the limits) once.
+@functools.lru_cache(maxsize=1 << 16)
+def _device_part(device: str) -> bytes:
+    raw = device.encode("utf-8")
+    if len(raw) > DEFAULT_LIMITS.max_string_bytes:
+        raise CodecError("string_too_long", "device id or a field name is over 128 bytes")
+    return uvarint(len(raw)) + raw
+
+
+@functools.lru_cache(maxsize=4096)
+def _names_part(features: tuple[str, ...], has_target: bool, schema_id: bool) -> bytes:
+    if any(len(name.encode("utf-8")) > DEFAULT_LIMITS.max_string_bytes for name in features):
+        raise CodecError("string_too_long", "device id or a field name is over 128 bytes")
+    if schema_id:
+        return Schema(features, has_target).raw_id
+    packed = msgpack.packb(list(features), use_bin_type=True)
+    return uvarint(len(packed)) + packed
 
 
 def _bitmap(mask: np.ndarray, as_block: bool) -> bytes:
@@ -182,28 +210,49 @@ def _mask(m: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray | None:
 
 
 def _encode_single(seq: int, cells: list[float | None]) -> tuple[bytes, bool]:
-    """Compact layout of one reading: 3-bit codes, optional sign bits, varints."""
+    """Compact layout of one reading: 3-bit codes, optional sign bits, varints.
+
+    Each value is coded as :func:`~streampipe.codec.columns.scalar_exponent` says
+    (inlined here, with the varints: this runs for every reading a sensor sends alone).
+    """
     k = len(cells)
     codes = 0
     signs = 0
-    data = [uvarint(zigzag(seq))]
+    data = bytearray()
+    v = zigzag(seq)
+    while v >= 0x80:
+        data.append((v & 0x7F) | 0x80)
+        v >>= 7
+    data.append(v)
     for i, x in enumerate(cells):
         if x is None:
             continue  # absent: its code stays 0 and nothing is written
-        e = scalar_exponent(x, _SINGLE_RAW - 1)
-        if e is None:
+        e = _SINGLE_RAW
+        ax = abs(x)
+        if ax < _EXACT and (x != 0.0 or copysign(1.0, x) > 0):  # not NaN, inf, huge or -0.0
+            for p, scale in enumerate(_POW10):
+                if ax * scale >= _EXACT:
+                    break
+                if round(x * scale) / scale == x:
+                    e = p
+                    break
+        if e == _SINGLE_RAW:
             codes |= _SINGLE_RAW << (3 * i)
-            data.append(struct.pack("<d", x))
+            data += _DOUBLE.pack(x)
             continue
         v = round(x * _POW10[e])
         codes |= e << (3 * i)
         if v < 0:
             signs |= 1 << i
-        data.append(uvarint(abs(v)))
+            v = -v
+        while v >= 0x80:
+            data.append((v & 0x7F) | 0x80)
+            v >>= 7
+        data.append(v)
     out = codes.to_bytes((3 * k + 7) // 8, "little")
     if signs:
         out += signs.to_bytes((k + 7) // 8, "little")
-    return out + b"".join(data), bool(signs)
+    return out + data, bool(signs)
 
 
 # ---------------------------------------------------------------------------- decode
