@@ -133,6 +133,25 @@ class Batch:
         if not readings:
             raise ValueError("a batch holds at least one reading")
         device, epoch = readings[0].device, readings[0].epoch
+        first = readings[0].x.keys()
+        if all(
+            r.device == device and r.epoch == epoch and r.y is not None and r.x.keys() == first
+            for r in readings
+        ):  # the common case: the same fields, and a target, in every reading
+            names_ = tuple(first)
+            return cls(
+                device=device,
+                epoch=epoch,
+                seq=np.array([r.seq for r in readings], dtype=np.int64),
+                ts=np.array([r.ts for r in readings], dtype=np.float64),
+                features=names_,
+                values=np.array(
+                    [list(map(r.x.__getitem__, names_)) for r in readings], dtype=np.float64
+                ).reshape(
+                    len(readings), len(names_)
+                ),
+                target=np.array([r.y for r in readings], dtype=np.float64),
+            )
         names: dict[str, int] = {}
         for r in readings:
             if r.device != device or r.epoch != epoch:

@@ -42,6 +42,8 @@ compute a partition.
 
 from __future__ import annotations
 
+import functools
+
 import re
 import zlib
 from dataclasses import dataclass
@@ -111,6 +113,7 @@ def partition_of(device: str) -> int:
     return zlib.crc32(device.encode()) % PARTITIONS
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def partition_level(device: str) -> str:
     """The partition level of a device's readings topic.
 
