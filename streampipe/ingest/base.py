@@ -74,7 +74,8 @@ class Source(Protocol):
         ...
 
     def claims(self, topic: str) -> bool:
-        """Whether messages on ``topic`` are this source's (and not excluded)."""
+        """Whether messages on ``topic`` are this source's (and not excluded): by the
+        topic alone, so the gateway asks once per topic and remembers the answer."""
         ...
 
     def map(self, message: Incoming) -> list[Mapped]:

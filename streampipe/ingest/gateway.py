@@ -76,9 +76,14 @@ ROOM_WAIT = 5.0
 #: Seconds the oldest mapped message waits, when no other does, before a commit: what
 #: comes within it shares frames (each frame costs ~100 µs, a reading ~10 µs more).
 IDLE_COMMIT_AFTER = 0.002
+#: Messages the worker takes from the network thread at a time.
+HANDOVER = 64
 #: Commits whose readings may wait for the broker's acknowledgement before the gateway
 #: waits for the oldest.
 MAX_TICKETS = 50
+
+
+_UNSEEN: Any = object()
 
 
 @dataclass
@@ -256,6 +261,8 @@ class Gateway:
         self.stats = GatewayStats()
         self.inbox: Inbox[Message] = Inbox(config.queue_size)
         self._digests: OrderedDict[str, bytes] = OrderedDict()
+        # topic -> the source that claims it, or None; a source claims by topic alone
+        self._claims: dict[str, Source | None] = {}
         self._stop = threading.Event()
         self._unacked: list[tuple[int, Message]] = []
         self._touched: set[str] = set()  # topics whose digest changed since the last ticket
@@ -331,12 +338,12 @@ class Gateway:
             while not self._stop.is_set():
                 now = time.monotonic()
                 due = min(next_commit, oldest + IDLE_COMMIT_AFTER) if self._unacked else now + 0.5
-                item = self.inbox.get(max(0.0, min(due - now, 0.5)))
-                if item is not None:
+                items = self.inbox.get_many(max(0.0, min(due - now, 0.5)), HANDOVER)
+                if items:
                     if not self._unacked:
                         oldest = time.monotonic()
-                    connection, msg = item
-                    self._handle(msg, connection)
+                    for connection, msg in items:
+                        self._handle(msg, connection)
                     with self._handled:
                         self._handled.notify_all()
                 now = time.monotonic()
@@ -384,7 +391,12 @@ class Gateway:
     def _handle(self, msg: Message, connection: int) -> None:
         self._unacked.append((connection, msg))
         self.stats.messages += 1
-        source = next((s for s in self.sources if s.claims(msg.topic)), None)
+        source = self._claims.get(msg.topic, _UNSEEN)
+        if source is _UNSEEN:
+            source = next((s for s in self.sources if s.claims(msg.topic)), None)
+            if len(self._claims) >= MAX_TOPICS:
+                self._claims.clear()
+            self._claims[msg.topic] = source
         if source is None:
             if any(_excludes(s, msg.topic) for s in self.sources):
                 self.stats.excluded += 1  # left alone on purpose: not a dead letter
@@ -433,24 +445,27 @@ class Gateway:
                 self.out.publish(topic, payload, qos=0)
 
     def _publish(self, m: Mapped, arrived: float, topic: str, payload: bytes, source: str) -> None:
-        try:
-            check_name(m.device)
-        except InvalidName as exc:
-            self._dead(topic, payload, "invalid_device", str(exc), source)
+        if m.device not in self.numbering.devices:  # a device numbered was checked before
+            try:
+                check_name(m.device)
+            except InvalidName as exc:
+                self._dead(topic, payload, "invalid_device", str(exc), source)
+                return
+            if len(self.numbering.devices) >= self.config.max_devices:
+                self._dead(
+                    topic, payload, "too_many_devices", f"{self.config.max_devices} known", source
+                )
+                return
+        x = m.x
+        if not all(type(v) is float for v in x.values()):  # noqa: E721 (floats, exactly)
+            bad = [k for k, v in x.items() if not isinstance(v, float | int) or isinstance(v, bool)]
+            if bad:
+                self._dead(topic, payload, "not_numeric", f"fields {bad}", source)
+                return
+        if not (m.y is None or isinstance(m.y, float | int)):
+            self._dead(topic, payload, "not_numeric", "fields ['target']", source)
             return
-        if (
-            m.device not in self.numbering.devices
-            and len(self.numbering.devices) >= self.config.max_devices
-        ):
-            self._dead(
-                topic, payload, "too_many_devices", f"{self.config.max_devices} known", source
-            )
-            return
-        bad = [k for k, v in m.x.items() if not isinstance(v, float | int) or isinstance(v, bool)]
-        if bad or not (m.y is None or isinstance(m.y, float | int)):
-            self._dead(topic, payload, "not_numeric", f"fields {bad or ['target']}", source)
-            return
-        if not m.x and m.y is None:
+        if not x and m.y is None:
             self._dead(topic, payload, "no_features", "nothing numeric was mapped", source)
             return
         numbered = self.numbering.number(m)
@@ -466,7 +481,7 @@ class Gateway:
             m.device,
             seq=seq,
             ts=ts,
-            x={k: float(v) for k, v in m.x.items()},
+            x={k: float(v) for k, v in x.items()},
             y=None if m.y is None else float(m.y),
             epoch=epoch,
         )

@@ -38,7 +38,7 @@ import jsonpath
 import orjson
 
 from streampipe.ingest.base import Incoming, Mapped, Unmappable
-from streampipe.ingest.topic import TopicTemplate, fill
+from streampipe.ingest.topic import MATCH_CACHE, TopicTemplate, fill
 from streampipe.limits import MAX_DEVICES, MAX_FEATURES
 from streampipe.topics import InvalidName, check_name
 
@@ -201,25 +201,41 @@ def _first(path: jsonpath.JSONPath, doc: Any) -> tuple[bool, Any, tuple]:
 
 
 def _flatten(prefix: str, value: Any, out: dict[str, float], skip: tuple, at: tuple, depth: int):
-    """Every number and boolean under ``value`` into ``out`` (``a.b``, ``a_0``)."""
-    if at == skip and skip:
+    """Every number and boolean under ``value`` into ``out`` (``a.b``, ``a_0``), except
+    the one at path ``skip`` (``value`` is at path ``at``)."""
+    if skip and at == skip:
         return
-    if isinstance(value, bool | int | float):
-        number = float(value)
-        if math.isfinite(number):  # JSON has no NaN, but 1e999 parses as infinity
-            out[prefix] = number
-    elif depth >= MAX_DEPTH:
-        return
-    elif isinstance(value, dict):
+    kind = type(value)
+    if kind is dict:
+        if depth >= MAX_DEPTH:
+            return
+        # The path to skip, if it is one of this object's members (else None).
+        level = len(at)
+        here = skip[level] if len(skip) == level + 1 and skip[:level] == at else None
         for key, item in value.items():
-            _flatten(
-                f"{prefix}.{key}" if prefix else str(key), item, out, skip, (*at, key), depth + 1
-            )
-    elif isinstance(value, list):
+            name = f"{prefix}.{key}" if prefix else key
+            kind = type(item)
+            if kind is float:  # the common case, without a call
+                if key != here and item - item == 0.0:  # finite: 1e999 parses as inf
+                    out[name] = item
+            elif kind is int or kind is bool:
+                if key != here:
+                    out[name] = float(item)
+            elif kind is dict or kind is list:
+                _flatten(name, item, out, skip, (*at, key), depth + 1)
+            if len(out) > MAX_FEATURES:
+                raise Unmappable("too_many_features", f"more than {MAX_FEATURES} numeric fields")
+    elif kind is list:
+        if depth >= MAX_DEPTH:
+            return
         for i, item in enumerate(value):
             _flatten(f"{prefix}_{i}", item, out, skip, (*at, i), depth + 1)
-    if len(out) > MAX_FEATURES:
-        raise Unmappable("too_many_features", f"more than {MAX_FEATURES} numeric fields")
+            if len(out) > MAX_FEATURES:
+                raise Unmappable("too_many_features", f"more than {MAX_FEATURES} numeric fields")
+    elif kind is float or kind is int or kind is bool:
+        number = float(value)
+        if math.isfinite(number):
+            out[prefix] = number
 
 
 @dataclass
@@ -241,6 +257,8 @@ class JsonSource:
     # Last value of each feature per device, for merge = "last"; owned by the
     # gateway's worker thread, like every call of this source.
     _last: OrderedDict[str, dict[str, float]] = field(default_factory=OrderedDict)
+    # topic -> its (valid) device id: the same topics come again and again
+    _devices: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     def filters(self) -> list[str]:
         return [self.template.filter]
@@ -261,6 +279,15 @@ class JsonSource:
         )
 
     def device_of(self, topic: str) -> str:
+        device = self._devices.get(topic)
+        if device is None:
+            device = self._device_of(topic)
+            if len(self._devices) >= MATCH_CACHE:
+                self._devices.clear()
+            self._devices[topic] = device
+        return device
+
+    def _device_of(self, topic: str) -> str:
         names = self.template.match(topic)
         if names is None:
             raise Unmappable("no_rule", f"{topic!r} is not {self.template.template!r}")
