@@ -509,3 +509,25 @@ def test_codec_error_pickles() -> None:
 
 def test_content_type() -> None:
     assert CONTENT_TYPE.startswith("application/")
+
+
+@FAST
+@given(
+    st.lists(
+        st.dictionaries(st.sampled_from("abcd"), st.floats(allow_nan=False), min_size=4),
+        min_size=1,
+        max_size=6,
+    ),
+    st.lists(st.one_of(st.none(), st.floats(allow_nan=False)), min_size=6, max_size=6),
+)
+def test_readings_with_the_same_fields_batch_as_any_readings_do(
+    xs: list[dict[str, float]], ys: list[float | None]
+) -> None:
+    """The shortcut for readings that all have the same fields (in any order) and a
+    target gives the batch the general path gives."""
+    readings = [Reading("d", i, 1.7e9 + i, x, y) for i, (x, y) in enumerate(zip(xs, ys))]
+    fast = Batch.from_readings(readings)
+    assert [r.x for r in fast.readings()] == [dict(r.x) for r in readings]
+    assert [list(r.x) for r in fast.readings()] == [list(xs[0])] * len(xs)
+    assert fast.targets() == [r.y for r in readings]
+    assert fast.seq.tolist() == list(range(len(xs)))
