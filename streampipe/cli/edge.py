@@ -6,7 +6,6 @@ import argparse
 import gc
 import logging
 import os
-import sys
 from typing import TYPE_CHECKING, Any
 
 from streampipe.cli.options import (
@@ -17,6 +16,7 @@ from streampipe.cli.options import (
     partitions,
     percent,
     positive_int,
+    short_gil_slices,
 )
 from streampipe.learn import DEFAULT_MODEL_SPEC
 from streampipe.limits import MAX_CLOCK_AHEAD, MAX_DEVICES, MAX_FEATURES, MAX_SEQ_JUMP
@@ -25,7 +25,7 @@ from streampipe.topics import PARTITIONS
 if TYPE_CHECKING:
     from streampipe.http import ListenError
 
-__all__ = ["EDGE_SWITCH_INTERVAL", "register", "run"]
+__all__ = ["register", "run"]
 
 log = logging.getLogger("streampipe")
 
@@ -41,9 +41,6 @@ DESCRIPTION = (
     "on the same machine needs another --metrics-port (0 for a free one). Runs until Ctrl-C "
     "or SIGTERM."
 )
-
-#: The edge process's GIL switch interval, in seconds (Python's default is 0.005).
-EDGE_SWITCH_INTERVAL = 0.0005
 
 
 def register(sub: Any) -> argparse.ArgumentParser:
@@ -331,12 +328,7 @@ def run(args: argparse.Namespace) -> int:
     from streampipe.edge import EdgeConfig, EdgeService
     from streampipe.http import ListenError
 
-    # Three threads share the GIL here: the worker, which computes, and the input and
-    # output connections' network threads, which wake for every message. With Python's
-    # default 5 ms switch interval each wake-up waits for the worker to give up the GIL:
-    # at 2,500 single-reading messages/s one edge fell 0.8 s behind (p50), at 0.5 ms it
-    # kept up (p50 13 ms; 2.5 ms on a core of its own). docs/performance.md.
-    sys.setswitchinterval(EDGE_SWITCH_INTERVAL)
+    short_gil_slices()
     service = EdgeService(
         EdgeConfig(
             broker=args.broker,
