@@ -4,10 +4,13 @@ reading each, mapped to native readings, against the broker's own limit.
     python benchmarks/ingest.py [--runs 3] [--seconds 5] [--quick]
 
 Starts a private Mosquitto and one gateway process (``python -m streampipe ingest --map
-…``, its defaults otherwise: batch 100, linger 100 ms, queue 1,000). Two sender
-processes, 50 devices each, publish QoS 1 JSON messages like a Zigbee2MQTT plug's (the
-simulated fleet's five features, ``power``, ``voltage``, ``linkquality``, ``state``, and
-``sent``: the send time), each at half the offered rate, for ``--seconds``. A subscriber
+…``, its defaults otherwise: batch 100, linger 500 ms, queue 10,000; ``--linger MS``
+sets another). Two sender processes, 50 devices each, publish QoS 1 JSON messages like
+a Zigbee2MQTT plug's (the simulated fleet's five features, ``power``, ``voltage``,
+``linkquality``, ``state``, and ``sent``: the send time), each at half the offered rate,
+for ``--seconds``, each over one connection as a Zigbee2MQTT bridge does: by default
+``benchmarks/rawsender.py``, a few µs a message, or with ``--sender paho`` paho-mqtt
+clients, which take a core of their own at 8,000 messages/s. A subscriber
 in this process takes the gateway's native readings (and their schemas) and decodes them:
 the mapping makes ``sent`` the reading's time, so a reading's latency is its arrival
 here minus its send time.
@@ -197,16 +200,18 @@ def cpu_seconds(pid: int) -> float:
     return (utime + stime) / os.sysconf("SC_CLK_TCK")
 
 
-def send(port: int, base: str, rate: float, seconds: float) -> tuple[int, float]:
+def send(port: int, base: str, rate: float, seconds: float, sender: str) -> tuple[int, float]:
     """Run the senders; the messages they sent and when they began (Unix time)."""
     start_at = time.time() + 2.0  # after both have started and connected
     per_sender = rate / SENDERS if math.isfinite(rate) else 0.0
+    program = (
+        ["-c", SENDER] if sender == "paho" else [str(Path(__file__).with_name("rawsender.py"))]
+    )
     procs = [
         subprocess.Popen(
             [
                 sys.executable,
-                "-c",
-                SENDER,
+                *program,
                 str(port),
                 base,
                 str(i),
@@ -230,10 +235,12 @@ def send(port: int, base: str, rate: float, seconds: float) -> tuple[int, float]
     return sent, start_at
 
 
-def step(sub: Subscriber, port: int, base: str, rate: float, seconds: float, gw: int) -> Step:
+def step(
+    sub: Subscriber, port: int, base: str, rate: float, seconds: float, gw: int, sender: str
+) -> Step:
     sub.reset()
     cpu0 = cpu_seconds(gw)
-    sent, began = send(port, base, rate, seconds)
+    sent, began = send(port, base, rate, seconds, sender)
     # Until everything arrived, or nothing did for 10 s (a gateway that fell behind).
     while True:
         with sub.lock:
@@ -249,10 +256,10 @@ def step(sub: Subscriber, port: int, base: str, rate: float, seconds: float, gw:
     return result
 
 
-def start_gateway(port: int, mapping: Path) -> subprocess.Popen:
+def start_gateway(port: int, mapping: Path, options: list[str]) -> subprocess.Popen:
     gw = subprocess.Popen(
         [sys.executable, "-m", "streampipe", "ingest", "--broker", f"mqtt://127.0.0.1:{port}",
-         "--topic-root", ROOT, "--map", str(mapping), "--id", "bench"],
+         "--topic-root", ROOT, "--map", str(mapping), "--id", "bench", *options],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )  # fmt: skip
     return gw
@@ -293,6 +300,14 @@ def main() -> None:
         "--rates", default="1000,2000,4000,8000,max", help="offered messages/s, comma-separated"
     )
     parser.add_argument("--quick", action="store_true", help="1 run, 3 s steps")
+    parser.add_argument(
+        "--sender",
+        choices=("raw", "paho"),
+        default="raw",
+        help="raw: benchmarks/rawsender.py, a few µs a message (default); paho: paho-mqtt "
+        "senders, ~100 µs a message, which leave the broker and gateway less of the cores",
+    )
+    parser.add_argument("--linger", type=float, help="the gateway's --linger (default: its own)")
     args = parser.parse_args()
     if args.quick:
         args.runs, args.seconds = 1, 3.0
@@ -301,7 +316,8 @@ def main() -> None:
     with PrivateMosquitto() as broker, tempfile.TemporaryDirectory() as tmp:
         mapping = Path(tmp) / "z2m.toml"
         mapping.write_text(MAPPING)
-        gw = start_gateway(broker.port, mapping)
+        options = [] if args.linger is None else ["--linger", str(args.linger)]
+        gw = start_gateway(broker.port, mapping, options)
         sub = Subscriber(broker.port)
         try:
             wait_online(broker.port)
@@ -309,10 +325,18 @@ def main() -> None:
                 for rate in rates:
                     print(f"# run {run + 1}/{args.runs}: {fmt_rate(rate)}/s", file=sys.stderr)
                     results[rate, "b"].append(
-                        step(sub, broker.port, "direct", rate, args.seconds, gw.pid)
+                        step(sub, broker.port, "direct", rate, args.seconds, gw.pid, args.sender)
                     )
                     results[rate, "g"].append(
-                        step(sub, broker.port, "zigbee2mqtt", rate, args.seconds, gw.pid)
+                        step(
+                            sub,
+                            broker.port,
+                            "zigbee2mqtt",
+                            rate,
+                            args.seconds,
+                            gw.pid,
+                            args.sender,
+                        )
                     )
         finally:
             sub.close()
@@ -321,7 +345,8 @@ def main() -> None:
     print(
         f"# {SENDERS} senders x {DEVICES_PER_SENDER} devices, QoS 1 JSON (~{payload_size()} B),"
         f" {args.seconds:g} s a step, median of {args.runs} run(s); gateway defaults "
-        f"(batch 100, linger 100 ms); Python {sys.version.split()[0]}, {os.cpu_count()} cores"
+        f"(batch 100, linger {args.linger or 500:g} ms); {args.sender} senders; "
+        f"Python {sys.version.split()[0]}, {os.cpu_count()} cores"
     )
     print(f"# gateway: {out.strip()}")
     header = (

@@ -147,9 +147,7 @@ class Batch:
                 features=names_,
                 values=np.array(
                     [list(map(r.x.__getitem__, names_)) for r in readings], dtype=np.float64
-                ).reshape(
-                    len(readings), len(names_)
-                ),
+                ).reshape(len(readings), len(names_)),
                 target=np.array([r.y for r in readings], dtype=np.float64),
             )
         names: dict[str, int] = {}

@@ -43,7 +43,6 @@ compute a partition.
 from __future__ import annotations
 
 import functools
-
 import re
 import zlib
 from dataclasses import dataclass

@@ -387,9 +387,7 @@ def encode_float_columns(m: np.ndarray) -> list[bytes]:
     return _encode_int_matrix(ints, codes, out)
 
 
-def _encode_int_matrix(
-    y: np.ndarray, codes: list[int], out: list[bytes | None]
-) -> list[bytes]:
+def _encode_int_matrix(y: np.ndarray, codes: list[int], out: list[bytes | None]) -> list[bytes]:
     """:func:`_encode_ints` of each column of ``y`` (n x c int64) with its code, except
     where ``out`` already holds a column's bytes."""
     n, c = y.shape

@@ -23,7 +23,6 @@ from streampipe.codec.columns import (
     encode_float_column,
     encode_float_columns,
     encode_int_column,
-    scalar_exponent,
     uvarint,
     zigzag,
 )
