@@ -34,6 +34,7 @@ class Wire:
         self.cuts = sorted(set(cuts))
         self.sent = bytearray()
         self.send_limit = send_limit
+        self.sends = 0
 
     def recv(self, n: int) -> bytes:
         if self.pos >= len(self.data):
@@ -45,6 +46,7 @@ class Wire:
 
     def send(self, b: bytes) -> int:
         k = len(b) if self.send_limit is None else min(len(b), self.send_limit)
+        self.sends += 1
         self.sent += bytes(b[:k])
         return k
 
@@ -281,6 +283,35 @@ def test_packets_cut_by_a_full_socket_are_sent_whole_and_in_order() -> None:
         assert not c.want_write()
         sent.append(bytes(wire.sent))
     assert sent[0] == sent[1]
+
+
+@pytest.mark.parametrize("limit", [None, 7, 300])
+def test_packets_queued_together_go_out_as_paho_sends_them(limit: int | None) -> None:
+    """Packets queued while the network thread was busy (here: queued for an outside
+    event loop, which writes later) are joined into one send: the bytes on the wire,
+    and the QoS 0 on_publish calls, are paho's, whole or cut."""
+    results = []
+    for cls in (paho.Client, FastClient):
+        wire = Wire(send_limit=limit)
+        c = connected(cls, wire, manual_ack=True)
+        published: list[int] = []
+        c.on_publish = lambda _c, _u, mid, _rc, _p: published.append(mid)
+        c.on_socket_register_write = lambda *_: None  # publish and ack only queue
+        for i in range(60):
+            c.publish(f"out/{i}", bytes(range(i)), qos=i % 3 and 1)
+            c.ack(i + 1, 1)
+        c.on_socket_register_write = None
+        for _ in range(10_000):
+            if not c.want_write():
+                break
+            c.loop_write()
+        assert not c.want_write()
+        results.append((bytes(wire.sent), published, wire.sends))
+    (plain, plain_published, plain_sends), (fast, fast_published, fast_sends) = results
+    assert fast == plain and fast_published == plain_published
+    assert len(plain_published) == 20  # the QoS 0 ones, in the order paho reports them
+    if limit is None:  # a send for each QoS 0 publish and each run between them
+        assert plain_sends == 120 and fast_sends <= 2 * 20 + 1
 
 
 def test_streampipe_uses_the_fast_client_on_the_tested_paho() -> None:

@@ -4,6 +4,7 @@ native readings."""
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 from typing import Any
 
@@ -149,6 +150,9 @@ def run(args: argparse.Namespace) -> int:
     short_gil_slices()
     on_signals(gateway.stop)
     gateway.start()
+    # What exists now lives as long as the process: frozen, full collections no longer
+    # scan it while messages stream in (as for the edge).
+    gc.freeze()
     gateway.run()
     s = gateway.stats
     print(

@@ -15,12 +15,13 @@ not the network but building objects it throws away. Measured with
   for nothing when none is queued, and over the whole window when one is (so a
   publisher that fell behind its window falls further behind);
 - the network thread reads each packet with three ``recv`` calls (and the
-  remaining length byte by byte) and goes back to ``select`` after one packet.
+  remaining length byte by byte) and goes back to ``select`` after one packet, and
+  writes each packet with a ``send`` of its own.
 
 :class:`FastClient` overrides exactly those paths and nothing else: decoding is
-cached by the raw property bytes, and a burst is read with one ``recv`` and each
+cached by the raw property bytes, a burst is read with one ``recv`` and each
 whole packet in it is taken in one step and handled before ``select`` is called
-again. What the callbacks see is what paho gives them (``tests/test_fastpaho.py``
+again, and the packets queued by the time the network thread writes go in one ``send``. What the callbacks see is what paho gives them (``tests/test_fastpaho.py``
 feeds both the same packets and compares), except that equal received properties
 are one shared object (treat them as read-only, as streampipe does), and a received
 message's ``info`` is one shared, already published placeholder.
@@ -74,6 +75,8 @@ _QUEUED = paho.mqtt_ms_queued
 _RECV_SIZE = 65536
 #: Packets handled per read before the network thread looks at its other work.
 _READ_BURST = 1000
+#: Bytes of queued packets joined into one send at most.
+_WRITE_SIZE = 65536
 #: Distinct property byte strings remembered; message expiry intervals, which the
 #: broker counts down, can make many, so the cache is simply emptied when full.
 _CACHE_MAX = 256
@@ -110,6 +113,22 @@ def _reason(packet_type: int, code: int) -> ReasonCode:
     if reason is None:
         reason = _reasons_cache[key] = ReasonCode(packet_type, identifier=code)
     return reason
+
+
+def _joined(run: list[Any]) -> Any:
+    """One queued packet of paho's that sends the packets of ``run``, in order."""
+    if len(run) < 2:
+        return run[0] if run else None
+    joined = b"".join([p["packet"] for p in run])
+    return {
+        "command": run[0]["command"],
+        "mid": run[0]["mid"],
+        "qos": run[0]["qos"],
+        "pos": 0,
+        "to_process": len(joined),
+        "packet": joined,
+        "info": None,
+    }
 
 
 def _varint(buf: bytes | bytearray, pos: int) -> tuple[int, int]:
@@ -243,6 +262,42 @@ class FastClient(paho.Client):
             handled += 1
             if handled >= _READ_BURST and self._rpos >= len(self._rbuf):
                 return _SUCCESS
+
+    # -- writing: one send for the packets queued together --------------------------
+
+    def _packet_write(self) -> MQTTErrorCode:
+        # paho sends each queued packet with a send() of its own: a PUBACK for every
+        # message acknowledged, a PUBLISH for every frame. Here each run of packets
+        # queued meanwhile becomes one packet, which paho then sends (a partial send
+        # included) as its own. Only packets that paho does nothing with once sent are
+        # joined: not a QoS 0 PUBLISH (its on_publish) nor a DISCONNECT (closing the
+        # socket), nor one partly sent. The head of paho's queue is taken only here,
+        # on the network thread; other threads only append to its tail (deque
+        # operations are atomic), so the packets taken are those queued before.
+        out = self._out_packet
+        if len(out) > 1:
+            taken = [out.popleft() for _ in range(len(out))]
+            rebuilt: list[Any] = []
+            run: list[Any] = []
+            size = 0
+            for packet in taken:
+                command = packet["command"] & 0xF0
+                if (
+                    packet["pos"]
+                    or command == paho.DISCONNECT
+                    or (command == paho.PUBLISH and packet["qos"] == 0)
+                    or size + packet["to_process"] > _WRITE_SIZE
+                ):
+                    rebuilt.append(_joined(run))
+                    run, size = [], 0
+                    if packet["pos"] or command == paho.DISCONNECT or command == paho.PUBLISH:
+                        rebuilt.append(packet)
+                        continue
+                run.append(packet)
+                size += packet["to_process"]
+            rebuilt.append(_joined(run))
+            out.extendleft(p for p in reversed(rebuilt) if p is not None)
+        return super()._packet_write()
 
     # -- decoding: cached by the raw bytes -------------------------------------------
 
