@@ -295,7 +295,7 @@ def test_packets_queued_together_go_out_as_paho_sends_them(limit: int | None) ->
         wire = Wire(send_limit=limit)
         c = connected(cls, wire, manual_ack=True)
         published: list[int] = []
-        c.on_publish = lambda _c, _u, mid, _rc, _p: published.append(mid)
+        c.on_publish = lambda _c, _u, mid, _rc, _p, got=published: got.append(mid)
         c.on_socket_register_write = lambda *_: None  # publish and ack only queue
         for i in range(60):
             c.publish(f"out/{i}", bytes(range(i)), qos=i % 3 and 1)

@@ -50,6 +50,7 @@ class Mapped:
     gateway uses it to number the device's readings, so a skipped counter shows as a
     gap at the edge, a repeated one is a duplicate and one that goes back is a reboot
     (a new epoch). ``new_epoch`` says the device restarted (a Sparkplug birth).
+    ``x`` is the gateway's once returned: a source makes a new dict for each reading.
     """
 
     device: str

@@ -76,6 +76,11 @@ ROOM_WAIT = 5.0
 #: Seconds the oldest mapped message waits, when no other does, before a commit: what
 #: comes within it shares frames (each frame costs ~100 µs, a reading ~10 µs more).
 IDLE_COMMIT_AFTER = 0.002
+#: After the gateway fell behind (a commit that the linger or a full queue forced),
+#: how long messages gather before an idle commit, and for how long it keeps doing so:
+#: near its limit, frames of one reading each would make it fall behind again.
+BUSY_GATHER = 0.1
+BUSY_HOLD = 2.0
 #: Messages the worker takes from the network thread at a time.
 HANDOVER = 64
 #: Commits whose readings may wait for the broker's acknowledgement before the gateway
@@ -84,6 +89,7 @@ MAX_TICKETS = 50
 
 
 _UNSEEN: Any = object()
+_NUMBER = (float, int)
 
 
 @dataclass
@@ -334,10 +340,12 @@ class Gateway:
         linger = self.config.linger
         next_commit = time.monotonic() + linger
         oldest = 0.0  # when the oldest message not yet committed was mapped
+        gather = IDLE_COMMIT_AFTER  # how long a message waits for company when idle
+        busy_until = 0.0
         try:
             while not self._stop.is_set():
                 now = time.monotonic()
-                due = min(next_commit, oldest + IDLE_COMMIT_AFTER) if self._unacked else now + 0.5
+                due = min(next_commit, oldest + gather) if self._unacked else now + 0.5
                 wait = max(0.0, min(due - now, 0.5))
                 if self._unacked and wait and not self.inbox.qsize():
                     # Messages wait to share frames: let those that come meanwhile queue
@@ -357,8 +365,11 @@ class Gateway:
                 # moment (a reading waits for no one, yet readings that come together
                 # share frames), when the linger bound passed, or when half the queue
                 # waits for acknowledgement: the busier, the more readings a frame holds.
-                idle = self.inbox.qsize() == 0 and now - oldest >= IDLE_COMMIT_AFTER
+                idle = self.inbox.qsize() == 0 and now - oldest >= gather
                 if idle or now >= next_commit or len(self._unacked) >= self.config.queue_size // 2:
+                    if not idle:  # behind: gather longer for a while (BUSY_GATHER)
+                        busy_until = now + BUSY_HOLD
+                    gather = min(BUSY_GATHER, linger) if now < busy_until else IDLE_COMMIT_AFTER
                     self._due()
                     self.commit()
                     next_commit = now + linger
@@ -397,45 +408,46 @@ class Gateway:
     def _handle(self, msg: Message, connection: int) -> None:
         self._unacked.append((connection, msg))
         self.stats.messages += 1
-        source = self._claims.get(msg.topic, _UNSEEN)
+        topic, payload = msg.topic, msg.payload  # paho decodes the topic at each .topic
+        source = self._claims.get(topic, _UNSEEN)
         if source is _UNSEEN:
-            source = next((s for s in self.sources if s.claims(msg.topic)), None)
+            source = next((s for s in self.sources if s.claims(topic)), None)
             if len(self._claims) >= MAX_TOPICS:
                 self._claims.clear()
-            self._claims[msg.topic] = source
+            self._claims[topic] = source
         if source is None:
-            if any(_excludes(s, msg.topic) for s in self.sources):
+            if any(_excludes(s, topic) for s in self.sources):
                 self.stats.excluded += 1  # left alone on purpose: not a dead letter
                 return
-            self._dead(msg.topic, msg.payload, "no_rule", "no source claims this topic")
+            self._dead(topic, payload, "no_rule", "no source claims this topic")
             return
         self.stats.by_source[source.name] += 1
-        digest = hashlib.blake2b(msg.payload, digest_size=8).digest()
-        last = self._digests.get(msg.topic)
+        digest = hashlib.blake2b(payload, digest_size=8).digest()
+        last = self._digests.get(topic)
         if last == digest and msg.retain:
             self.stats.retained_replays += 1
             return
         if last == digest and msg.dup:
             self.stats.redelivered += 1
             return
-        self._digests[msg.topic] = digest
-        self._touched.add(msg.topic)
-        self._digests.move_to_end(msg.topic)
+        self._digests[topic] = digest
+        self._touched.add(topic)
+        self._digests.move_to_end(topic)
         if len(self._digests) > MAX_TOPICS:
             self._digests.popitem(last=False)
         arrived = self.clock()
         try:
-            mapped = source.map(Incoming(msg.topic, msg.payload, msg.retain, arrived))
+            mapped = source.map(Incoming(topic, payload, msg.retain, arrived))
         except Unmappable as exc:
-            self._dead(msg.topic, msg.payload, exc.reason, exc.detail, source.name)
+            self._dead(topic, payload, exc.reason, exc.detail, source.name)
             return
         except Exception as exc:  # a source's bug must not stop the gateway
-            log.exception("source %s failed on %s", source.name, msg.topic)
-            self._dead(msg.topic, msg.payload, "mapping_failed", repr(exc), source.name)
+            log.exception("source %s failed on %s", source.name, topic)
+            self._dead(topic, payload, "mapping_failed", repr(exc), source.name)
             return
         for m in mapped:
             self.stats.source_gaps += m.meta.get("seq_gap", 0)
-            self._publish(m, arrived, msg.topic, msg.payload, source.name)
+            self._publish(m, arrived, topic, payload, source.name)
         self._commands(source)
 
     def _due(self) -> None:
@@ -464,11 +476,12 @@ class Gateway:
                 return
         x = m.x
         if not all(type(v) is float for v in x.values()):
-            bad = [k for k, v in x.items() if not isinstance(v, float | int) or isinstance(v, bool)]
+            bad = [k for k, v in x.items() if not isinstance(v, _NUMBER) or isinstance(v, bool)]
             if bad:
                 self._dead(topic, payload, "not_numeric", f"fields {bad}", source)
                 return
-        if not (m.y is None or isinstance(m.y, float | int)):
+            x = {k: float(v) for k, v in x.items()}
+        if not (m.y is None or isinstance(m.y, _NUMBER)):
             self._dead(topic, payload, "not_numeric", "fields ['target']", source)
             return
         if not x and m.y is None:
@@ -487,7 +500,7 @@ class Gateway:
             m.device,
             seq=seq,
             ts=ts,
-            x={k: float(v) for k, v in x.items()},
+            x=x,
             y=None if m.y is None else float(m.y),
             epoch=epoch,
         )

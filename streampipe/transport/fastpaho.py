@@ -21,7 +21,8 @@ not the network but building objects it throws away. Measured with
 :class:`FastClient` overrides exactly those paths and nothing else: decoding is
 cached by the raw property bytes, a burst is read with one ``recv`` and each
 whole packet in it is taken in one step and handled before ``select`` is called
-again, and the packets queued by the time the network thread writes go in one ``send``. What the callbacks see is what paho gives them (``tests/test_fastpaho.py``
+again, and the packets queued by the time the network thread writes go in one
+``send``. What the callbacks see is what paho gives them (``tests/test_fastpaho.py``
 feeds both the same packets and compares), except that equal received properties
 are one shared object (treat them as read-only, as streampipe does), and a received
 message's ``info`` is one shared, already published placeholder.
