@@ -231,7 +231,7 @@ def _encode_ints(s: list[int] | np.ndarray, code: int) -> bytes:
             code |= _DELTA
             y, base, top = d, dlo, dhi
     width = ((top - base).bit_length() + 7) // 8
-    planes = packed = b""
+    planes = b""
     if width:
         if few:
             offs = [(v - base) & _M64 for v in y]
@@ -240,15 +240,20 @@ def _encode_ints(s: list[int] | np.ndarray, code: int) -> bytes:
             off = y.view(np.uint64) - np.uint64(base & _M64)
             wide = off.astype(_U64, copy=False).view(np.uint8).reshape(len(off), 8)
             planes = wide[:, :width].T.tobytes()
-        packed = compress(planes)
-        if packed is not None:
-            code |= _ZSTD
+    return _column(code, width, base, int(s[0]), planes)
+
+
+def _column(code: int, width: int, base: int, first: int, planes: bytes) -> bytes:
+    """A column's bytes from its integers' byte planes: the header (code, width, base,
+    and the first value if delta-coded), then the planes, zstd-packed if that is
+    smaller. ``code`` holds the exponent and the delta bit; the zstd bit is added."""
+    packed = compress(planes) if width else None
+    if packed is not None:
+        code |= _ZSTD
     head = bytes((code, width)) + uvarint(zigzag(base))
     if code & _DELTA:
-        head += uvarint(zigzag(int(s[0])))
-    if code & _ZSTD:
-        return head + uvarint(len(packed)) + packed
-    return head + planes
+        head += uvarint(zigzag(first))
+    return head + (planes if packed is None else uvarint(len(packed)) + packed)
 
 
 def decode_int_column(r: Reader, n: int) -> tuple[int, np.ndarray]:
@@ -408,22 +413,10 @@ def _encode_int_matrix(y: np.ndarray, codes: list[int], out: list[bytes | None])
         if done is not None:
             result.append(done)
             continue
-        code, lo, hi = codes[j], base[j], top[j]
+        code, lo, hi, rows, blob = codes[j], base[j], top[j], n, planes
         if n > 1 and dhi[j] - dlo[j] < hi - lo:  # deltas, modulo 2**64, span less
-            code |= _DELTA
-            lo, hi = dlo[j], dhi[j]
-            width = ((hi - lo).bit_length() + 7) // 8
-            start = j * 8 * (n - 1)
-            body = dplanes[start : start + width * (n - 1)]
-        else:
-            width = ((hi - lo).bit_length() + 7) // 8
-            start = j * 8 * n
-            body = planes[start : start + width * n]
-        packed = compress(body) if width else None
-        if packed is not None:
-            code |= _ZSTD
-        head = bytes((code, width)) + uvarint(zigzag(lo))
-        if code & _DELTA:
-            head += uvarint(zigzag(firsts[j]))
-        result.append(head + (uvarint(len(packed)) + packed if packed is not None else body))
+            code, lo, hi, rows, blob = code | _DELTA, dlo[j], dhi[j], n - 1, dplanes
+        width = ((hi - lo).bit_length() + 7) // 8
+        start = j * 8 * rows
+        result.append(_column(code, width, lo, firsts[j], blob[start : start + width * rows]))
     return result

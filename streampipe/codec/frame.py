@@ -17,6 +17,7 @@ import numpy as np
 from streampipe.codec import header as h
 from streampipe.codec.blocks import compress
 from streampipe.codec.columns import (
+    _EXACT,
     Reader,
     decode_float_column,
     decode_int_column,
@@ -34,7 +35,6 @@ __all__ = ["decode", "encode", "encode_reading"]
 
 _SINGLE_RAW = 7  # 3-bit code in single-reading frames: float64 bits, not a decimal
 _POW10 = [10.0**e for e in range(_SINGLE_RAW)]  # the decimal exponents they use
-_EXACT = float(2**53)  # integers beyond this are not all exact in float64
 _DOUBLE = struct.Struct("<d")
 #: Frames of this many readings, every value present, encode their columns together
 #: (:func:`~streampipe.codec.columns.encode_float_columns`): the same bytes, 2-4x
@@ -92,9 +92,9 @@ def encode(batch: Batch, *, schema_id: bool = False) -> bytes:
             flags |= h.SIGNS
         payload = b"".join(body) + single
     elif present is None and tpresent is None and MATRIX_READINGS[0] <= n <= MATRIX_READINGS[1]:
-        parts_ = [ts[:, None], values] if target is None else [ts[:, None], values, target[:, None]]
+        matrix = [ts[:, None], values] if target is None else [ts[:, None], values, target[:, None]]
         body.append(encode_int_column(seq))
-        body += encode_float_columns(np.concatenate(parts_, axis=1))
+        body += encode_float_columns(np.concatenate(matrix, axis=1))
         payload = b"".join(body)
     else:
         columns = [ts] + [
@@ -217,12 +217,7 @@ def _encode_single(seq: int, cells: list[float | None]) -> tuple[bytes, bool]:
     k = len(cells)
     codes = 0
     signs = 0
-    data = bytearray()
-    v = zigzag(seq)
-    while v >= 0x80:
-        data.append((v & 0x7F) | 0x80)
-        v >>= 7
-    data.append(v)
+    data = bytearray(uvarint(zigzag(seq)))
     for i, x in enumerate(cells):
         if x is None:
             continue  # absent: its code stays 0 and nothing is written
