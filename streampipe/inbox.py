@@ -71,14 +71,8 @@ class Inbox(Generic[T]):
 
     def get(self, timeout: float) -> tuple[int, T] | None:
         """The oldest ``(connection, item)``, waiting up to ``timeout`` s; None if none."""
-        with self._cond:
-            if not self._items and timeout > 0:
-                self._cond.wait_for(lambda: self._items, timeout)
-            if not self._items:
-                return None
-            connection, item, _ = self._items.popleft()
-            self._cond.notify_all()  # room for a producer that waits
-            return connection, item
+        got = self.get_many(timeout, 1)
+        return got[0] if got else None
 
     def get_many(self, timeout: float, most: int) -> list[tuple[int, T]]:
         """Up to ``most`` of the oldest ``(connection, item)``\\ s, waiting up to
