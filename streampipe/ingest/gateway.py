@@ -39,6 +39,7 @@ a reason, and counted in ``streampipe_rejected_total{reason}``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import math
@@ -88,7 +89,6 @@ HANDOVER = 64
 MAX_TICKETS = 50
 
 
-_UNSEEN: Any = object()
 _NUMBER = (float, int)
 
 
@@ -268,7 +268,7 @@ class Gateway:
         self.inbox: Inbox[Message] = Inbox(config.queue_size)
         self._digests: OrderedDict[str, bytes] = OrderedDict()
         # topic -> the source that claims it, or None; a source claims by topic alone
-        self._claims: dict[str, Source | None] = {}
+        self._claims = functools.lru_cache(maxsize=MAX_TOPICS)(self._claimant)
         self._stop = threading.Event()
         self._unacked: list[tuple[int, Message]] = []
         self._touched: set[str] = set()  # topics whose digest changed since the last ticket
@@ -409,12 +409,7 @@ class Gateway:
         self._unacked.append((connection, msg))
         self.stats.messages += 1
         topic, payload = msg.topic, msg.payload  # paho decodes the topic at each .topic
-        source = self._claims.get(topic, _UNSEEN)
-        if source is _UNSEEN:
-            source = next((s for s in self.sources if s.claims(topic)), None)
-            if len(self._claims) >= MAX_TOPICS:
-                self._claims.clear()
-            self._claims[topic] = source
+        source = self._claims(topic)
         if source is None:
             if any(_excludes(s, topic) for s in self.sources):
                 self.stats.excluded += 1  # left alone on purpose: not a dead letter
@@ -449,6 +444,9 @@ class Gateway:
             self.stats.source_gaps += m.meta.get("seq_gap", 0)
             self._publish(m, arrived, topic, payload, source.name)
         self._commands(source)
+
+    def _claimant(self, topic: str) -> Source | None:
+        return next((s for s in self.sources if s.claims(topic)), None)
 
     def _due(self) -> None:
         now = self.clock()

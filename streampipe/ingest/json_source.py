@@ -26,6 +26,7 @@ mapping is loaded. What a message becomes:
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections import OrderedDict
@@ -257,8 +258,6 @@ class JsonSource:
     # Last value of each feature per device, for merge = "last"; owned by the
     # gateway's worker thread, like every call of this source.
     _last: OrderedDict[str, dict[str, float]] = field(default_factory=OrderedDict)
-    # topic -> its (valid) device id: the same topics come again and again
-    _devices: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     def filters(self) -> list[str]:
         return [self.template.filter]
@@ -278,14 +277,14 @@ class JsonSource:
             for d, x in (state.get("last") or {}).items()
         )
 
+    def __post_init__(self) -> None:
+        # topic -> its (valid) device id: the same topics come again and again
+        self._devices = functools.lru_cache(maxsize=MATCH_CACHE)(self._device_of)
+
     def device_of(self, topic: str) -> str:
-        device = self._devices.get(topic)
-        if device is None:
-            device = self._device_of(topic)
-            if len(self._devices) >= MATCH_CACHE:
-                self._devices.clear()
-            self._devices[topic] = device
-        return device
+        """The device id ``topic`` names; raises :class:`Unmappable` if it is not a
+        valid one."""
+        return self._devices(topic)
 
     def _device_of(self, topic: str) -> str:
         names = self.template.match(topic)

@@ -20,6 +20,7 @@ True
 
 from __future__ import annotations
 
+import functools
 import re
 import string
 from collections.abc import Iterable, Mapping
@@ -27,11 +28,9 @@ from collections.abc import Iterable, Mapping
 __all__ = ["TemplateError", "TopicTemplate", "fill", "names_in", "topic_matches"]
 
 _NAME = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(:#)?\}")
-#: Topics whose match a template remembers: a fleet publishes on the same topics over
-#: and over, and a lookup costs a tenth of a match. Emptied when full, so a stream of
-#: new topics costs memory up to this and no more.
+#: Topics whose match a template remembers (the most recently seen): a fleet publishes
+#: on the same topics over and over, and a lookup costs a tenth of a match.
 MATCH_CACHE = 10_000
-_MISS = object()
 
 
 class TemplateError(ValueError):
@@ -101,7 +100,7 @@ class TopicTemplate:
                 self._levels.append((level, None))
                 filter_levels.append(level)
         self.filter = "/".join(filter_levels)
-        self._matches: dict[str, dict[str, str] | None] = {}
+        self._matches = functools.lru_cache(maxsize=MATCH_CACHE)(self._match)
         for pattern in self.exclude:
             if not isinstance(pattern, str) or not pattern:
                 raise TemplateError("exclude must be a list of MQTT topic filters")
@@ -112,13 +111,7 @@ class TopicTemplate:
     def match(self, topic: str) -> dict[str, str] | None:
         """The named levels of ``topic``, or ``None`` if it is not this template's
         (or is excluded). The same topic gives the same dict: do not change it."""
-        found = self._matches.get(topic, _MISS)
-        if found is _MISS:
-            found = self._match(topic)
-            if len(self._matches) >= MATCH_CACHE:
-                self._matches.clear()
-            self._matches[topic] = found
-        return found  # type: ignore[return-value]
+        return self._matches(topic)
 
     def _match(self, topic: str) -> dict[str, str] | None:
         if not topic_matches(self.filter, topic) or self.excluded(topic):
