@@ -283,15 +283,15 @@ class FastClient(paho.Client):
             size = 0
             for packet in taken:
                 command = packet["command"] & 0xF0
-                if (
+                joinable = not (
                     packet["pos"]
                     or command == paho.DISCONNECT
                     or (command == paho.PUBLISH and packet["qos"] == 0)
-                    or size + packet["to_process"] > _WRITE_SIZE
-                ):
+                )
+                if not joinable or size + packet["to_process"] > _WRITE_SIZE:
                     rebuilt.append(_joined(run))
                     run, size = [], 0
-                    if packet["pos"] or command == paho.DISCONNECT or command == paho.PUBLISH:
+                    if not joinable:
                         rebuilt.append(packet)
                         continue
                 run.append(packet)
