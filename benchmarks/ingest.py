@@ -9,11 +9,12 @@ sets another). Two sender processes, 50 devices each, publish QoS 1 JSON message
 a Zigbee2MQTT plug's (the simulated fleet's five features, ``power``, ``voltage``,
 ``linkquality``, ``state``, and ``sent``: the send time), each at half the offered rate,
 for ``--seconds``, each over one connection as a Zigbee2MQTT bridge does: by default
-``benchmarks/rawsender.py``, a few µs a message, or with ``--sender paho`` paho-mqtt
-clients, which take a core of their own at 8,000 messages/s. A subscriber
-in this process takes the gateway's native readings (and their schemas) and decodes them:
-the mapping makes ``sent`` the reading's time, so a reading's latency is its arrival
-here minus its send time.
+``benchmarks/rawsender.py``, a few µs a message, or with ``--sender paho``
+``benchmarks/pahosender.py``, paho-mqtt clients, which take a core of their own at
+8,000 messages/s. ``mosquitto_sub`` takes the gateway's native readings (and their
+schemas) and stamps each as it arrives; this process decodes them after each step. The
+mapping makes ``sent`` the reading's time, so a reading's latency is its arrival minus
+its send time.
 
 For each offered rate, in the same run:
 
@@ -67,59 +68,6 @@ topic = "zigbee2mqtt/{device}"
 exclude = ["zigbee2mqtt/bridge/#"]
 target = "$.power"
 timestamp = { path = "$.sent", format = "unix" }
-"""
-
-SENDER = r"""
-import sys, time, threading
-import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
-from streampipe.sources.formats import Zigbee2MQTT
-from streampipe.sources.simulate import SensorFleet
-
-port, base, index, devices, rate, seconds, start_at = sys.argv[1:8]
-port, index, devices = int(port), int(index), int(devices)
-rate, seconds, start_at = float(rate), float(seconds), float(start_at)
-fleet = SensorFleet(devices, seed=index, prefix=f"s{index}", faults=False)
-enc = Zigbee2MQTT(base_topic=base)
-# Payloads made before the clock starts: '{"sent":<time>,' is put in front when sent.
-made = [enc.encode(fleet.read(i % devices, 1.7e9 + i))[0] for i in range(devices * 20)]
-made = [(m.topic, m.payload[1:]) for m in made]
-acked = 0
-lock = threading.Lock()
-def on_publish(*_):
-    global acked
-    with lock:
-        acked += 1
-c = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-sender-{index}-{time.time_ns()}",
-                protocol=MQTTProtocolVersion.MQTTv5)
-c.max_inflight_messages_set(100)
-c.on_publish = on_publish
-c.connect("127.0.0.1", port)
-c.loop_start()
-time.sleep(max(0.0, start_at - time.time()))
-t0 = time.monotonic()
-n = 0
-unlimited = rate <= 0
-while True:
-    now = time.monotonic()
-    if now - t0 >= seconds:
-        break
-    if not unlimited:
-        wait = t0 + n / rate - now
-        if wait > 0:
-            time.sleep(wait)
-    elif n - acked > 1000:  # at full speed, no more than the broker queues for us
-        time.sleep(0.0005)
-        continue
-    topic, rest = made[n % len(made)]
-    c.publish(topic, b'{"sent":%.6f,' % time.time() + rest, qos=1)
-    n += 1
-deadline = time.monotonic() + 60
-while acked < n and time.monotonic() < deadline:
-    time.sleep(0.01)
-c.loop_stop()
-c.disconnect()
-print(n, acked)
 """
 
 
@@ -238,9 +186,7 @@ def send(port: int, base: str, rate: float, seconds: float, sender: str) -> tupl
     """Run the senders; the messages they sent and when they began (Unix time)."""
     start_at = time.time() + 2.0  # after both have started and connected
     per_sender = rate / SENDERS if math.isfinite(rate) else 0.0
-    program = (
-        ["-c", SENDER] if sender == "paho" else [str(Path(__file__).with_name("rawsender.py"))]
-    )
+    program = [str(Path(__file__).with_name(f"{sender}sender.py"))]
     procs = [
         subprocess.Popen(
             [
@@ -323,8 +269,9 @@ def main() -> None:
         "--sender",
         choices=("raw", "paho"),
         default="raw",
-        help="raw: benchmarks/rawsender.py, a few µs a message (default); paho: paho-mqtt "
-        "senders, ~100 µs a message, which leave the broker and gateway less of the cores",
+        help="raw: benchmarks/rawsender.py, a few µs a message (default); paho: "
+        "benchmarks/pahosender.py, ~100 µs a message, which leaves the broker and gateway "
+        "less of the cores",
     )
     parser.add_argument("--linger", type=float, help="the gateway's --linger (default: its own)")
     args = parser.parse_args()

@@ -133,16 +133,27 @@ class Acks(threading.Thread):
             buf = buf[pos:]
 
 
-def main() -> None:
+def arguments() -> tuple[int, str, int, int, float, float, float]:
+    """PORT BASE INDEX DEVICES RATE SECONDS START_AT, as ``benchmarks/ingest.py`` gives
+    them to a sender (this one, or ``benchmarks/pahosender.py``)."""
     port, base, index, devices, rate, seconds, start_at = sys.argv[1:8]
-    port, index, devices = int(port), int(index), int(devices)
-    rate, seconds, start_at = float(rate), float(seconds), float(start_at)
+    return int(port), base, int(index), int(devices), float(rate), float(seconds), float(start_at)
+
+
+def payloads(base: str, index: int, devices: int) -> list[tuple[str, bytes]]:
+    """Sender ``index``'s messages (topic, payload without its opening ``{``), made
+    before the clock starts: ``{"sent":<time>,`` is put in front when one is sent."""
     fleet = SensorFleet(devices, seed=index, prefix=f"s{index}", faults=False)
     enc = Zigbee2MQTT(base_topic=base)
-    # Payloads made before the clock starts: '{"sent":<time>,' is put in front when sent.
     made = [enc.encode(fleet.read(i % devices, 1.7e9 + i))[0] for i in range(devices * 20)]
+    return [(m.topic, m.payload[1:]) for m in made]
+
+
+def main() -> None:
+    port, base, index, devices, rate, seconds, start_at = arguments()
     made = [
-        (struct.pack("!H", len(m.topic.encode())) + m.topic.encode(), m.payload[1:]) for m in made
+        (struct.pack("!H", len(topic.encode())) + topic.encode(), rest)
+        for topic, rest in payloads(base, index, devices)
     ]
     sock, receive_maximum = connect(port, f"bench-sender-{index}-{time.time_ns()}")
     window = min(WINDOW, receive_maximum)
