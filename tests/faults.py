@@ -141,6 +141,26 @@ def running(service: Any) -> Iterator[Any]:
     assert not failure, f"the service raised {failure[0]!r}"
 
 
+@contextmanager
+def started(service: Any) -> Iterator[Any]:
+    """:func:`running`, of ``service`` started first (connected and subscribed)."""
+    with running(service.start()):
+        yield service
+
+
+def quiet_edge(broker: Any, topics: Any, stage_id: str) -> Any:
+    """An edge under ``topics``' root, without a metrics port, publishing no metrics
+    while a test runs."""
+    from streampipe.edge import EdgeConfig, EdgeService
+
+    return EdgeService(
+        EdgeConfig(
+            broker.url, stage_id, topic_root=topics.root, metrics_port=None,
+            metrics_interval=3600,
+        )
+    )  # fmt: skip
+
+
 def predictions_by_device(cap: Any, topics: Any) -> dict[str, list[tuple[int, Any]]]:
     """Every prediction the edge published, ``(seq, y_pred)`` by device, in order."""
     out: dict[str, list[tuple[int, Any]]] = {}

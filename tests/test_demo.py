@@ -110,23 +110,29 @@ def quiet(stderr: str) -> bool:
     return not any(word in stderr for word in ("reconnecting", "Traceback", "WARNING", "ERROR"))
 
 
+def stops_at_once_and_quietly(d: Demo, what: str) -> None:
+    """Ctrl-C, as a terminal sends it, stops the running demo ``d`` within 3 s, with
+    nothing on stderr, its summary last and every line within 80 columns."""
+    start = time.monotonic()
+    d.ctrl_c()
+    rc = d.wait(timeout=10)
+    took = time.monotonic() - start
+    print(f"Ctrl-C stopped {what} in {took:.2f} s")
+    assert rc in (0, 130), d.stderr
+    assert took < 3, f"Ctrl-C took {took:.1f} s to stop {what}"
+    assert quiet(d.stderr), d.stderr
+    assert d.lines[-1].startswith("demo stopped: "), d.lines
+    assert not fits(d.lines)
+
+
 def test_ctrl_c_stops_the_demo_at_once_and_quietly():
     """Ctrl-C reaches the demo's own Mosquitto too (it is in the terminal's process
     group): the demo must not lose its broker before its clients are done with it."""
     with demo("--devices", "3") as d:
         assert d.wait_for(is_prediction), (d.lines, d.stderr)
         assert d.wait_for(is_metrics), (d.lines, d.stderr)
-        start = time.monotonic()
-        d.ctrl_c()
-        rc = d.wait(timeout=10)
-        took = time.monotonic() - start
-    print(f"Ctrl-C stopped the demo in {took:.2f} s")
-    assert rc in (0, 130), d.stderr
-    assert took < 3, f"Ctrl-C took {took:.1f} s to stop the demo"
-    assert quiet(d.stderr), d.stderr
-    assert d.lines[-1].startswith("demo stopped: "), d.lines
+        stops_at_once_and_quietly(d, "the demo")
     assert int(d.lines[-1].split()[2].replace(",", "")) > 0
-    assert not fits(d.lines)
     # Before the first prediction: what is learned from what, and where to watch it.
     header = "\n".join(d.lines[: d.lines.index(next(filter(is_prediction, d.lines)))])
     assert "learns:   power (W)" in header
@@ -155,16 +161,7 @@ def test_the_demo_shows_ingest_and_ctrl_c_still_stops_it_quietly(fmt, devices):
     with demo("--devices", "3", "--format", fmt) as d:
         assert d.wait_for(mapped), (d.lines, d.stderr)
         assert d.wait_for(is_metrics), (d.lines, d.stderr)
-        start = time.monotonic()
-        d.ctrl_c()
-        rc = d.wait(timeout=10)
-        took = time.monotonic() - start
-    print(f"Ctrl-C stopped the demo --format {fmt} in {took:.2f} s")
-    assert rc in (0, 130), d.stderr
-    assert took < 3, f"Ctrl-C took {took:.1f} s to stop the demo"
-    assert quiet(d.stderr), d.stderr
-    assert d.lines[-1].startswith("demo stopped: "), d.lines
-    assert not fits(d.lines)
+        stops_at_once_and_quietly(d, f"the demo --format {fmt}")
     header = " ".join(" ".join(d.lines[: d.lines.index(next(filter(mapped, d.lines)))]).split())
     assert f"ingest: sensors publish as {devices}; streampipe ingest maps them" in header
     assert f"(examples/ingest/{fmt}.toml)" in header

@@ -28,19 +28,16 @@ import json
 import re
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import faults
 import pytest
-from faults import predicted, predictions_by_device
+from faults import predicted, predictions_by_device, quiet_edge, started
 from river import linear_model, preprocessing
 
-from streampipe.edge import EdgeConfig, EdgeService
+from streampipe.edge import EdgeService
 from streampipe.ingest.gateway import Gateway, GatewayConfig
 from streampipe.ingest.mapping import load_mapping_text
 from streampipe.ingest.sparkplug import encode_birth, encode_data, encode_death, topic
@@ -355,12 +352,6 @@ FORMATS = {
 # --- the broker, the gateway, the edge -----------------------------------------------
 
 
-@contextmanager
-def running(service: Any) -> Iterator[Any]:
-    with faults.running(service.start()):
-        yield service
-
-
 def gateway(broker: Any, topics: Any, mapping: str, record: Path) -> Gateway:
     return Gateway(
         GatewayConfig(
@@ -373,15 +364,6 @@ def gateway(broker: Any, topics: Any, mapping: str, record: Path) -> Gateway:
             record=str(record),
         )
     )
-
-
-def edge(broker: Any, topics: Any) -> EdgeService:
-    return EdgeService(
-        EdgeConfig(
-            broker.url, "doc-edge", topic_root=topics.root, metrics_port=None,
-            metrics_interval=3600,
-        )
-    )  # fmt: skip
 
 
 def publish(broker: Any, messages: list[tuple[str, bytes, bool]]) -> None:
@@ -451,7 +433,7 @@ def test_documented_payloads_are_learned_once_as_river_learns_the_recording(
     cap = capture([topics.predictions(), topics.deadletter()])
     gw = gateway(broker, topics, mapping, record)
     try:
-        with running(edge(broker, topics)), running(gw):
+        with started(quiet_edge(broker, topics, "doc-edge")), started(gw):
             began = time.time()
             publish(broker, sent.messages)
             assert gw.wait_handled(len(sent.messages), 30)
@@ -516,8 +498,8 @@ def test_sparkplug_rebirth_starts_an_epoch_a_lost_ddata_is_counted_a_repeat_refu
     record = tmp_path / "record.csv"
     cap = capture([topics.predictions(), topics.deadletter()])
     with (
-        running(edge(broker, topics)) as e,
-        running(gateway(broker, topics, DOCS["plant"], record)) as gw,
+        started(quiet_edge(broker, topics, "doc-edge")) as e,
+        started(gateway(broker, topics, DOCS["plant"], record)) as gw,
     ):
         publish(broker, messages)
         assert gw.wait_handled(len(messages), 30)
@@ -556,8 +538,8 @@ def test_the_things_stack_f_cnt_skipped_repeated_and_reset(broker, topics, captu
     record = tmp_path / "record.csv"
     cap = capture([topics.predictions(), topics.deadletter()])
     with (
-        running(edge(broker, topics)) as e,
-        running(gateway(broker, topics, DOCS["ttn"], record)) as gw,
+        started(quiet_edge(broker, topics, "doc-edge")) as e,
+        started(gateway(broker, topics, DOCS["ttn"], record)) as gw,
     ):
         publish(broker, messages)
         assert gw.wait_handled(len(messages), 30)
@@ -640,7 +622,10 @@ def test_every_dead_letter_reason_and_the_gateway_goes_on(broker, topics, captur
     }
     cap = capture([topics.predictions(), topics.deadletter()])
     record = tmp_path / "record.csv"
-    with running(edge(broker, topics)), running(gateway(broker, topics, mapping, record)) as gw:
+    with (
+        started(quiet_edge(broker, topics, "doc-edge")),
+        started(gateway(broker, topics, mapping, record)) as gw,
+    ):
         publish(broker, messages)
         assert gw.wait_handled(len(messages), 30)
         assert cap.wait(lambda: predicted(cap, topics, per_device) >= sum(per_device.values()))

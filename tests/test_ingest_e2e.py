@@ -15,17 +15,13 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import faults
 import pytest
-from faults import predicted, predictions_by_device
+from faults import predicted, predictions_by_device, quiet_edge, started
 from replaying import predict_then_learn, streampipe
 
-from streampipe.edge import EdgeConfig, EdgeService
 from streampipe.ingest.gateway import Gateway, GatewayConfig
 from streampipe.ingest.mapping import load_mapping
 from streampipe.readings import Reading
@@ -58,21 +54,6 @@ SIMULATED = {
     "tasmota": {"Current": "current"},
     "sparkplug": {f.capitalize(): f for f in FEATURES},
 }
-
-
-@contextmanager
-def running(service: Any) -> Iterator[Any]:
-    with faults.running(service.start()):
-        yield service
-
-
-def edge(broker: Any, topics: Any) -> EdgeService:
-    return EdgeService(
-        EdgeConfig(
-            broker.url, "e2e-edge", topic_root=topics.root, metrics_port=None,
-            metrics_interval=3600,
-        )
-    )  # fmt: skip
 
 
 def fleet_readings(prefix: str, n: int = READINGS, start: float = 1.7e9) -> list[Reading]:
@@ -126,7 +107,7 @@ def test_every_format_is_learned_once_and_equals_river_offline(
     )
     cap = capture([topics.predictions(), topics.deadletter()])
     try:
-        with running(edge(broker, topics)), running(gw):
+        with started(quiet_edge(broker, topics, "e2e-edge")), started(gw):
             publish(broker, messages)
             assert gw.wait_handled(len(messages), 30)
             assert cap.wait(lambda: predicted(cap, topics) >= len(readings))
@@ -192,7 +173,7 @@ def test_sensors_in_z2m_format_through_the_ingest_command(broker, topics, captur
         "--exclude", "zigbee2mqtt/bridge/#",
     )  # fmt: skip
     try:
-        with running(edge(broker, topics)):
+        with started(quiet_edge(broker, topics, "e2e-edge")):
             wait_online(cap, topics, ingest)
             sensors = subprocess.run(
                 streampipe(
@@ -259,7 +240,7 @@ def test_an_ingest_process_killed_mid_stream_loses_nothing_and_learns_nothing_tw
     first = ingest_process(broker, topics, *options)
     second = None
     try:
-        with running(edge(broker, topics)):
+        with started(quiet_edge(broker, topics, "e2e-edge")):
             wait_online(cap, topics, first, "killed")
             devices = threading.Thread(target=devices_publish, daemon=True)
             devices.start()
