@@ -531,3 +531,15 @@ def test_readings_with_the_same_fields_batch_as_any_readings_do(
     assert [list(r.x) for r in fast.readings()] == [list(xs[0])] * len(xs)
     assert fast.targets() == [r.y for r in readings]
     assert fast.seq.tolist() == list(range(len(xs)))
+
+
+@FAST
+@given(any_float)
+def test_a_single_reading_codes_each_value_as_scalar_exponent_says(x: float) -> None:
+    """``_encode_single`` inlines :func:`columns.scalar_exponent` (it runs for every
+    reading sent alone): the two must pick the same code for every value."""
+    from streampipe.codec.frame import _SINGLE_RAW, _encode_single
+
+    out, _ = _encode_single(0, [x])
+    expected = columns.scalar_exponent(x, _SINGLE_RAW - 1)
+    assert out[0] & 7 == (_SINGLE_RAW if expected is None else expected)
