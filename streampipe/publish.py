@@ -193,10 +193,7 @@ class ReadingPublisher:
             left = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
             if left <= 0:
                 return False
-            try:
-                info.wait_for_publish(left)  # type: ignore[attr-defined]
-            except RuntimeError:  # disconnected: paho resends on reconnect
-                self.conn.wait_connected(left)
+            self.conn.wait_published(info, left)  # type: ignore[arg-type]
         self._reap()
         return True
 

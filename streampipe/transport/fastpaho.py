@@ -27,14 +27,16 @@ feeds both the same packets and compares), except that equal received properties
 are one shared object (treat them as read-only, as streampipe does), and a received
 message's ``info`` is one shared, already published placeholder.
 
-**Only paho's own network thread runs these overrides**, and under the locks paho
-itself takes there (``_out_message_mutex`` around the in-flight window). Nothing
-here runs on a caller's thread: publishing and acknowledging go through paho's
-public, thread-safe ``publish`` and ``ack`` unchanged. An earlier version let the
-publishing thread write to the socket itself and batch its packets; it iterated
-paho's outgoing deque while the network thread appended to it, and crashed under
-load (``deque mutated during iteration``). Safe by construction beats ~40 µs a
-message (``benchmarks/mqtt_cost.py``).
+**Only the thread doing the client's network work runs these overrides** (paho's own
+network thread, or the one thread of a :class:`~streampipe.transport.driven.Driver`,
+which calls paho's public ``loop_read``/``loop_write``), and under the locks paho
+itself takes there (``_out_message_mutex`` around the in-flight window). Publishing
+and acknowledging go through paho's public, thread-safe ``publish`` and ``ack``
+unchanged. An earlier version let a publishing thread write to the socket itself
+and batch its packets; it iterated paho's outgoing deque while the network thread
+appended to it, and crashed under load (``deque mutated during iteration``). Safe by
+construction beats ~40 µs a message (``benchmarks/mqtt_cost.py``); a driver gets
+both, having one thread only.
 
 The overridden methods are paho's private ones, so :data:`Client` is
 :class:`FastClient` only on the paho versions it was tested with, and plain

@@ -1,11 +1,13 @@
-"""One MQTT v5 connection, and the only module that speaks paho.
+"""One MQTT v5 connection, and (with the modules beside it) the only code that speaks paho.
 
 The client is paho's, with its per-packet hot spots made cheap
 (:mod:`streampipe.transport.fastpaho`). paho's return codes become typed exceptions
 here; the rest of streampipe sees :class:`Connection` and :class:`MQTTError`.
 Subscriptions are remembered and renewed in ``on_connect``, so a reconnect never leaves
 a stage deaf. Sockets get ``TCP_NODELAY``: paho does not set it, and small MQTT packets
-otherwise wait ~40 ms for Nagle's algorithm.
+otherwise wait ~40 ms for Nagle's algorithm. A connection runs paho's network thread,
+or, made with ``driver=``, is driven with others from the caller's thread
+(:mod:`streampipe.transport.driven`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import logging
 import socket
 import ssl
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,6 +30,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from streampipe.transport.driven import Driver
 from streampipe.transport.fastpaho import Client, frozen_properties
 from streampipe.transport.tls import TLSFiles
 from streampipe.transport.url import BrokerURL
@@ -94,6 +98,13 @@ def _publish_properties(content_type: str) -> Properties:
 
 #: MQTT v5 DISCONNECT reason code "Session taken over".
 SESSION_TAKEN_OVER = 0x8E
+#: Seconds between reconnect attempts: the first, and the most (doubling in between).
+RETRY_FIRST, RETRY_MOST = 1.0, 30.0
+
+
+def _queued(client: paho.Client, userdata: Any, sock: Any) -> None:
+    """Registered for writes on a driven connection: paho then only queues what is
+    published, and the driver writes it (with whatever else was queued meanwhile)."""
 
 
 class Connection:
@@ -102,7 +113,9 @@ class Connection:
     ``on_message`` runs on paho's network thread: it must only hand the message on
     (to a bounded queue), never do real work there. With ``manual_ack=True`` a QoS 1
     message is acknowledged only when :meth:`ack` is called, and ``receive_maximum``
-    bounds how many unacknowledged messages the broker sends us at once.
+    bounds how many unacknowledged messages the broker sends us at once. With a
+    ``driver`` there is no network thread: the driver's thread does the network work,
+    callbacks included (see :mod:`streampipe.transport.driven` for the rules).
     """
 
     def __init__(
@@ -118,6 +131,7 @@ class Connection:
         manual_ack: bool = False,
         max_inflight: int = 100,
         on_message: Callable[[Message], None] | None = None,
+        driver: Driver | None = None,
     ) -> None:
         self.url = url
         self.client_id = client_id
@@ -150,6 +164,11 @@ class Connection:
         self._pending_topics: dict[int, str] = {}
         #: Set when another client took over our client id (MQTT v5 reason 0x8E).
         self.taken_over = threading.Event()
+        self._driver = driver
+        #: Driven only: when to try reconnecting (None: not to), and the next delay.
+        self._retry_at: float | None = None
+        self._retry_delay = RETRY_FIRST
+        self._reconnects = False  # connected once, not closed since: reconnect if lost
 
         c = Client(
             CallbackAPIVersion.VERSION2,
@@ -175,6 +194,9 @@ class Connection:
         if on_message is not None:
             c.on_message = lambda _c, _u, msg: on_message(msg)
         self._client = c
+        if driver is not None:
+            c.on_socket_register_write = _queued
+            driver.add(self)
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -206,19 +228,24 @@ class Connection:
                 # Connected, then cut off in the handshake: a plain listener does that.
                 raise ConnectError(self._no_tls(exc.strerror or str(exc))) from None
             raise ConnectError(f"cannot reach broker {self.url}: {exc}") from None
-        self._client.loop_start()
-        if not self._first_connack.wait(timeout):
+        if self._driver is None:
+            self._client.loop_start()
+        if not self._wait(self._first_connack, timeout):
             self.close()
             raise ConnectError(f"broker {self.url} did not answer within {timeout:g} s")
         if self._refused is not None:
             self.close()
             raise ConnectError(f"broker {self.url} refused the connection: {self._refused}")
         if self.broker_receive_maximum >= self._client.max_inflight_messages:
+            self._reconnects = True
             return self
         # The broker takes fewer QoS 1 messages in flight than our window: a broker may
         # refuse or drop the excess. paho sets its window only before it connects, so
         # connect again with the broker's (once, at start-up; a session carries over).
+        self._disconnected.clear()
         self._client.disconnect()
+        if self._driver is not None:
+            self._wait(self._disconnected, timeout)
         self._client.loop_stop()
         self._connected.clear()
         self._first_connack.clear()
@@ -243,12 +270,14 @@ class Connection:
         last acknowledgements, whose messages the broker then delivered again).
         """
         self._disconnected.clear()
+        self._reconnects, self._retry_at = False, None
         try:
             rc = self._client.disconnect()
             if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and self._connected.is_set():
-                self._disconnected.wait(timeout)
+                self._wait(self._disconnected, timeout)
         finally:
-            self._client.loop_stop()
+            if self._driver is None:
+                self._client.loop_stop()
             self._connected.clear()
 
     def __enter__(self) -> Connection:
@@ -262,7 +291,36 @@ class Connection:
         return self._connected.is_set()
 
     def wait_connected(self, timeout: float) -> bool:
-        return self._connected.wait(timeout)
+        return self._wait(self._connected, timeout)
+
+    def wait_published(self, info: paho.MQTTMessageInfo, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the broker to acknowledge a message sent
+        with :meth:`publish`. Disconnected, it waits for the connection to come back
+        instead (paho sends the message again then) and says False."""
+        if self._driver is not None:
+            return self._driver.run_until(info.is_published, timeout)
+        try:
+            return info.wait_for_publish(timeout)
+        except RuntimeError:  # disconnected: paho resends on reconnect
+            self.wait_connected(timeout)
+            return False
+
+    def _wait(self, event: threading.Event, timeout: float) -> bool:
+        """``event.wait(timeout)``; driven, the driver drives meanwhile."""
+        if self._driver is None:
+            return event.wait(timeout)
+        return self._driver.run_until(event.is_set, timeout)
+
+    def _reconnect(self) -> None:  # the driver's thread
+        try:
+            self._client.reconnect()
+        except OSError as exc:  # unreachable: try again later (ssl.SSLError included)
+            log.debug("reconnecting to %s failed: %s", self.url, exc)
+            self._retry_later()
+
+    def _retry_later(self) -> None:
+        self._retry_at = time.monotonic() + self._retry_delay
+        self._retry_delay = min(self._retry_delay * 2, RETRY_MOST)
 
     # -- messages ------------------------------------------------------------------
 
@@ -349,7 +407,7 @@ class Connection:
             self._pending_subacks[mid] = done
         if timeout is None:
             return
-        if not done.wait(timeout):
+        if not self._wait(done, timeout):
             raise MQTTError(f"broker did not acknowledge subscription within {timeout:g} s")
         failure = self._suback_failures.pop(mid, None)
         if failure:
@@ -372,6 +430,7 @@ class Connection:
             self._first_connack.set()
             return
         self._refused = None
+        self._retry_delay = RETRY_FIRST
         self.session_present = bool(flags.session_present)
         if properties is not None and hasattr(properties, "ReceiveMaximum"):
             self.broker_receive_maximum = int(properties.ReceiveMaximum)
@@ -433,6 +492,8 @@ class Connection:
             client.disconnect()  # ends paho's loop without reconnecting
         elif reason.is_failure:
             log.warning("disconnected from %s: %s; reconnecting", self.url, reason)
+        if self._driver is not None and self._reconnects and not self.taken_over.is_set():
+            self._retry_later()
 
     def _on_publish(
         self, client: Any, userdata: Any, mid: int, reason: Any, properties: Any
