@@ -94,7 +94,8 @@ class Driver:
             if client.want_write():
                 client.loop_write()  # most writes complete at once
             sock = client.socket()
-            if sock is None:
+            if sock is None:  # closed by what was written (a DISCONNECT) or failed
+                timeout = 0.0  # a waiter may be done: let it look
                 continue
             if client.want_write():
                 wlist.append(sock)
