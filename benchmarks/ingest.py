@@ -4,7 +4,7 @@ reading each, mapped to native readings, against the broker's own limit.
     python benchmarks/ingest.py [--runs 3] [--seconds 5] [--quick]
 
 Starts a private Mosquitto and one gateway process (``python -m streampipe ingest --map
-…``, its defaults otherwise: batch 100, linger 500 ms, queue 10,000; ``--linger MS``
+…``, its defaults otherwise: batch 100, linger 100 ms, queue 10,000; ``--linger MS``
 sets another). Two sender processes, 50 devices each, publish QoS 1 JSON messages like
 a Zigbee2MQTT plug's (the simulated fleet's five features, ``power``, ``voltage``,
 ``linkquality``, ``state``, and ``sent``: the send time), each at half the offered rate,
@@ -317,7 +317,7 @@ def main() -> None:
     print(
         f"# {SENDERS} senders x {DEVICES_PER_SENDER} devices, QoS 1 JSON (~{payload_size()} B),"
         f" {args.seconds:g} s a step, median of {args.runs} run(s); gateway defaults "
-        f"(batch 100, linger {args.linger or 500:g} ms); {args.sender} senders; "
+        f"(batch 100, linger {args.linger or 100:g} ms); {args.sender} senders; "
         f"Python {sys.version.split()[0]}, {os.cpu_count()} cores"
     )
     print(f"# gateway: {out.strip()}")

@@ -26,7 +26,7 @@ from river import linear_model, preprocessing
 from streampipe.edge import EdgeConfig, EdgeService
 from streampipe.ingest import Incoming, Mapped, Unmappable
 from streampipe.ingest.gateway import Gateway, GatewayConfig, Numbering
-from streampipe.transport import Connection
+from streampipe.transport import BrokerURL, Connection
 
 
 class PlainJson:
@@ -244,15 +244,49 @@ def test_a_killed_gateway_loses_nothing_and_learns_nothing_twice(
 
 
 def test_an_idle_gateway_waits_instead_of_spinning(broker, topics, tmp_path):
-    """With nothing to do, the worker sleeps in the inbox (up to 0.5 s a time): a wrong
+    """With nothing to do, the gateway waits on its sockets (up to 0.5 s a time): a wrong
     deadline once made it poll with no wait at all, burning a core while idle."""
     gw = gateway(broker, topics, f"{topics.root}-idle", tmp_path)
     calls = []
-    get = gw.inbox.get
-    gw.inbox.get = lambda timeout: calls.append(timeout) or get(timeout)  # type: ignore[method-assign]
+    run_once = gw.driver.run_once
+    gw.driver.run_once = lambda timeout: calls.append(timeout) or run_once(timeout)  # type: ignore[method-assign]
     with running(gw):
         publish_all(broker, f"{topics.root}-idle", [("d", {"power": 1.0, "v": 2.0})])
         assert gw.wait_handled(1, 10)
         n = len(calls)
         time.sleep(1.0)  # not a wait for an event: the second of idleness observed
         assert len(calls) - n <= 6, f"{len(calls) - n} polls in a second"
+
+
+def test_a_gateway_cut_from_the_broker_reconnects_and_loses_nothing(
+    broker, topics, capture, tmp_path
+):
+    """Its two connections run on the gateway's own thread (no paho network thread), so
+    the reconnects are its own: cut both mid-stream; what the devices publish meanwhile
+    waits in the gateway's session, and every reading is predicted once."""
+    prefix = f"{topics.root}-cut"
+    proxy = faults.TcpProxy(broker.port)
+    cap = capture([topics.predictions()])
+    seqs = lambda: sorted(  # noqa: E731
+        p["seq"] for b in cap.json(topics.predictions()) for p in b["predictions"]
+    )
+    gw = Gateway(
+        GatewayConfig(
+            BrokerURL("127.0.0.1", proxy.port), "gw-cut", [PlainJson(prefix)],
+            topic_root=topics.root, batch=5, linger=0.05,
+        )
+    )  # fmt: skip
+    try:
+        with running(edge(broker, topics)), running(gw):
+            publish_all(broker, prefix, [("m", r) for r in rows(30, seed=5)])
+            assert cap.wait(lambda: len(seqs()) == 30)
+            proxy.cut()
+            publish_all(broker, prefix, [("m", r) for r in rows(30, seed=6)])
+            proxy.restore()
+            assert cap.wait(lambda: len(seqs()) >= 60)
+            assert gw.input.connected and gw.out.connected
+    finally:
+        proxy.close()
+    assert seqs() == list(range(60))
+    assert gw.input.connects == 2 and gw.input.sessions_lost == 0 and gw.out.connects == 2
+    assert gw.stats.readings == 60

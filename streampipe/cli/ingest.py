@@ -98,10 +98,9 @@ def register(sub: Any) -> argparse.ArgumentParser:
         help="foreign messages held for mapping or for the broker's acknowledgement of "
         "their readings; the Receive Maximum announced to the broker (default: %(default)s)",
     )
-    # At saturation the gateway commits once a linger: every device's readings of
-    # half a second share a frame (a frame costs ~10x a reading). Below it, readings
-    # are sent 2 ms after they come, whatever the linger. docs/performance.md#ingest.
-    add_batching(ingest, batch=100, linger_ms=500)
+    # Only near its limit does the gateway let readings wait (a linger) to share frames;
+    # below it they are sent as they come. docs/performance.md#ingest.
+    add_batching(ingest, batch=100, linger_ms=100)
     ingest.set_defaults(run=run)
     return ingest
 

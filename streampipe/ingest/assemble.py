@@ -71,7 +71,7 @@ class ValueSource:
     #: Values and readings that were not plain readings, by why (bounded keys).
     counts: dict[str, int] = field(default_factory=lambda: {"partial": 0, "text": 0, "unmapped": 0})
     # device -> {"x": {feature: value}, "first": t, "last": t}; owned by the
-    # gateway's worker thread, like every call of this source.
+    # gateway's thread, like every call of this source.
     _pending: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

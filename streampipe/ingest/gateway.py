@@ -13,20 +13,25 @@ of its own (:attr:`Mapped.counter`) numbers them by it instead: a skipped counte
 leaves the same gap in ``seq`` (the edge counts it), a counter that goes back starts
 the device's next epoch (a reboot), and a repeated one is a ``duplicate``.
 
+**One thread.** The gateway's two connections (devices in, readings out) are driven by
+the thread that runs it (:mod:`streampipe.transport.driven`): a message is read,
+mapped, encoded and its frame written with no hand-off between threads.
+
 **Acknowledgement.** Foreign messages are received with manual acknowledgement. The
-gateway commits whenever no message waits for it, ``linger`` seconds after the last
-commit, or when half its queue waits for acknowledgement (so the busier it is, the more
-readings each frame carries): it sends what it has buffered and marks the foreign
-messages mapped since the last commit. Once the broker has acknowledged every frame
-sent up to that mark, the gateway writes the state they left to ``--state-dir``
-(numbering, the digest of the last payload per topic, the sources' alias tables and
-partial readings), and only then acknowledges those foreign messages; it maps on
-meanwhile. A gateway killed before that gets them again from the broker: before the
-checkpoint they map to the same ``(epoch, seq)`` (the edge refuses what it already has,
-as ``duplicate``), after it the digests say they were done (``redelivered``, not
-dead-lettered). Nothing is lost, and nothing learned twice. Without ``--state-dir`` a
-restarted gateway starts a new epoch, and the edge learns what the broker redelivers
-as new readings: as for an edge, the state dir is what makes a restart exact.
+gateway commits after handling what came in at once; near its limit (:mod:`.pace`) it
+lets messages gather ``linger`` seconds first, so that each device's readings share a
+frame; and in any case when half its queue waits for acknowledgement. A commit sends
+what is buffered and marks the foreign messages mapped since the last commit. Once the
+broker has acknowledged every frame sent up to that mark, the gateway writes the state
+they left to ``--state-dir`` (numbering, the digest of the last payload per topic, the
+sources' alias tables and partial readings), and only then acknowledges those foreign
+messages; it maps on meanwhile. A gateway killed before that gets them again from the
+broker: before the checkpoint they map to the same ``(epoch, seq)`` (the edge refuses
+what it already has, as ``duplicate``), after it the digests say they were done
+(``redelivered``, not dead-lettered). Nothing is lost, and nothing learned twice.
+Without ``--state-dir`` a restarted gateway starts a new epoch, and the edge learns what
+the broker redelivers as new readings: as for an edge, the state dir is what makes a
+restart exact.
 
 **Retained payloads.** Zigbee2MQTT and others publish state retained, so every
 (re)subscription replays it. A retained payload equal to the last one seen on its topic
@@ -57,14 +62,15 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from streampipe.deadletter import dead_letter_body
-from streampipe.inbox import Inbox
 from streampipe.ingest.base import Incoming, Mapped, Source, Unmappable
+from streampipe.ingest.pace import Pace
 from streampipe.ingest.record import Recorder
 from streampipe.metrics import counts_by
 from streampipe.publish import ReadingPublisher
 from streampipe.readings import Reading
 from streampipe.topics import DEFAULT_ROOT, InvalidName, Topics, check_name
 from streampipe.transport import BrokerURL, Connection, Message, Will
+from streampipe.transport.driven import Driver
 
 __all__ = ["Gateway", "GatewayConfig", "Numbering"]
 
@@ -72,18 +78,6 @@ log = logging.getLogger("streampipe.ingest")
 
 #: Topics whose last payload digest the gateway remembers (least recently seen go first).
 MAX_TOPICS = 100_000
-#: How long the network thread waits for room in the inbox at a time (seconds).
-ROOM_WAIT = 5.0
-#: Seconds the oldest mapped message waits, when no other does, before a commit: what
-#: comes within it shares frames (each frame costs ~100 µs, a reading ~10 µs more).
-IDLE_COMMIT_AFTER = 0.002
-#: After the gateway fell behind (a commit that the linger or a full queue forced),
-#: how long messages gather before an idle commit, and for how long it keeps doing so:
-#: near its limit, frames of one reading each would make it fall behind again.
-BUSY_GATHER = 0.1
-BUSY_HOLD = 2.0
-#: Messages the worker takes from the network thread at a time.
-HANDOVER = 64
 #: Commits whose readings may wait for the broker's acknowledgement before the gateway
 #: waits for the oldest.
 MAX_TICKETS = 50
@@ -248,7 +242,7 @@ class _Collector(Collector):
         yield GaugeMetricFamily(
             "streampipe_queue_depth",
             "Messages received and not yet mapped",
-            value=self.gw.inbox.qsize(),
+            value=len(self.gw._received),
         )
 
 
@@ -265,7 +259,10 @@ class Gateway:
         self.clock = config.clock
         self.numbering = Numbering(int(config.clock() * 1000))
         self.stats = GatewayStats()
-        self.inbox: Inbox[Message] = Inbox(config.queue_size)
+        # Both connections are driven by the thread that runs the gateway: a message is
+        # read, mapped, encoded and sent with no hand-off between threads.
+        self.driver = Driver()
+        self._received: list[tuple[int, Message]] = []  # (connection number, message)
         self._digests: OrderedDict[str, bytes] = OrderedDict()
         # topic -> the source that claims it, or None; a source claims by topic alone
         self._claims = functools.lru_cache(maxsize=MAX_TOPICS)(self._claimant)
@@ -290,11 +287,13 @@ class Gateway:
             receive_maximum=config.queue_size,
             manual_ack=True,
             on_message=self._on_message,
+            driver=self.driver,
         )
         self.out = Connection(
             config.broker,
             f"{client}-out",
             will=Will(status, b"offline", qos=1, retain=True),
+            driver=self.driver,
         )
         self.publisher = ReadingPublisher(
             self.out, self.topics, batch_size=config.batch, linger=config.linger
@@ -320,7 +319,6 @@ class Gateway:
             self.metrics_port = self._http.port
         self.out.connect()
         self.input.connect()
-        self.inbox.open()
         filters = sorted({f for s in self.sources for f in s.filters()})
         self.input.subscribe(filters, qos=1)
         self.out.publish(self.topics.status(self.id), b"online", qos=1, retain=True)
@@ -333,26 +331,26 @@ class Gateway:
         return self
 
     def stop(self) -> None:
+        """Make :meth:`run` return (any thread, or a signal handler)."""
         self._stop.set()
+        self.driver.wake()
 
     def run(self) -> None:
         """Map messages until :meth:`stop`; then commit what was mapped and close."""
         linger = self.config.linger
         next_commit = time.monotonic() + linger
         oldest = 0.0  # when the oldest message not yet committed was mapped
-        gather = IDLE_COMMIT_AFTER  # how long a message waits for company when idle
-        busy_until = 0.0
+        # Near its limit messages gather a linger, so that each device's readings of that
+        # time share a frame (a frame costs several readings); below it none wait.
+        pace = Pace(linger)
+        gather = 0.0  # how long the oldest message waits for company
         try:
             while not self._stop.is_set():
                 now = time.monotonic()
                 due = min(next_commit, oldest + gather) if self._unacked else now + 0.5
-                wait = max(0.0, min(due - now, 0.5))
-                if self._unacked and wait and not self.inbox.qsize():
-                    # Messages wait to share frames: let those that come meanwhile queue
-                    # up, rather than waking for each (a wake-up costs what mapping does).
-                    time.sleep(wait)
-                    wait = 0.0
-                items = self.inbox.get_many(wait, HANDOVER)
+                # Reads (and handles, in _on_message) all that came, sends what is queued.
+                self.driver.run_once(due - now)
+                items, self._received = self._received, []
                 if items:
                     if not self._unacked:
                         oldest = time.monotonic()
@@ -361,21 +359,25 @@ class Gateway:
                     with self._handled:
                         self._handled.notify_all()
                 now = time.monotonic()
-                # Commit when nothing more waits and the oldest message has waited a
-                # moment (a reading waits for no one, yet readings that come together
-                # share frames), when the linger bound passed, or when half the queue
-                # waits for acknowledgement: the busier, the more readings a frame holds.
-                idle = self.inbox.qsize() == 0 and now - oldest >= gather
-                if idle or now >= next_commit or len(self._unacked) >= self.config.queue_size // 2:
-                    if not idle:  # behind: gather longer for a while (BUSY_GATHER)
-                        busy_until = now + BUSY_HOLD
-                    gather = min(BUSY_GATHER, linger) if now < busy_until else IDLE_COMMIT_AFTER
+                gather = pace.update(now, self.driver.waited, self.stats.messages)
+                # Commit when the oldest message has waited its moment (none while the
+                # gateway keeps up: a reading waits for no one; readings that come together
+                # share frames anyway), when the linger bound passed, or when half the
+                # queue waits for acknowledgement: the busier, the more readings a frame.
+                if self._unacked and (
+                    now - oldest >= gather
+                    or now >= next_commit
+                    or len(self._unacked) >= self.config.queue_size // 2
+                ):
                     self._due()
                     self.commit()
                     next_commit = now + linger
+                elif now >= next_commit:  # what the sources' time bounds emit, if any
+                    if self._due():
+                        self.commit(always=True)
+                    next_commit = now + linger
                 self.settle(block=len(self._tickets) > MAX_TICKETS)
         finally:
-            self.inbox.close()
             with contextlib.suppress(Exception):
                 self.commit()
                 deadline = time.monotonic() + 10
@@ -394,6 +396,7 @@ class Gateway:
             self._store.close()
         if self._recorder is not None:
             self._recorder.close()
+        self.driver.close()
 
     def wait_handled(self, messages: int, timeout: float) -> bool:
         """Wait until ``messages`` foreign messages have been mapped (or dead-lettered)."""
@@ -402,8 +405,8 @@ class Gateway:
 
     # -- messages ------------------------------------------------------------------
 
-    def _on_message(self, msg: Message) -> None:  # network thread
-        self.inbox.put(msg, qos=msg.qos, connection=self.input.connects, wait=ROOM_WAIT)
+    def _on_message(self, msg: Message) -> None:  # inside driver.run_once: only record
+        self._received.append((self.input.connects, msg))
 
     def _handle(self, msg: Message, connection: int) -> None:
         self._unacked.append((connection, msg))
@@ -448,11 +451,15 @@ class Gateway:
     def _claimant(self, topic: str) -> Source | None:
         return next((s for s in self.sources if s.claims(topic)), None)
 
-    def _due(self) -> None:
+    def _due(self) -> int:
+        """Map what the sources' time bounds release (partial readings); how many."""
         now = self.clock()
+        released = 0
         for source in self.sources:
             for m in source.due(now):
                 self._publish(m, now, "", b"", source.name)
+                released += 1
+        return released
 
     def _commands(self, source: Source) -> None:
         commands = getattr(source, "commands", None)
@@ -524,11 +531,12 @@ class Gateway:
 
     # -- commits -------------------------------------------------------------------
 
-    def commit(self) -> None:
+    def commit(self, always: bool = False) -> None:
         """Send what is buffered, and mark the foreign messages mapped so far as one
         ticket, to be acknowledged once the broker has the readings they became and a
-        checkpoint holds the state they left (:meth:`settle`)."""
-        if not self._unacked:
+        checkpoint holds the state they left (:meth:`settle`). With none mapped, only
+        ``always`` (readings a source's time bound released) makes a ticket."""
+        if not self._unacked and not always:
             return
         self.publisher.flush()
         snapshot = None

@@ -256,7 +256,7 @@ class JsonSource:
     #: (``match`` said no), ``nothing_new`` (a merged partial update with no mapped field).
     counts: dict[str, int] = field(default_factory=lambda: {"not_matched": 0, "nothing_new": 0})
     # Last value of each feature per device, for merge = "last"; owned by the
-    # gateway's worker thread, like every call of this source.
+    # gateway's thread, like every call of this source.
     _last: OrderedDict[str, dict[str, float]] = field(default_factory=OrderedDict)
 
     def filters(self) -> list[str]:
