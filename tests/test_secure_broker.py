@@ -289,6 +289,34 @@ def test_the_gateway_account_runs_streampipe_ingest(secure, operator):
     assert reading.x == {"temperature": 21.5, "current": 0.52}
 
 
+def test_the_gateway_maps_a_burst_over_tls(secure):
+    """The gateway drives its connections itself (no paho network thread): over TLS the
+    socket it waits on is an SSL object, read a record at a time. A burst of 2,000 is
+    mapped and acknowledged whole, and the broker refuses none of its frames."""
+    gateway = Gateway(
+        GatewayConfig(url(secure, "gateway"), INGEST_ID, load_mapping(Z2M), linger=0.05)
+    )
+    n = 2_000
+    with running(gateway.start()):
+        op = Connection(url(secure, "operator"), f"burst-{uuid.uuid4().hex[:6]}", max_inflight=500)
+        op.connect(timeout=10)
+        try:
+            infos = [
+                op.publish(
+                    f"zigbee2mqtt/plug-{i % 20}",
+                    orjson.dumps({"power": float(i), "current": i / 100, "state": "ON"}),
+                    qos=1,
+                )
+                for i in range(n)
+            ]
+            assert all(op.wait_published(info, 10) for info in infos)
+        finally:
+            op.close()
+        assert gateway.wait_handled(n, 30), gateway.stats
+    assert gateway.stats.readings == n and gateway.stats.acknowledged == n
+    assert gateway.out.refused == {} and gateway.stats.rejected == {}
+
+
 def _last(cap: Capture, topic: str) -> bytes | None:
     got = cap.on(topic)
     return got[-1].payload if got else None

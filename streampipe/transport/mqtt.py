@@ -300,7 +300,8 @@ class Connection:
         if self._driver is not None:
             return self._driver.run_until(info.is_published, timeout)
         try:
-            return info.wait_for_publish(timeout)
+            info.wait_for_publish(timeout)  # says nothing: paho returns None either way
+            return info.is_published()
         except RuntimeError:  # disconnected: paho resends on reconnect
             self.wait_connected(timeout)
             return False
