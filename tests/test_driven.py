@@ -151,3 +151,20 @@ def test_a_driven_connection_to_nothing_fails_as_a_threaded_one_does(driver):
         port = s.getsockname()[1]
     with pytest.raises(ConnectError, match="cannot reach broker"):
         Connection(BrokerURL("127.0.0.1", port), _id("none"), driver=driver).connect()
+
+
+def test_a_driven_connection_takes_a_stock_brokers_window(driver):
+    """A stock Mosquitto takes 20 QoS 1 messages in flight: the connection connects
+    again with that window (driving the disconnect in between), then 500 go through."""
+    from streampipe.broker import PrivateMosquitto
+
+    with PrivateMosquitto(extra_config="max_inflight_messages 20\n") as small:
+        conn = Connection(small.url, _id("window"), max_inflight=100, driver=driver)
+        conn.connect()
+        try:
+            assert conn._client.max_inflight_messages == 20 and conn.connects == 2
+            infos = [conn.publish("window/t", b"x", qos=1) for _ in range(500)]
+            assert conn.wait_published(infos[-1], 10)
+            assert all(info.is_published() for info in infos)
+        finally:
+            conn.close()
