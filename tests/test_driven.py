@@ -12,7 +12,7 @@ import uuid
 import pytest
 from faults import TcpProxy
 
-from streampipe.transport import BrokerURL, ConnectError, Connection, Message
+from streampipe.transport import BrokerURL, ConnectError, Connection, Message, Will
 from streampipe.transport.driven import MAX_BLOCK, Driver
 
 
@@ -168,3 +168,33 @@ def test_a_driven_connection_takes_a_stock_brokers_window(driver):
             assert all(info.is_published() for info in infos)
         finally:
             conn.close()
+
+
+@pytest.mark.parametrize("driven", [True, False])
+def test_close_right_after_publishing_delivers_everything_and_no_will(
+    broker, topics, capture, driven
+):
+    """Closed without waiting for acknowledgements, a connection still has the broker's
+    PUBACKs unread in its socket. Closing a socket with unread bytes resets it, and the
+    broker drops what it had not read yet: the last messages, and the DISCONNECT, so the
+    will was published. Closed gently, everything sent arrives and the will does not."""
+    will_topic = f"{topics.root}/will"
+    cap = capture([f"{topics.root}/#"])
+    rounds, n = 10, 100  # n: the in-flight window; paho holds back the rest
+    for r in range(rounds):
+        driver = Driver() if driven else None
+        conn = Connection(
+            broker.url, _id("quick"), will=Will(will_topic, b"gone", retain=False),
+            driver=driver,
+        ).connect()  # fmt: skip
+        for i in range(n):
+            conn.publish(f"{topics.root}/m/{r}", b"%d" % i, qos=1)
+        if driver is not None:  # write them, and let the PUBACKs come back unread
+            driver.run_once(0.0)
+            time.sleep(0.05)  # not a wait for an event: time for acknowledgements to queue
+        conn.close()
+        if driver is not None:
+            driver.close()
+    assert cap.wait(lambda: len(cap.on(f"{topics.root}/m/#")) >= rounds * n, timeout=10)
+    assert len(cap.on(f"{topics.root}/m/#")) == rounds * n
+    assert cap.on(will_topic) == []

@@ -89,6 +89,29 @@ def _nodelay(client: paho.Client, userdata: Any, sock: Any) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+#: Longest a closing socket waits for the broker to close its side (seconds).
+CLOSE_LINGER = 1.0
+
+
+def _close_gently(client: paho.Client, userdata: Any, sock: Any) -> None:
+    """Just before paho closes a socket: stop sending, and read what the broker still
+    sends until it closes its side too.
+
+    A TCP socket closed with unread bytes in it (the acknowledgements of the last frames
+    sent, say) is reset rather than closed, and the broker then drops what it had not yet
+    read from us: seen, the last frames before a DISCONNECT, and the DISCONNECT itself
+    (so the will was published). After a DISCONNECT the broker closes at once; a socket
+    that is already dead fails the first call, and that is the end of it.
+    """
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        sock.shutdown(socket.SHUT_WR)
+        deadline = time.monotonic() + CLOSE_LINGER
+        while (left := deadline - time.monotonic()) > 0:
+            sock.settimeout(left)
+            if not sock.recv(65536):
+                break
+
+
 @functools.lru_cache(maxsize=64)
 def _publish_properties(content_type: str) -> Properties:
     """PUBLISH properties carrying a content type, built and packed once per type:
@@ -187,6 +210,7 @@ class Connection:
         c.max_queued_messages_set(0)
         c.reconnect_delay_set(min_delay=1, max_delay=30)
         c.on_socket_open = _nodelay
+        c.on_socket_close = _close_gently
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_subscribe = self._on_subscribe
