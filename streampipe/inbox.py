@@ -71,27 +71,14 @@ class Inbox(Generic[T]):
 
     def get(self, timeout: float) -> tuple[int, T] | None:
         """The oldest ``(connection, item)``, waiting up to ``timeout`` s; None if none."""
-        got = self.get_many(timeout, 1)
-        return got[0] if got else None
-
-    def get_many(self, timeout: float, most: int) -> list[tuple[int, T]]:
-        """Up to ``most`` of the oldest ``(connection, item)``\\ s, waiting up to
-        ``timeout`` s for the first: one hand-over for a burst, not one per message.
-
-        >>> inbox = Inbox(capacity=4)
-        >>> for m in "abc":
-        ...     _ = inbox.put(m, qos=1, connection=1)
-        >>> inbox.get_many(0.0, most=2), inbox.get_many(0.0, most=2), inbox.get_many(0.0, 2)
-        ([(1, 'a'), (1, 'b')], [(1, 'c')], [])
-        """
         with self._cond:
             if not self._items and timeout > 0:
                 self._cond.wait_for(lambda: self._items, timeout)
-            items = self._items
-            got = [items.popleft()[:2] for _ in range(min(most, len(items)))]
-            if got:
-                self._cond.notify_all()  # room for a producer that waits
-            return got  # type: ignore[return-value]
+            if not self._items:
+                return None
+            connection, item, _ = self._items.popleft()
+            self._cond.notify_all()  # room for a producer that waits
+            return connection, item
 
     def open(self) -> None:
         """The consumer runs: from now on a producer that finds the inbox full waits."""
