@@ -121,7 +121,9 @@ def _publish_properties(content_type: str) -> Properties:
 
 #: MQTT v5 DISCONNECT reason code "Session taken over".
 SESSION_TAKEN_OVER = 0x8E
-#: Seconds between reconnect attempts: the first, and the most (doubling in between).
+#: Seconds between reconnect attempts: the first, and the most (doubling in between);
+#: paho's loop keeps them on a threaded connection, :meth:`Connection._retry_later` on a
+#: driven one.
 RETRY_FIRST, RETRY_MOST = 1.0, 30.0
 
 
@@ -208,7 +210,7 @@ class Connection:
             c.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
         c.max_inflight_messages_set(max_inflight)
         c.max_queued_messages_set(0)
-        c.reconnect_delay_set(min_delay=1, max_delay=30)
+        c.reconnect_delay_set(min_delay=RETRY_FIRST, max_delay=RETRY_MOST)
         c.on_socket_open = _nodelay
         c.on_socket_close = _close_gently
         c.on_connect = self._on_connect
